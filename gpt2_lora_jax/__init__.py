@@ -1,0 +1,1 @@
+"""LoRA fine-tuning of GPT-2 in JAX/Flax."""
