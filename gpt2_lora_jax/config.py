@@ -1,0 +1,90 @@
+"""The one ConfigDict schema every config file in configs/ starts from.
+
+Config files (configs/*.py) call `default_config()` and change what their recipe needs. The dict is
+locked by main.py, so a mistyped `--config.a.b=...` override fails instead of being ignored.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "gpt2"  # hub id ('gpt2', 'openai-community/gpt2-xl') or a local HF directory
+  c.model.init = "pretrained"  # 'pretrained' loads model.name; 'random' builds model.preset from scratch
+  c.model.preset = "gpt2"  # size for init='random': gpt2, gpt2-medium, gpt2-large, gpt2-xl
+  c.model.overrides = ml_collections.ConfigDict()  # GPT2Config fields for init='random' (n_layer=2, ...)
+  c.model.tokenizer = "gpt2"  # hub id, local dir, or 'offline' (GPT-2's BPE shipped with the package)
+  c.model.dtype = "float32"  # compute dtype; 'bfloat16' on GPU/TPU
+  c.model.base_param_dtype = "float32"  # storage of the frozen base; 'bfloat16' halves its memory
+  c.model.attention_impl = "xla"  # 'xla' everywhere, 'cudnn' for flash attention on NVIDIA GPUs
+  c.model.remat = "none"  # 'none', 'full' or 'dots': trade compute for activation memory
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8  # 0 turns LoRA off: every parameter is trained (full fine-tuning baseline)
+  c.lora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
+  c.lora.dropout = 0.05  # dropout on the adapter input only
+  c.lora.targets = ("c_attn", "c_proj", "c_fc")  # regexes on module paths, or PEFT short names
+  c.lora.use_rslora = False
+  c.lora.init = "kaiming_uniform"  # init of A ('kaiming_uniform' as PEFT, or 'gaussian'); B = 0
+  c.lora.extra_trainable = ()  # regexes of further leaves to train, e.g. ('ln_.*',) or ('.*bias',)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "hub"  # 'hub' (Anthropic/hh-rlhf), 'files' (local jsonl/json/parquet), 'tfds'
+  c.data.hub_id = "Anthropic/hh-rlhf"
+  c.data.subset = "all"  # harmless-base, helpful-base, helpful-online, helpful-rejection-sampled, all
+  c.data.train_files = ()  # for source='files': paths of the training split
+  c.data.eval_files = ()  # for source='files': paths of the held-out split
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.field = "chosen"  # text field to train on ('rejected' for preference methods)
+  c.data.loss_mask = "assistant"  # 'all' tokens, every 'assistant' reply, or the 'final' reply only
+  c.data.max_length = 1024  # tokens per training row (GPT-2 allows 1024)
+  c.data.packing = True  # pack several conversations per row (attention stays inside each)
+  c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
+  c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
+  c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4  # peak learning rate
+  c.optim.schedule = "cosine"  # 'cosine', 'linear' (to 0) or 'constant', after warmup
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.0  # cosine floor as a fraction of lr
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable leaves
+  c.optim.clip_norm = 1.0  # global-norm clipping (0 disables)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 16  # global rows per step
+  c.train.micro_batches = 1  # gradient accumulation: batch_size / micro_batches rows per pass
+  c.train.seed = 0  # data order, adapter init and dropout all derive from it
+  c.train.log_every = 10  # metrics.jsonl / TensorBoard / progress bar cadence
+  c.train.eval_every = 200  # held-out loss cadence (0 disables)
+  c.train.ckpt_every = 200  # checkpoint cadence
+  c.train.keep_ckpts = 3  # checkpoints kept
+  c.train.plot_every = 200  # loss plot refresh cadence
+  c.train.loss_avg_window = 100  # loss curve smoothing window (the original study used 1000)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
+  c.mesh.fsdp = 1  # parameter-sharding axis size
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 500  # seeded sample of test prompts (50 reproduces the original study)
+  c.eval.max_new_tokens = 128
+  c.eval.temperature = 0.7  # 0 = greedy
+  c.eval.top_k = 0  # 0 disables
+  c.eval.top_p = 1.0
+  c.eval.stop_strings = ("\n\nHuman:",)
+  c.eval.seed = 0
+  c.eval.batch_size = 32
+  c.eval.step = -1  # checkpoint step to evaluate (-1: latest)
+  c.eval.reward_model = "OpenAssistant/reward-model-deberta-v3-large-v2"  # '' skips scoring
+  c.eval.reward_batch_size = 16
+  c.eval.reward_max_length = 512
+  return c
