@@ -46,6 +46,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
   c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
   c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)
+  c.data.demo_rows = 4000  # for source='demo': rows of project-written conversations per split
+
+  # Optional pre-training of a random-init model before the LoRA run (the offline demo uses it):
+  # full fine-tuning for `steps` steps, saved as a Hugging Face dir, then loaded as the frozen base.
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.steps = 0  # 0: no pre-training stage
+  c.pretrain.lr = 1e-3
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4  # peak learning rate

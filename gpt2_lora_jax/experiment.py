@@ -1,0 +1,114 @@
+"""From a config to the objects a run needs: tokenizer, model, base + adapters, labels, optimizer.
+
+Everything here is checked before anything compiles, so a bad flag costs a second, not a compile:
+`validate(config)` raises one clear error naming the setting and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+
+from gpt2_lora_jax import checkpoint, lora, optim, tokenizer as tokenizer_lib, weights
+from gpt2_lora_jax import model as gpt2_model
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  gpt2_config: gpt2_model.GPT2Config
+  lora_config: lora.LoraConfig
+  model: gpt2_model.GPT2  # applies adapters factored when the tree has them
+  base_model: gpt2_model.GPT2  # the same network without adapters (for the base-model baseline)
+  params: dict  # base + fresh adapters (host arrays, not yet placed on the mesh)
+  labels: dict  # 'trainable' / 'frozen' per leaf
+  tokenizer: object
+  meta: dict  # what a checkpoint records about this run (base fingerprint, layout, configs)
+
+  @property
+  def base_name(self) -> str:
+    return self.meta["base_name"]
+
+
+def validate(config: ml_collections.ConfigDict, n_devices: int):
+  """Errors for values that are wrong in any run, before loading or compiling anything."""
+  problems = []
+  if config.lora.rank < 0:
+    problems.append(f"lora.rank={config.lora.rank}: must be >= 0 (0 = full fine-tuning)")
+  if config.train.batch_size < 1 or config.train.micro_batches < 1:
+    problems.append("train.batch_size and train.micro_batches must be >= 1")
+  elif config.train.batch_size % config.train.micro_batches:
+    problems.append(f"train.batch_size={config.train.batch_size} is not divisible by "
+                    f"train.micro_batches={config.train.micro_batches}")
+  elif (config.train.batch_size // config.train.micro_batches) % n_devices:
+    problems.append(f"train.batch_size={config.train.batch_size} / micro_batches={config.train.micro_batches} "
+                    f"rows per pass is not divisible by the {n_devices} devices")
+  if config.train.steps < 1:
+    problems.append(f"train.steps={config.train.steps}: must be >= 1")
+  if config.data.max_length < 2:
+    problems.append(f"data.max_length={config.data.max_length}: must be >= 2")
+  if config.model.init not in ("pretrained", "random"):
+    problems.append(f"model.init={config.model.init!r}: 'pretrained' or 'random'")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_workdir(workdir: str):
+  if "://" in workdir:
+    return  # a bucket: Orbax and tf.io paths handle it
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
+
+
+def load_base(config: ml_collections.ConfigDict, seed: int):
+  """(GPT2Config, params, name): pretrained from model.name, or random of model.preset size."""
+  run_fields = dict(dtype=config.model.dtype, attention_impl=config.model.attention_impl,
+                    remat=config.model.remat)
+  if config.model.init == "pretrained":
+    gpt2_config, params = weights.load_pretrained(config.model.name, dtype=config.model.base_param_dtype,
+                                                  **run_fields)
+    return gpt2_config, params, config.model.name
+  gpt2_config = gpt2_model.GPT2Config.preset(config.model.preset, param_dtype=config.model.base_param_dtype,
+                                             **run_fields, **config.model.overrides.to_dict())
+  params = gpt2_model.init_params(gpt2_config, jax.random.PRNGKey(seed))
+  return gpt2_config, params, f"random:{config.model.preset}:seed{seed}"
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+  """Loads the base, adds adapters, labels every leaf; validates lengths against the model."""
+  validate(config, jax.device_count())
+  gpt2_config, base, base_name = load_base(config, config.train.seed)
+  if config.data.max_length > gpt2_config.n_positions:
+    raise ValueError(f"data.max_length={config.data.max_length} is longer than the model's "
+                     f"{gpt2_config.n_positions} positions; lower --config.data.max_length")
+  lora_config = lora.LoraConfig.from_config(config.lora)
+  adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
+  params = lora.add(base, lora_config, adapter_rng) if lora_config.rank > 0 else base
+  labels = lora.labels(params, lora_config)
+  trainable, frozen = lora.split(params, labels)
+  meta = {
+      "base_name": base_name,
+      "base_fingerprint": checkpoint.base_fingerprint(base),
+      "gpt2_config": gpt2_config.to_hf_dict(),
+      "lora": dataclasses.asdict(lora_config) | {"targets": list(lora_config.targets),
+                                                 "extra_trainable": list(lora_config.extra_trainable)},
+      "layout": checkpoint.layout(trainable),
+  }
+  return Experiment(
+      config=config, gpt2_config=gpt2_config, lora_config=lora_config,
+      model=lora.make_model(gpt2_config, lora_config), base_model=gpt2_model.GPT2(gpt2_config),
+      params=params, labels=labels, tokenizer=tokenizer_lib.load(config.model.tokenizer), meta=meta)
+
+
+def optimizer(exp: Experiment):
+  """(optax transformation, learning-rate schedule) for this run's steps and labels."""
+  cfg, steps = exp.config.optim, exp.config.train.steps
+  return optim.make_optimizer(cfg, steps, exp.labels), optim.make_schedule(cfg, steps)

@@ -1,0 +1,48 @@
+"""An optional first stage: pre-train a random-init GPT-2 briefly, save it as a Hugging Face dir.
+
+The offline demo has no pretrained GPT-2 to start from. This stage trains one (every parameter,
+loss on every token) with the same train loop, writes it with weights.save_pretrained to
+<workdir>/pretrained_base, and the LoRA run then loads that directory as its frozen base through the
+ordinary loading path. Rerunning skips a stage that already finished.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from gpt2_lora_jax import experiment, lora, train, weights
+
+BASE_DIR = "pretrained_base"
+
+
+def maybe_pretrain(config, workdir: str):
+  """Returns the config for the main run: unchanged, or pointing at the freshly pre-trained base."""
+  if config.pretrain.steps <= 0:
+    return config
+  if config.model.init != "random":
+    raise ValueError("pretrain.steps > 0 needs model.init='random' (a pretrained base needs no pre-training)")
+  base_dir = os.path.join(workdir, BASE_DIR)
+  if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
+    stage = config.copy_and_resolve_references()
+    stage.lora.rank = 0  # full training of every parameter
+    stage.lora.extra_trainable = ()
+    stage.data.loss_mask = "all"
+    stage.optim.lr = config.pretrain.lr
+    stage.optim.schedule = "cosine"
+    stage.optim.warmup_steps = min(config.optim.warmup_steps, config.pretrain.steps)
+    stage.train.steps = config.pretrain.steps
+    stage.train.eval_every = 0
+    stage.train.ckpt_every = config.pretrain.steps
+    stage.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
+    exp = experiment.build(stage)
+    print(f"pre-training a random {exp.gpt2_config.n_layer}-layer GPT-2 for {stage.train.steps} steps",
+          flush=True)
+    result = train.run(exp, os.path.join(workdir, "pretrain"))
+    if jax.process_index() == 0:
+      params = jax.device_get(result["params"])
+      weights.save_pretrained(params, exp.gpt2_config.replace(param_dtype="float32"), base_dir)
+  main = config.copy_and_resolve_references()
+  main.model.init = "pretrained"
+  main.model.name = base_dir
+  return main

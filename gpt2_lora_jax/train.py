@@ -1,0 +1,269 @@
+"""The jitted train step and the loop: metrics one step late, held-out loss, checkpoints, preemption.
+
+State that trains lives in one dict, donated to every step:
+  {'trainable': adapter (and extra) leaves, 'opt_state': optimizer state, 'step': int32, 'rng': key}
+The frozen base is a separate argument, never donated and never checkpointed.
+
+Gradients are taken with respect to the trainable leaves only; the optimizer is an
+optax.multi_transform over the whole tree (optim.py), so the labels are the one place that says
+what trains, frozen leaves get set_to_zero, and XLA never computes a frozen weight gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gpt2_lora_jax import lora
+
+
+def token_loss_sums(model, params, batch, rng, deterministic: bool):
+  """(sum of next-token NLL over loss_mask, number of loss tokens) for one (B, T) batch."""
+  logits_BTV = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
+                           segment_ids=batch["segment_ids"], deterministic=deterministic,
+                           rngs=None if deterministic else {"dropout": rng})
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(
+      logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+  mask_BT = batch["loss_mask"].astype(jnp.float32)
+  return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batches: int,
+                    schedule: Callable):
+  """One optimizer update from a (B, T) batch split into `micro_batches` passes.
+
+  The loss is normalised by the loss tokens of the whole batch, not averaged over micro-batches,
+  so 4 micro-batches of 2 rows give the update of one batch of 8 rows.
+  """
+
+  def train_step(state, frozen, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    micro = jax.tree.map(lambda x: x.reshape((micro_batches, -1) + x.shape[1:]), batch)
+
+    def loss_of_trainable(trainable, mbatch, mrng):
+      return token_loss_sums(model, lora.combine(trainable, frozen), mbatch, mrng, deterministic=False)
+
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+
+    def accumulate(carry, xs):
+      grads_acc, nll_acc, n_acc = carry
+      mbatch, index = xs
+      (nll_sum, n), grads = grad_fn(state["trainable"], mbatch, jax.random.fold_in(rng, index))
+      return (jax.tree.map(jnp.add, grads_acc, grads), nll_acc + nll_sum, n_acc + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["trainable"])
+    (grads_sum, nll_sum, n_tokens), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(micro_batches)))
+    denom = jnp.maximum(n_tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads_sum)
+    loss = nll_sum / denom
+    # The optimizer sees the whole tree: zero gradients for frozen leaves, which it maps to zero.
+    full_grads = lora.combine(grads, jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), frozen))
+    full_params = lora.combine(state["trainable"], frozen)
+    updates, opt_state = tx.update(full_grads, state["opt_state"], full_params)
+    new_trainable, _ = lora.split(optax.apply_updates(full_params, updates), labels)
+    finite = jnp.isfinite(loss)
+    # A NaN/Inf step leaves the state untouched; the loop stops on it and saves nothing from it.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "trainable": keep(new_trainable, state["trainable"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
+    metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state["step"]), "finite": finite}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model):
+  def eval_step(trainable, frozen, batch):
+    return token_loss_sums(model, lora.combine(trainable, frozen), batch, None, deterministic=True)
+  return eval_step
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (then it saves and exits)."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class StepTimer:
+  """Wall time between consecutive metric reads: the device time of a step at steady state."""
+  last: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    elapsed, self.last = now - self.last, now
+    return elapsed
+
+
+def host_metrics(metrics) -> dict:
+  """Device metrics -> Python floats (this is the one host sync, done one step late)."""
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def is_finite_loss(m: dict) -> bool:
+  return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
+
+
+class Preempted(Exception):
+  """Raised after the state was saved because SIGTERM/SIGINT arrived; rerun to resume."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved, rerun the same "
+                     "command to resume")
+    self.signum, self.step = signum, step
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def run(exp, workdir: str) -> dict:
+  """Trains exp (experiment.build) in workdir; resumes from its latest checkpoint. Returns a summary."""
+  from gpt2_lora_jax import checkpoint, data, experiment, flops, metrics as metrics_lib, sharding
+
+  config = exp.config
+  tcfg = config.train
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  cache_dir = config.data.cache_dir or f"{workdir}/cache"
+  train_data, summary = data.build(config.data, exp.tokenizer, "train", tcfg.batch_size, cache_dir)
+  eval_data = (data.build(config.data, exp.tokenizer, "eval", tcfg.batch_size, cache_dir)[0]
+               if tcfg.eval_every > 0 else None)
+  if is_main:
+    data.write_summary(summary, f"{workdir}/data_summary.json")
+    print(exp_summary_line(exp), flush=True)
+
+  tx, schedule = experiment.optimizer(exp)
+  param_sh = sharding.param_shardings(exp.params, mesh)
+  trainable_sh, frozen_sh = lora.split(param_sh, exp.labels)
+  trainable, frozen = lora.split(exp.params, exp.labels)
+  trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
+  repl = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, exp.params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: repl)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora.combine(trainable, frozen))
+  state = {"trainable": trainable, "opt_state": opt_state,
+           "step": jax.device_put(jnp.int32(0), repl),
+           "rng": jax.device_put(jax.random.PRNGKey(tcfg.seed), repl)}
+  state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+
+  mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
+  start = 0
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta)
+    if is_main:
+      print(f"resumed from {mngr.directory}/{start}", flush=True)
+  if start >= tcfg.steps:
+    return {"step": start, "params": lora.combine(state["trainable"], frozen)}
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(exp.model, tx, exp.labels, tcfg.micro_batches, schedule),
+                    in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
+                    donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(exp.model), in_shardings=(trainable_sh, frozen_sh, batch_sh),
+                    out_shardings=(repl, repl))
+  seq_len = config.data.max_length
+  step_flops = flops.train_flops_per_token(exp.params, exp.labels, exp.gpt2_config.n_layer,
+                                           exp.gpt2_config.n_embd, seq_len)["total"] * tcfg.batch_size * seq_len
+  peak = flops.peak_flops()
+  writer = metrics_lib.MetricsWriter(workdir, tcfg.steps, start, enabled=is_main)
+  timer = StepTimer()
+  last = {}
+
+  def batch_at(step):
+    local = data.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
+                                jax.process_index(), jax.process_count())
+    return sharding.global_batch(local, mesh)
+
+  def record(step, device_metrics):
+    """Reads step's metrics (the host sync, one step behind the device) and writes them."""
+    m = host_metrics(device_metrics)
+    if not is_finite_loss(m):
+      raise NonFiniteLoss(f"loss is {m['loss']} at step {step}: the update was skipped and nothing "
+                          f"from it was saved; the last checkpoint is {mngr.latest_step()}. Lower "
+                          "--config.optim.lr or check the data.")
+    seconds = timer.lap()
+    m.pop("finite")
+    m["step_time_s"] = seconds
+    m["tokens_per_s"] = tcfg.batch_size * seq_len / seconds
+    if peak:
+      m["mfu"] = step_flops / seconds / (peak * jax.device_count())
+    writer.write(step, "train", m, progress=(step % tcfg.log_every == 0 or step == tcfg.steps))
+    last.update(m)
+
+  def held_out_loss(trainable):
+    nll, n = 0.0, 0.0
+    for batch in data.eval_batches(eval_data, tcfg.batch_size, jax.process_index(), jax.process_count()):
+      s, c = eval_fn(trainable, frozen, sharding.global_batch(batch, mesh))
+      nll, n = nll + float(s), n + float(c)
+    return nll / max(n, 1.0), n
+
+  pending = None
+  step = start
+  with PreemptionGuard() as guard:
+    try:
+      for step in range(start, tcfg.steps):
+        if guard.signum is not None:
+          break
+        state, device_metrics = step_fn(state, frozen, batch_at(step))
+        if pending is not None:
+          record(*pending)
+        pending = (step + 1, device_metrics)  # metrics of the update that ends at step + 1
+        done = step + 1
+        if eval_data is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+          loss, n = held_out_loss(state["trainable"])
+          writer.write(done, "eval", {"loss": loss, "loss_tokens": n})
+        if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
+          record(*pending)  # never save an unchecked update
+          pending = None
+          checkpoint.save(mngr, done, state, exp.meta)
+        if is_main and tcfg.plot_every and done % tcfg.plot_every == 0:
+          metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+      else:
+        step = tcfg.steps
+      if pending is not None:
+        record(*pending)
+      if guard.signum is not None:
+        if step != mngr.latest_step():
+          checkpoint.save(mngr, step, state, exp.meta, force=True)
+        mngr.wait_until_finished()
+        raise Preempted(guard.signum, step)
+    finally:
+      mngr.wait_until_finished()
+      writer.close()
+      if is_main:
+        metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+  return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
+
+
+def exp_summary_line(exp) -> str:
+  return f"{exp.base_name}: {lora.summary(exp.params, exp.labels)}"
