@@ -131,6 +131,33 @@ def is_finite_loss(m: dict) -> bool:
   return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
 
 
+def init_state(exp, mesh, tx):
+  """(state, frozen, state shardings, frozen shardings): the run's arrays placed on the mesh."""
+  from gpt2_lora_jax import sharding
+  param_sh = sharding.param_shardings(exp.params, mesh)
+  trainable_sh, frozen_sh = lora.split(param_sh, exp.labels)
+  trainable, frozen = lora.split(exp.params, exp.labels)
+  trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
+  repl = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, exp.params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: repl)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora.combine(trainable, frozen))
+  state = {"trainable": trainable, "opt_state": opt_state,
+           "step": jax.device_put(jnp.int32(0), repl),
+           "rng": jax.device_put(jax.random.PRNGKey(exp.config.train.seed), repl)}
+  state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+  return state, frozen, state_sh, frozen_sh
+
+
+def jit_train_step(exp, tx, schedule, mesh, state_sh, frozen_sh):
+  """The train step under jit: explicit shardings, the state donated, compiled once per run."""
+  from gpt2_lora_jax import sharding
+  step = make_train_step(exp.model, tx, exp.labels, exp.config.train.micro_batches, schedule)
+  return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
 class Preempted(Exception):
   """Raised after the state was saved because SIGTERM/SIGINT arrived; rerun to resume."""
 
@@ -161,19 +188,8 @@ def run(exp, workdir: str) -> dict:
     print(exp_summary_line(exp), flush=True)
 
   tx, schedule = experiment.optimizer(exp)
-  param_sh = sharding.param_shardings(exp.params, mesh)
-  trainable_sh, frozen_sh = lora.split(param_sh, exp.labels)
-  trainable, frozen = lora.split(exp.params, exp.labels)
-  trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
+  state, frozen, state_sh, frozen_sh = init_state(exp, mesh, tx)
   repl = sharding.replicated(mesh)
-  abstract_opt = jax.eval_shape(tx.init, exp.params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: repl)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora.combine(trainable, frozen))
-  state = {"trainable": trainable, "opt_state": opt_state,
-           "step": jax.device_put(jnp.int32(0), repl),
-           "rng": jax.device_put(jax.random.PRNGKey(tcfg.seed), repl)}
-  state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
 
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
   start = 0
@@ -186,10 +202,8 @@ def run(exp, workdir: str) -> dict:
     return {"step": start, "params": lora.combine(state["trainable"], frozen)}
 
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(exp.model, tx, exp.labels, tcfg.micro_batches, schedule),
-                    in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
-                    donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(exp.model), in_shardings=(trainable_sh, frozen_sh, batch_sh),
+  step_fn = jit_train_step(exp, tx, schedule, mesh, state_sh, frozen_sh)
+  eval_fn = jax.jit(make_eval_step(exp.model), in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
                     out_shardings=(repl, repl))
   seq_len = config.data.max_length
   step_flops = flops.train_flops_per_token(exp.params, exp.labels, exp.gpt2_config.n_layer,
