@@ -220,7 +220,8 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
     idx = order[start:start + batch_size]
     idx_padded = idx + [idx[0]] * (batch_size - len(idx))  # fixed batch shape: repeat a prompt
     P = bucket_length(max(len(encoded[i]) for i in idx), max_prompt, min_bucket)
-    ids_BP = np.full((batch_size, P), EOT_ID if eos_id is None else eos_id, np.int32)
+    pad_id = EOT_ID if eos_id is None else eos_id  # never a token an answer keeps
+    ids_BP = np.full((batch_size, P), pad_id, np.int32)
     mask_BP = np.zeros((batch_size, P), np.int32)
     for r, i in enumerate(idx_padded):
       n = len(encoded[i])
@@ -228,7 +229,7 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
       mask_BP[r, P - n:] = 1
     out = generate_tokens(model, params, ids_BP, mask_BP, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          row_ids=idx_padded, eos_id=eos_id, pad_id=int(ids_BP[0, 0]),
+                          row_ids=idx_padded, eos_id=eos_id, pad_id=pad_id,
                           chunk_size=chunk_size, should_stop=should_stop if stop_strings else None)
     for r, i in enumerate(idx):
       results[i] = _finish_row(out["tokens"][r], eos_id, stop_strings, decode_text, tokenizer)
