@@ -28,7 +28,7 @@ import json
 import math
 import os
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,8 +129,9 @@ def _describe_modules(module_paths) -> str:
   names = sorted(_join(p) for p in module_paths)
   layers = sorted({int(p[0][2:]) for p in module_paths if re.fullmatch(r"h_\d+", p[0])})
   shown = [n for n in names if not re.match(r"h_\d+/", n) or n.startswith("h_0/")]
-  more = "" if len(layers) < 2 else f" (and the same in h_1{f' .. h_{layers[-1]}' if len(layers) > 2 else ''})"
-  return ", ".join(shown) + more
+  if len(layers) < 2:
+    return ", ".join(shown)
+  return ", ".join(shown) + f" (and the same in h_1{f' .. h_{layers[-1]}' if len(layers) > 2 else ''})"
 
 
 def _adapter_modules(flat: dict) -> list:
@@ -150,7 +151,7 @@ def target_modules(params: dict, cfg: LoraConfig) -> list:
   return sorted(selected)
 
 
-def _compress_targets(adapted: Sequence[tuple], candidates, sep: str = "/", name=_join) -> list:
+def _compress_targets(adapted: Sequence[tuple], candidates, name=_join) -> list:
   """Short names (PEFT style) when they select exactly the adapted modules, else every full path."""
   short = {p[-1] for p in adapted}
   if {p for p in candidates if p[-1] in short} == set(adapted):
@@ -325,17 +326,12 @@ def save_peft(params: dict, cfg: LoraConfig, out_dir: str, base_model_name_or_pa
 
 def _check_peft_config(pc: dict, source: str):
   """Refuses PEFT features this tree transform does not implement, naming the field."""
-  problems = []
-  if pc.get("peft_type", "LORA") != "LORA":
-    problems.append(f"peft_type={pc.get('peft_type')!r} (only 'LORA')")
-  for field in ("use_dora", "lora_bias"):
-    if pc.get(field):
-      problems.append(f"{field}=True")
-  if pc.get("bias", "none") != "none":
-    problems.append(f"bias={pc['bias']!r} (only 'none')")
-  for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"):
-    if pc.get(field):
-      problems.append(f"{field}={pc[field]!r} (per-module ranks/alphas and saved modules are not supported)")
+  problems = [f"{k}={pc.get(k)!r} (only {v!r})" for k, v in (("peft_type", "LORA"), ("bias", "none"))
+              if pc.get(k, v) != v]
+  problems += [f"{field}=True" for field in ("use_dora", "lora_bias") if pc.get(field)]
+  problems += [f"{field}={pc[field]!r} (per-module ranks/alphas and saved modules are not supported)"
+               for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices")
+               if pc.get(field)]
   if problems:
     raise ValueError(f"{source}: unsupported PEFT adapter: " + "; ".join(problems))
 
@@ -368,8 +364,9 @@ def load_peft(params: dict, adapter_dir: str) -> tuple:
   for key, value in sorted(state.items()):
     name = key.removeprefix(PEFT_PREFIX)
     if name == "lm_head.base_layer.weight":  # PEFT saves the tied head beside an lm_head adapter
-      if value.shape != flat[("wte", "embedding")].shape or not np.allclose(
-          value, np.asarray(flat[("wte", "embedding")], np.float32), atol=1e-6):
+      wte = flat[("wte", "embedding")]  # compared in wte's dtype, so a bf16 base still matches
+      if value.shape != wte.shape or not np.allclose(
+          np.asarray(jnp.asarray(value, wte.dtype), np.float32), np.asarray(wte, np.float32), atol=1e-6):
         problems.append(f"{key}: the adapter's base head differs from this model's wte (another base?)")
       continue
     m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
@@ -386,11 +383,9 @@ def load_peft(params: dict, adapter_dir: str) -> tuple:
       continue
     leaf = "lora_a" if m.group(2) == "A" else "lora_b"
     found[module + (leaf,)] = jnp.asarray(value.T, jnp.float32)  # (in, r) / (r, out)
-  for module in {p[:-1] for p in found}:
-    for leaf in ADAPTER_LEAVES:
-      if module + (leaf,) not in found:
-        problems.append(f"{PEFT_PREFIX}{_peft_module_name(module)}.lora_{leaf[-1].upper()}.weight: "
-                        "missing (its pair is present)")
+  problems += [f"{PEFT_PREFIX}{_peft_module_name(m)}.lora_{leaf[-1].upper()}.weight: missing (its pair is "
+               "present)" for m in _adapter_modules(found) for leaf in ADAPTER_LEAVES
+               if m + (leaf,) not in found]
   if not found and not problems:
     problems.append(f"{weights_file} holds no lora_A/lora_B tensors")
   if problems:

@@ -93,7 +93,9 @@ def test_merge_matches_factored_and_exports_to_transformers(base, lora_cfg, tmp_
 
   merged, merged_config = lora.merge(tuned, lora_cfg, config)
   head_adapted = "lm_head" in lora_cfg.targets
-  expected_paths = set(traverse_util.flatten_dict(params)) | ({("lm_head", "kernel")} if head_adapted else set())
+  expected_paths = set(traverse_util.flatten_dict(params))
+  if head_adapted:
+    expected_paths.add(("lm_head", "kernel"))
   assert set(traverse_util.flatten_dict(merged)) == expected_paths
   assert merged_config.tie_word_embeddings == (not head_adapted)  # an adapted head is untied
   merged_logits = np.asarray(model.GPT2(merged_config).apply({"params": merged}, ids))
@@ -153,7 +155,8 @@ def test_rank0_is_full_finetuning_through_the_same_code(small):
     assert not np.array_equal(traverse_util.flatten_dict(new)[path], value), path
   n_params = sum(x.size for x in jax.tree.leaves(params))
   assert sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0) == 2 * n_params
-  assert lora.summary(params, labels).startswith(f"trainable params: {n_params:,d} || all params: {n_params:,d}")
+  assert lora.summary(params, labels).startswith(
+      f"trainable params: {n_params:,d} || all params: {n_params:,d}")
 
 
 def test_extra_trainable_selects_exactly_the_matching_leaves(small):
@@ -183,7 +186,6 @@ def test_split_combine_roundtrip_and_summary(small):
 def test_lora_train_step_flops_at_most_three_quarters_of_full_finetuning():
   # Wide relative to the sequence, so the weight-gradient matmuls (what LoRA removes) dominate.
   config = model.GPT2Config(vocab_size=512, n_positions=64, n_embd=256, n_layer=4, n_head=4)
-  base_shapes = model.param_shapes(config)
   ids = jax.ShapeDtypeStruct((2, 33), jnp.int32)
 
   def step_flops(lora_cfg):
@@ -196,11 +198,9 @@ def test_lora_train_step_flops_at_most_three_quarters_of_full_finetuning():
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of dicts on some jax versions
     return cost["flops"]
 
-  assert jax.tree.structure(base_shapes) == jax.tree.structure(
-      jax.eval_shape(lambda: lora.add(model.init_params(config, jax.random.PRNGKey(0)),
-                                      lora.LoraConfig(rank=0), jax.random.PRNGKey(1))))
   full = step_flops(lora.LoraConfig(rank=0))
   adapted = step_flops(lora.LoraConfig(rank=8, alpha=16, targets=("c_attn", "c_proj", "c_fc", "lm_head")))
+  print(f"train-step FLOPs: LoRA {adapted:.3e}, full {full:.3e}, ratio {adapted / full:.3f}")
   assert full > 0 and adapted <= 0.75 * full, (adapted, full, adapted / full)
 
 
@@ -213,8 +213,9 @@ def test_clipping_uses_only_trainable_gradients(small):
   flat_labels = traverse_util.flatten_dict(labels)
 
   def grads(frozen_value):  # trainable grads fixed; frozen grads 0 or huge
-    return traverse_util.unflatten_dict({p: jnp.full(v.shape, 0.01 if flat_labels[p] == "trainable" else frozen_value)
-                                         for p, v in traverse_util.flatten_dict(tuned).items()})
+    return traverse_util.unflatten_dict({
+        p: jnp.full(v.shape, 0.01 if flat_labels[p] == "trainable" else frozen_value)
+        for p, v in traverse_util.flatten_dict(tuned).items()})
 
   small_updates, _ = tx.update(grads(0.0), state, tuned)
   huge_updates, _ = tx.update(grads(1e6), state, tuned)
@@ -238,11 +239,13 @@ def test_schedules():
 
 def test_config_section_and_scale():
   cfg = lora.LoraConfig.from_config(config_lib.default_config().lora)
-  assert (cfg.rank, cfg.alpha, cfg.targets, cfg.init) == (8, 16.0, ("c_attn", "c_proj", "c_fc"), "kaiming_uniform")
+  assert (cfg.rank, cfg.alpha, cfg.init) == (8, 16.0, "kaiming_uniform")
+  assert cfg.targets == ("c_attn", "c_proj", "c_fc")
   assert lora.scale(cfg) == 2.0
   assert lora.scale(lora.LoraConfig(rank=4, alpha=8, use_rslora=True)) == 4.0
   # A string override (e.g. --config.lora.targets=c_attn,lm_head in an unlocked dict) splits on commas.
-  section = types.SimpleNamespace(**{**config_lib.default_config().lora.to_dict(), "targets": "c_attn, lm_head"})
+  section = types.SimpleNamespace(**{**config_lib.default_config().lora.to_dict(),
+                                     "targets": "c_attn, lm_head"})
   assert lora.LoraConfig.from_config(section).targets == ("c_attn", "lm_head")
 
 
