@@ -148,7 +148,7 @@ def save_pretrained(params: dict, config: GPT2Config, out_dir: str) -> str:
   adapters = [p for p in flat if p[-1].startswith("lora_")]
   if adapters:
     raise ValueError("params still hold LoRA adapters (e.g. " + "/".join(adapters[0]) + "): "
-                     "merge them first with gpt2_lora_jax.lora.merge(params, lora_config)")
+                     "merge them first with gpt2_lora_jax.lora.merge(params, lora_config, gpt2_config)")
   expected = traverse_util.flatten_dict(param_shapes(config))
   if set(flat) != set(expected):
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
