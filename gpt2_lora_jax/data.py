@@ -149,10 +149,14 @@ def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_i
   the contents' tokens back to back. Returns (ids (L + 1,), mask (L,) bool over ids[1:], first kept
   turn) with L <= max_length, or None when the final exchange alone does not fit.
   """
+  # Per-turn bookkeeping in Python ints: a conversation has ~10 turns, too few for numpy to pay off.
+  roles, turn_lengths = np.asarray(roles).tolist(), np.asarray(turn_lengths).tolist()
   n = len(roles)
-  human = _ROLE_CODE[HUMAN]
-  turn_tokens = np.asarray([len(marker_ids[r]) for r in roles]) + turn_lengths
-  tokens_from = np.cumsum(turn_tokens[::-1])[::-1]  # tokens of turns i..n-1
+  human, assistant = _ROLE_CODE[HUMAN], _ROLE_CODE[ASSISTANT]
+  marker_lengths = [len(marker_ids[r]) for r in roles]
+  tokens_from = [0] * (n + 1)  # tokens of turns i..n-1
+  for i in reversed(range(n)):
+    tokens_from[i] = tokens_from[i + 1] + marker_lengths[i] + turn_lengths[i]
   last_human = max(i for i in range(n) if roles[i] == human)
   # Cut points: the start, or any Human turn up to the final exchange's, so a kept part opens
   # like every real conversation (and every sampling prompt) does.
@@ -160,19 +164,22 @@ def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_i
   first = next((i for i in cut_points if 1 + tokens_from[i] <= max_length), None)  # + leading EOT
   if first is None:
     return None
-  content_start = np.concatenate([[0], np.cumsum(turn_lengths)])
-  pieces, trained = [np.asarray([EOT_ID], np.int32)], [np.zeros(1, bool)]
+  pieces = [np.asarray([EOT_ID], np.int32)]
+  piece_trained, piece_lengths = [], []  # over ids[1:]: marker, content, ..., final end-of-text
+  start = sum(turn_lengths[:first])
   for i in range(first, n):
-    marker = marker_ids[roles[i]]
-    content = content_ids[content_start[i]:content_start[i + 1]]
-    is_reply = roles[i] == _ROLE_CODE[ASSISTANT]
-    train_content = (loss_mask == "all" or (is_reply and loss_mask == "assistant")
+    pieces += [marker_ids[roles[i]], content_ids[start:start + turn_lengths[i]]]
+    start += turn_lengths[i]
+    is_reply = roles[i] == assistant
+    train_content = (loss_mask == "all" or (loss_mask == "assistant" and is_reply)
                      or (is_reply and i == n - 1))
-    pieces += [marker, content]
-    trained += [np.full(len(marker), loss_mask == "all"), np.full(len(content), train_content)]
+    piece_trained += [loss_mask == "all", train_content]
+    piece_lengths += [marker_lengths[i], turn_lengths[i]]
   pieces.append(np.asarray([EOT_ID], np.int32))
-  trained.append(np.ones(1, bool))  # the end-of-text after the final reply: learn to stop
-  return np.concatenate(pieces).astype(np.int32), np.concatenate(trained)[1:], first
+  piece_trained.append(True)  # the end-of-text after the final reply: learn to stop
+  piece_lengths.append(1)
+  mask = np.repeat(np.asarray(piece_trained), piece_lengths)
+  return np.concatenate(pieces).astype(np.int32), mask, first
 
 
 # --- reading rows --------------------------------------------------------------------------------
@@ -459,10 +466,16 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   if log is not None:
     log(format_summary(summary))
   if summary_path:
-    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2)
+    write_summary(summary, summary_path)
   return packed, summary
+
+
+def write_summary(summary: dict, path: str) -> None:
+  """The summary as JSON (written to a temporary file first, so a reader never sees half of it)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(summary, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def format_summary(s: dict) -> str:
