@@ -11,27 +11,11 @@
     data.prompt_and_response("\\n\\nHuman: Hi\\n\\nAssistant: Hello!")
     # -> ("\\n\\nHuman: Hi\\n\\nAssistant:", " Hello!")
 
-How a text becomes tokens, and why:
-- A text is a sequence of turns, each a marker "\\n\\nHuman:" or "\\n\\nAssistant:" followed by its
-  content. Only these markers split turns: a "Human:" inside a reply (real rows have
-  "Assistant: Human: ...") stays part of the reply; two turns of one role in a row stay two turns.
-- A reply's tokens are its content after "Assistant:", the leading " " included: sampling prompts
-  end at "Assistant:", so the model must produce the space, and GPT-2's BPE fuses it with the first
-  word (" Sure" is one token); moving it into the prompt would end prompts on a lone " " token.
-- The "\\n\\n" before the next turn belongs to that turn's marker: "\\n\\nHuman:" is one unit (and
-  the stop string at sampling), so the tokens under the loss decode to exactly the reply texts.
-- Markers and contents are tokenised separately and concatenated, so token boundaries fall on turn
-  boundaries and a loss mask is a union of whole turns.
-- Each conversation is framed by end-of-text (50256) on both sides, as GPT-2's pretraining
-  documents were. The leading one gives the first real token a target (so mask 'all' trains on
-  every token of the text); the trailing one follows the final reply, is trained on in every mask
-  mode, and teaches the model to stop. `prompt_token_ids` builds sampling prompts the same way.
-- Leading whitespace of a text and trailing whitespace of its final reply are dropped; a row whose
-  final reply is then empty is skipped (it would teach the model to answer nothing).
-- Too long for max_length: whole turns are cut from the left so that the kept part starts at a
-  Human turn and keeps the final exchange; a row whose final exchange alone does not fit is skipped.
-Every skipped or truncated row is counted in the summary with its reason and first row indices.
-Rows are indexed 0, 1, ... in reading order over all inputs of the split (files in the given order).
+How one text becomes token ids and a loss mask (and why) is in conversation.py; packing and the
+order of batches are in packing.py. Their public names are re-exported here, so callers need
+only `data`. Every skipped or truncated row is counted in the summary with its reason and first
+row indices; rows are indexed 0, 1, ... in reading order over all inputs of the split (files in the
+given order).
 """
 from __future__ import annotations
 
@@ -40,146 +24,32 @@ import gzip
 import hashlib
 import json
 import os
-import re
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from gpt2_lora_jax import hub
-from gpt2_lora_jax.packing import (PackedData, batch_for_step, batch_row_indices, eval_batches,  # noqa: F401 (re-exported)
-                                   pack, steps_per_epoch)
-from gpt2_lora_jax.tokenizer import EOT, EOT_ID
+from gpt2_lora_jax.conversation import (  # noqa: F401 (re-exported)
+    ASSISTANT, HUMAN, LOSS_MASKS, MALFORMED_REASONS, MARKERS, ROLE_CODE, MalformedConversation, Turn,
+    assemble_conversation, marker_ids, parse_conversation, prompt_and_response, prompt_token_ids)
+from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
+    PackedData, batch_for_step, batch_row_indices, eval_batches, pack, steps_per_epoch)
 
-HUMAN, ASSISTANT = "Human", "Assistant"
-MARKERS = {HUMAN: "\n\nHuman:", ASSISTANT: "\n\nAssistant:"}
-_MARKER_RE = re.compile(r"\n\n(Human|Assistant):")
-_ROLE_CODE = {HUMAN: 0, ASSISTANT: 1}  # how roles are stored in the token cache
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
 SOURCES = ("hub", "files")
-LOSS_MASKS = ("all", "assistant", "final")
 SPLITS = ("train", "eval")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Malformed rows; their share of an input is held against data.max_bad_fraction.
-BAD_REASONS = ("invalid_json", "missing_field", "field_not_string", "not_utf8",
-               "text_before_first_turn", "no_human_turn", "no_assistant_turn", "ends_with_human_turn")
+BAD_REASONS = ("invalid_json", "missing_field", "field_not_string", "not_utf8") + MALFORMED_REASONS
 # Well-formed rows that cannot be trained on.
 SKIP_REASONS = ("empty_final_reply", "final_exchange_too_long")
 FIRST_ROWS_SHOWN = 5
 CACHE_VERSION = 1  # bump when parsing or the cached columns change
 
 
-class Turn(NamedTuple):
-  role: str  # 'Human' or 'Assistant'
-  text: str  # what follows the marker "\n\n{role}:", its leading space included
-
-
-class MalformedConversation(ValueError):
-  """A text that is not an HH-RLHF conversation; `reason` is one of BAD_REASONS."""
-
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason = reason
-
-
 class BadDataError(ValueError):
   """More malformed rows in an input than data.max_bad_fraction allows."""
-
-
-# --- one conversation ----------------------------------------------------------------------------
-
-def parse_conversation(text: str) -> list[Turn]:
-  """Turns of an HH-RLHF text "\\n\\nHuman: ...\\n\\nAssistant: ...", the last one an Assistant reply.
-
-  Leading whitespace of the text and trailing whitespace of the final reply are dropped; the final
-  reply may be empty. Raises MalformedConversation with a reason from BAD_REASONS.
-  """
-  parts = _MARKER_RE.split("\n\n" + text.lstrip())  # ['', role, content, role, content, ...]
-  roles = parts[1::2]
-  if HUMAN not in roles:
-    raise MalformedConversation("no_human_turn", f"no '\\n\\nHuman:' turn in {text[:80]!r}")
-  if ASSISTANT not in roles:
-    raise MalformedConversation("no_assistant_turn", f"no '\\n\\nAssistant:' turn in {text[:80]!r}")
-  if parts[0]:
-    raise MalformedConversation("text_before_first_turn", f"text before the first turn: {parts[0][:80]!r}")
-  if roles[-1] != ASSISTANT:
-    raise MalformedConversation("ends_with_human_turn", f"ends with a Human turn: {parts[-1][:80]!r}")
-  turns = [Turn(role, content) for role, content in zip(roles, parts[2::2])]
-  turns[-1] = Turn(ASSISTANT, turns[-1].text.rstrip())
-  return turns
-
-
-def prompt_and_response(text: str) -> tuple[str, str]:
-  """(everything up to and including the final "\\n\\nAssistant:", the final reply).
-
-  prompt + response is the text without leading whitespace or the final reply's trailing whitespace.
-  """
-  turns = parse_conversation(text)
-  prompt = "".join(MARKERS[t.role] + t.text for t in turns[:-1]) + MARKERS[ASSISTANT]
-  return prompt, turns[-1].text
-
-
-def _marker_ids(tokenizer) -> dict[int, np.ndarray]:
-  """Token ids of each role's marker, keyed by role code."""
-  ids = tokenizer([MARKERS[HUMAN], MARKERS[ASSISTANT]], add_special_tokens=False,
-                  return_attention_mask=False)["input_ids"]
-  return {_ROLE_CODE[HUMAN]: np.asarray(ids[0], np.int32), _ROLE_CODE[ASSISTANT]: np.asarray(ids[1], np.int32)}
-
-
-def prompt_token_ids(tokenizer, text: str) -> list[int]:
-  """Ids the model reads before the final reply, tokenised as in training: [EOT] + turns + marker.
-
-  `text` may be a whole conversation or a prompt from prompt_and_response (ending in "Assistant:").
-  """
-  turns = parse_conversation(text)[:-1]
-  markers = _marker_ids(tokenizer)
-  contents = tokenizer([t.text for t in turns] or [""], add_special_tokens=False,
-                       return_attention_mask=False, verbose=False)["input_ids"]
-  ids = [EOT_ID]
-  for turn, content in zip(turns, contents):
-    ids += markers[_ROLE_CODE[turn.role]].tolist() + list(content)
-  return ids + markers[_ROLE_CODE[ASSISTANT]].tolist()
-
-
-def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_ids: np.ndarray,
-                          marker_ids: dict[int, np.ndarray], loss_mask: str, max_length: int):
-  """Token ids and loss mask of one tokenised conversation, cut from the left to fit max_length.
-
-  roles (n,) role codes; turn_lengths (n,) content tokens per turn; content_ids (sum of lengths,)
-  the contents' tokens back to back. Returns (ids (L + 1,), mask (L,) bool over ids[1:], first kept
-  turn) with L <= max_length, or None when the final exchange alone does not fit.
-  """
-  # Per-turn bookkeeping in Python ints: a conversation has ~10 turns, too few for numpy to pay off.
-  roles, turn_lengths = np.asarray(roles).tolist(), np.asarray(turn_lengths).tolist()
-  n = len(roles)
-  human, assistant = _ROLE_CODE[HUMAN], _ROLE_CODE[ASSISTANT]
-  marker_lengths = [len(marker_ids[r]) for r in roles]
-  tokens_from = [0] * (n + 1)  # tokens of turns i..n-1
-  for i in reversed(range(n)):
-    tokens_from[i] = tokens_from[i + 1] + marker_lengths[i] + turn_lengths[i]
-  last_human = max(i for i in range(n) if roles[i] == human)
-  # Cut points: the start, or any Human turn up to the final exchange's, so a kept part opens
-  # like every real conversation (and every sampling prompt) does.
-  cut_points = [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
-  first = next((i for i in cut_points if 1 + tokens_from[i] <= max_length), None)  # + leading EOT
-  if first is None:
-    return None
-  pieces = [np.asarray([EOT_ID], np.int32)]
-  piece_trained, piece_lengths = [], []  # over ids[1:]: marker, content, ..., final end-of-text
-  start = sum(turn_lengths[:first])
-  for i in range(first, n):
-    pieces += [marker_ids[roles[i]], content_ids[start:start + turn_lengths[i]]]
-    start += turn_lengths[i]
-    is_reply = roles[i] == assistant
-    train_content = (loss_mask == "all" or (loss_mask == "assistant" and is_reply)
-                     or (is_reply and i == n - 1))
-    piece_trained += [loss_mask == "all", train_content]
-    piece_lengths += [marker_lengths[i], turn_lengths[i]]
-  pieces.append(np.asarray([EOT_ID], np.int32))
-  piece_trained.append(True)  # the end-of-text after the final reply: learn to stop
-  piece_lengths.append(1)
-  mask = np.repeat(np.asarray(piece_trained), piece_lengths)
-  return np.concatenate(pieces).astype(np.int32), mask, first
 
 
 # --- reading rows --------------------------------------------------------------------------------
@@ -390,7 +260,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
         skipped["empty_final_reply"].append(i)
       else:
         rows.append(i)
-        roles.append([_ROLE_CODE[t.role] for t in conversation])
+        roles.append([ROLE_CODE[t.role] for t in conversation])
         turns.append([t.text for t in conversation])
     n_bad = sum(len(v) for v in bad.values())
     if n_bad > data_cfg.max_bad_fraction * len(input_rows):
@@ -416,7 +286,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   content_ids, id_offsets = _list_column(table, "ids")
   turn_lengths, _ = _list_column(table, "turn_lengths")
 
-  markers = _marker_ids(tokenizer)
+  markers = marker_ids(tokenizer)
   token_ids, loss_masks, used, truncated, tokens_cut = [], [], [], [], 0
   for c, row in enumerate(row_index):
     turn_slice = slice(role_offsets[c], role_offsets[c + 1])
