@@ -24,7 +24,7 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
-SOURCES = ("hub", "files")
+SOURCES = ("hub", "files", "tfds")
 SPLITS = ("train", "eval")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Malformed rows; their share of an input is held against data.max_bad_fraction.
@@ -160,7 +160,58 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
       if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} ({flag}) does not exist")
     return [(path, lambda path=path: read_file(path, field)) for path in files]
+  if data_cfg.source == "tfds":  # rows staged once by tfds_source.py, for pods
+    from gpt2_lora_jax import tfds_source  # imports this module; needs the 'tfds' extra
+    split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
+    return [tfds_source.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)]
   raise ValueError(f"data.source={data_cfg.source!r} is not supported here: choose one of {SOURCES}")
+
+
+class SplitRows(NamedTuple):
+  names: list[str]  # the inputs read, in order
+  rows_read: int
+  conversations: list[tuple[int, str, list[Turn]]]  # (row index, text, turns) of well-formed rows
+  skipped: dict[str, list[int]]  # reason -> row indices of the malformed rows
+
+
+def read_split(data_cfg, split: str, max_rows: int = 0) -> SplitRows:
+  """Reads and parses the rows of `split` ('train' or 'eval'); the first max_rows only if > 0.
+
+  Raises BadDataError when more than data.max_bad_fraction of an input's rows are malformed.
+  """
+  inputs = _inputs(data_cfg, split)
+  skipped = collections.defaultdict(list)
+  conversations = []
+  rows_read = 0
+  for name, read in inputs:
+    if max_rows and rows_read >= max_rows:
+      break
+    input_rows = read()[:max_rows - rows_read] if max_rows else read()
+    bad = collections.defaultdict(list)
+    for i, (text, reason) in enumerate(input_rows, start=rows_read):
+      if reason is None:
+        try:
+          conversations.append((i, text, parse_conversation(text)))
+        except MalformedConversation as e:
+          reason = e.reason
+      if reason is not None:
+        bad[reason].append(i)
+    n_bad = sum(len(ix) for ix in bad.values())
+    if n_bad > data_cfg.max_bad_fraction * len(input_rows):
+      raise BadDataError(
+          f"{name}: {n_bad} of {len(input_rows)} rows are malformed, more than data.max_bad_fraction="
+          f"{data_cfg.max_bad_fraction}: " + "; ".join(
+              f"{reason}: {len(ix)} (rows {ix[:FIRST_ROWS_SHOWN]})" for reason, ix in sorted(bad.items()))
+          + f". Rows are counted from 0 in reading order; data.field is {data_cfg.field!r}.")
+    for reason, ix in bad.items():
+      skipped[reason].extend(ix)
+    rows_read += len(input_rows)
+  return SplitRows([name for name, _ in inputs], rows_read, conversations, skipped)
+
+
+def read_texts(data_cfg, split: str) -> list[str]:
+  """Texts of the well-formed rows of `split`, in reading order (for sampling prompts)."""
+  return [text for _, text, _ in read_split(data_cfg, split).conversations]
 
 
 # --- tokenising, cached ----------------------------------------------------------------------------
@@ -238,41 +289,17 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   Deterministic: every process of a multi-host run builds the same PackedData.
   """
   import datasets
-  inputs = _inputs(data_cfg, split)
-  cap = data_cfg.max_eval_rows if split == "eval" else 0
-  skipped = collections.defaultdict(list)  # reason -> row indices
+  split_rows = read_split(data_cfg, split, data_cfg.max_eval_rows if split == "eval" else 0)
+  skipped = split_rows.skipped
   rows, roles, turns = [], [], []
-  rows_read = 0
-  for name, read in inputs:
-    if cap and rows_read >= cap:
-      break
-    input_rows = read()[:cap - rows_read] if cap else read()
-    bad = collections.defaultdict(list)
-    for i, (text, reason) in enumerate(input_rows, start=rows_read):
-      if reason is None:
-        try:
-          conversation = parse_conversation(text)
-        except MalformedConversation as e:
-          reason = e.reason
-      if reason is not None:
-        bad[reason].append(i)
-      elif not conversation[-1].text.strip():
-        skipped["empty_final_reply"].append(i)
-      else:
-        rows.append(i)
-        roles.append([ROLE_CODE[t.role] for t in conversation])
-        turns.append([t.text for t in conversation])
-    n_bad = sum(len(v) for v in bad.values())
-    if n_bad > data_cfg.max_bad_fraction * len(input_rows):
-      raise BadDataError(
-          f"{name}: {n_bad} of {len(input_rows)} rows are malformed, more than data.max_bad_fraction="
-          f"{data_cfg.max_bad_fraction}: " + "; ".join(
-              f"{reason}: {len(ix)} (rows {ix[:FIRST_ROWS_SHOWN]})" for reason, ix in sorted(bad.items()))
-          + f". Rows are counted from 0 in reading order; data.field is {data_cfg.field!r}.")
-    for reason, ix in bad.items():
-      skipped[reason].extend(ix)
-    rows_read += len(input_rows)
-  names = [name for name, _ in inputs]
+  for row, _, conversation in split_rows.conversations:
+    if not conversation[-1].text.strip():
+      skipped["empty_final_reply"].append(row)
+    else:
+      rows.append(row)
+      roles.append([ROLE_CODE[t.role] for t in conversation])
+      turns.append([t.text for t in conversation])
+  names, rows_read = split_rows.names, split_rows.rows_read
   if not rows:
     raise ValueError(f"no usable rows in {names}: {dict((r, len(ix)) for r, ix in skipped.items())}")
 

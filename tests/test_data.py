@@ -55,8 +55,9 @@ def real_builds(hh_test_file, tokenizer, tmp_path_factory):
 
 # --- parsing -------------------------------------------------------------------------------------
 
-def test_every_real_row_parses_and_splits_at_the_last_assistant_marker(real_texts):
+def test_every_real_row_parses_and_splits_at_the_last_assistant_marker(real_texts, hh_test_file):
   assert len(real_texts) == REAL_ROWS
+  assert data.read_texts(data_config(eval_files=(hh_test_file,)), "eval") == real_texts
   responses = []
   for text in real_texts:
     turns = data.parse_conversation(text)
@@ -251,8 +252,8 @@ def test_bad_rows_are_counted_by_reason(tmp_path, tokenizer):
   good = json.dumps({"chosen": HELLO})
   lines = [good, *BAD_LINES.values(), "[1, 2]", good, json.dumps({"chosen": HELLO + "\n\nHuman: ok?\n\nAssistant:  "})]
   path = write_jsonl(tmp_path / "rows.jsonl", lines)
-  packed, summary = data.build(data_config(train_files=(path,), max_bad_fraction=1.0), tokenizer,
-                               cache_dir=str(tmp_path / "cache"), log=None)
+  cfg = data_config(train_files=(path,), max_bad_fraction=1.0)
+  packed, summary = data.build(cfg, tokenizer, cache_dir=str(tmp_path / "cache"), log=None)
   want = {reason: {"count": 1, "first_rows": [i]} for i, reason in enumerate(BAD_LINES, start=1)}
   want["missing_field"] = {"count": 2, "first_rows": [2, 9]}  # a row that is not an object has no field
   want["empty_final_reply"] = {"count": 1, "first_rows": [11]}
@@ -260,6 +261,8 @@ def test_bad_rows_are_counted_by_reason(tmp_path, tokenizer):
   assert (summary["rows_read"], summary["rows_used"], summary["rows_bad"]) == (12, 2, 9)
   assert sorted(packed.conversation_rows) == [0, 10]
   assert "not_utf8" in data.format_summary(summary)
+  # Prompts for sampling come from every well-formed row (an empty final reply still has a prompt).
+  assert data.read_texts(cfg, "train") == [json.loads(lines[i])["chosen"] for i in (0, 10, 11)]
 
 
 def test_too_many_bad_rows_stop_with_an_error_naming_the_file(tmp_path, tokenizer):
