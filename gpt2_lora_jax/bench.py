@@ -1,0 +1,477 @@
+"""Throughput, MFU, memory and compile time of the LoRA train step, the sampler and the scorer.
+
+    python -m gpt2_lora_jax.bench --preset gpt2 --batch_size 16 --seq_len 1024 --compare peft
+    python -m gpt2_lora_jax.bench --n_layer 2 --n_embd 64 --n_head 4 --batch_size 2 --seq_len 32 \
+        --timed_steps 2 --matmul_n 512 --decode_batch_sizes 1,4 --decode_new_tokens 8 --no_compile
+
+or `run_benchmark(preset='gpt2', batch_size=16, ...)` -> dict (the same fields; see BenchConfig
+for every setting). One configuration per call; the results go to --out_dir as
+bench_<device kind>_<model>_<UTC timestamp>.{json,md}. benchmarks/README.md explains each field.
+
+Parts (--parts): 'train' times the project's own jitted train step (train.jit_train_step) on
+synthetic fixed-shape batches (random ids, full loss mask, one segment per row): median step time
+after warm-up, each step ended by block_until_ready; tokens/s; MFU against the chip's spec peak
+(flops.peak_flops, None on CPU) and against an N^3 matmul timed in the same run; LoRA-aware
+FLOPs (flops.train_flops_per_token); peak device memory; XLA's memory analysis; lower+compile time.
+'decode' times sample.generate_tokens (greedy, end-of-text ignored) at each decode batch size.
+'score' times reward.score_pairs. --compare=peft adds transformers + PEFT (eager, and
+torch.compile unless --no_compile) with the same shapes and targets, and transformers `generate`.
+
+Process order: every PyTorch part runs first, each in a child process (bench_peft.py), and exits
+before this process first touches the device, because JAX preallocates most of a GPU's memory at
+its first use and keeps it; PyTorch then never competes with JAX for memory. Run the CLI (a fresh
+process) on GPU: a caller that already initialised JAX on the GPU would starve the children.
+This module needs no ml_collections and no datasets (it builds the run from model, lora, optim,
+train, sharding, flops, sample directly).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from gpt2_lora_jax import flops, lora, optim, sample, sharding, train
+from gpt2_lora_jax import model as gpt2_model
+
+PARTS = ("train", "decode", "score")
+
+
+def _flag(default, help_text):
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """One benchmark configuration; every field is also a --flag of the CLI."""
+  preset: str = _flag("gpt2", "GPT-2 size: gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+  n_layer: int = _flag(0, "override the preset's depth (0: keep); for tiny CPU runs")
+  n_embd: int = _flag(0, "override the preset's width (0: keep)")
+  n_head: int = _flag(0, "override the preset's heads (0: keep)")
+  vocab_size: int = _flag(50257, "vocabulary (GPT-2's 50257; smaller only for quick tests)")
+  batch_size: int = _flag(16, "rows per step (global, over all devices used)")
+  seq_len: int = _flag(1024, "tokens per row")
+  micro_batches: int = _flag(1, "gradient accumulation passes per step")
+  lora_rank: int = _flag(8, "LoRA rank; 0 = full fine-tuning")
+  lora_alpha: float = _flag(16.0, "LoRA alpha (scale = alpha / rank)")
+  lora_targets: tuple = _flag(("c_attn", "c_proj", "c_fc"), "LoRA target modules, comma-separated")
+  remat: str = _flag("none", "rematerialisation: none, full, dots")
+  attention: str = _flag("xla", "attention implementation: xla, cudnn")
+  segment_ids: bool = _flag(True, "pass one-segment-per-row segment ids as packed training does "
+                            "(--no_segment_ids: plain causal attention, cuDNN's flash path)")
+  dtype: str = _flag("auto", "compute dtype: auto = bfloat16 on accelerators, float32 on CPU")
+  param_dtype: str = _flag("auto", "frozen base dtype: auto = bfloat16 on accelerators with LoRA, "
+                           "else float32 (full fine-tuning keeps trained weights in float32)")
+  warmup_steps: int = _flag(2, "untimed steps after compilation")
+  timed_steps: int = _flag(10, "timed steps (the median is reported)")
+  matmul_n: int = _flag(0, "N of the N^3 reference matmul (0: 8192 on accelerators, 1024 on CPU)")
+  matmul_dtype: str = _flag("auto", "reference matmul dtype (auto = the compute dtype: bfloat16 on GPU)")
+  num_devices: int = _flag(0, "devices in the mesh (0: all)")
+  parts: tuple = _flag(PARTS, "what to run, comma-separated: train, decode, score")
+  compare: str = _flag("", "'peft': also run transformers + PEFT (and HF generate) on the same device")
+  torch_compile: bool = _flag(True, "also time PEFT under torch.compile (--no_compile: eager only)")
+  decode_batch_sizes: tuple = _flag((1, 64), "sampler batch sizes, comma-separated")
+  decode_prompt_len: int = _flag(64, "random prompt tokens per row for decoding")
+  decode_new_tokens: int = _flag(128, "tokens generated per row (end-of-text ignored)")
+  decode_repeats: int = _flag(3, "timed repeats per decode / score measurement (median)")
+  reward_model: str = _flag("", "local reward model dir for 'score' ('' = random small DeBERTa-v2)")
+  score_pairs: int = _flag(64, "(question, answer) pairs scored per repeat")
+  score_batch_size: int = _flag(16, "reward scorer batch size")
+  score_words: int = _flag(200, "words per random question (answers have half)")
+  seed: int = _flag(0, "seed of weights and synthetic data")
+  out_dir: str = _flag("benchmarks/results", "where the JSON and Markdown go ('' = write nothing)")
+  tag: str = _flag("", "free text stored with the results (e.g. 'baseline')")
+
+  def __post_init__(self):
+    for name in ("lora_targets", "parts", "decode_batch_sizes"):
+      value = getattr(self, name)
+      items = tuple(s.strip() for s in value.split(",") if s.strip()) if isinstance(value, str) else tuple(value)
+      object.__setattr__(self, name, tuple(int(x) for x in items) if name == "decode_batch_sizes" else items)
+    if set(self.parts) - set(PARTS):
+      raise ValueError(f"parts={self.parts}: choose from {PARTS}")
+    if self.compare not in ("", "peft"):
+      raise ValueError(f"compare={self.compare!r}: '' or 'peft'")
+
+
+def _on_accelerator() -> bool:
+  return jax.devices()[0].platform != "cpu"
+
+
+def gpt2_config(cfg: BenchConfig) -> gpt2_model.GPT2Config:
+  """The GPT-2 shape (preset + overrides) and how to run it, with 'auto' dtypes resolved."""
+  accel = _on_accelerator()
+  dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if accel else "float32")
+  param_dtype = cfg.param_dtype
+  if param_dtype == "auto":
+    param_dtype = "bfloat16" if accel and cfg.lora_rank > 0 else "float32"
+  if cfg.preset not in gpt2_model.PRESETS:
+    raise ValueError(f"unknown GPT-2 size {cfg.preset!r}: choose one of {sorted(gpt2_model.PRESETS)}")
+  shape = {k: getattr(cfg, k) or v for k, v in gpt2_model.PRESETS[cfg.preset].items()}
+  config = gpt2_model.GPT2Config(vocab_size=cfg.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                                 attention_impl=cfg.attention, remat=cfg.remat, **shape)
+  if cfg.seq_len > config.n_positions:
+    raise ValueError(f"seq_len={cfg.seq_len} is longer than GPT-2's {config.n_positions} positions")
+  return config
+
+
+def model_name(cfg: BenchConfig) -> str:
+  overrides = [f"{k}={getattr(cfg, k)}" for k in ("n_layer", "n_embd", "n_head") if getattr(cfg, k)]
+  return cfg.preset + (f"[{','.join(overrides)}]" if overrides else "")
+
+
+def device_info() -> dict:
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": d.device_kind, "num_devices": jax.device_count(),
+          "jax_version": jax.__version__, "python": platform.python_version(), "host": platform.node()}
+
+
+def time_matmul(n: int, dtype: str, repeats: int = 10) -> dict:
+  """FLOP/s of one (n, n) @ (n, n) matmul on device 0: median of `repeats` after a warm-up call."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+  return {"n": n, "dtype": dtype, "seconds": seconds, "flops_per_s": 2.0 * n ** 3 / seconds}
+
+
+def synthetic_batch(cfg: BenchConfig, vocab_size: int) -> dict:
+  """Random ids and targets, every token a loss token, one segment per row; numpy (B, T)."""
+  rng = np.random.default_rng(cfg.seed)
+  shape = (cfg.batch_size, cfg.seq_len)
+  batch = {"inputs": rng.integers(0, vocab_size, shape, dtype=np.int32),
+           "targets": rng.integers(0, vocab_size, shape, dtype=np.int32),
+           "positions": np.broadcast_to(np.arange(cfg.seq_len, dtype=np.int32), shape).copy(),
+           "loss_mask": np.ones(shape, np.int32),
+           "segment_ids": np.ones(shape, np.int32)}
+  if not cfg.segment_ids:
+    batch["segment_ids"] = None  # the model then builds no mask: plain causal attention
+  return batch
+
+
+def _memory_analysis(compiled) -> dict:
+  stats = compiled.memory_analysis()
+  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+  return {f: int(getattr(stats, f)) for f in fields if stats is not None and hasattr(stats, f)}
+
+
+def _xla_flops(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float(cost["flops"]) if isinstance(cost, dict) and "flops" in cost else None
+
+
+def peak_bytes_in_use(devices):
+  """The allocator's high-water mark (since process start) over `devices`; None where unsupported."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+  return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
+
+def place_state(run, mesh, tx):
+  """(state, frozen, state shardings, frozen shardings) laid out as train.init_state lays them out.
+
+  Not train.init_state itself: its optax.tree_map_params call fails on the MaskedNode leaves of the
+  multi_transform state (jax 0.10 / optax 0.2.8). Here the optimizer state takes the shardings
+  that jit propagates from the placed parameters.
+  """
+  param_sh = sharding.param_shardings(run.params, mesh)
+  trainable_sh, frozen_sh = lora.split(param_sh, run.labels)
+  trainable, frozen = lora.split(run.params, run.labels)
+  trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
+  opt_state = jax.jit(tx.init)(lora.combine(trainable, frozen))
+  repl = sharding.replicated(mesh)
+  state = {"trainable": trainable, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), repl),
+           "rng": jax.device_put(jax.random.PRNGKey(run.config.train.seed), repl)}
+  state_sh = {"trainable": trainable_sh, "opt_state": jax.tree.map(lambda x: x.sharding, opt_state),
+              "step": repl, "rng": repl}
+  return state, frozen, state_sh, frozen_sh
+
+
+def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
+  """Times train.jit_train_step on synthetic batches; see the module docstring for the fields."""
+  config = gpt2_config(cfg)
+  devices = jax.devices()[:cfg.num_devices or None]
+  mesh = sharding.make_mesh(devices=devices)
+  sharding.check_batch_divides(cfg.batch_size, cfg.micro_batches, mesh)
+  lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0, targets=cfg.lora_targets)
+  # Built on the host: the device's peak memory then counts the train step, not initialisation.
+  with jax.default_device(jax.devices("cpu")[0]):
+    base = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
+    params = lora.add(base, lora_cfg, jax.random.PRNGKey(cfg.seed + 1))
+    params = jax.tree.map(np.asarray, params)
+  labels = lora.labels(params, lora_cfg)
+  total_steps = cfg.warmup_steps + cfg.timed_steps + 1
+  optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
+                                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
+  tx = optim.make_optimizer(optim_cfg, total_steps, labels)
+  schedule = optim.make_schedule(optim_cfg, total_steps)
+  # The attributes of experiment.Experiment that jit_train_step reads (experiment.py imports
+  # ml_collections, which the GPU benchmark machine lacks).
+  run = types.SimpleNamespace(
+      params=params, labels=labels, model=lora.make_model(config, lora_cfg),
+      config=types.SimpleNamespace(train=types.SimpleNamespace(seed=cfg.seed, micro_batches=cfg.micro_batches)))
+  state, frozen, state_sh, frozen_sh = place_state(run, mesh, tx)
+  step_fn = train.jit_train_step(run, tx, schedule, mesh, state_sh, frozen_sh)
+  batch = sharding.global_batch({k: v for k, v in synthetic_batch(cfg, config.vocab_size).items()
+                                 if v is not None}, mesh)
+  if not cfg.segment_ids:
+    batch["segment_ids"] = None
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(cfg.warmup_steps + cfg.timed_steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= cfg.warmup_steps:
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  tokens = cfg.batch_size * cfg.seq_len
+  per_token = flops.train_flops_per_token(params, labels, config.n_layer, config.n_embd, cfg.seq_len)
+  achieved = per_token["total"] * tokens / step_s / len(devices)  # FLOP/s per device
+  peak = flops.peak_flops(devices[0])
+  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: int(np.size(x)), params))
+  flat_labels = traverse_util.flatten_dict(labels)
+  result = {
+      "impl": "jax", "model": model_name(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,
+      "step_time_s": step_s, "step_times_s": times, "tokens_per_s": tokens / step_s,
+      "flops_per_token": per_token, "flops_per_step": per_token["total"] * tokens,
+      "xla_cost_flops_per_step": _xla_flops(compiled),
+      "achieved_flops_per_s_per_device": achieved,
+      "peak_flops_spec": peak, "mfu_spec": achieved / peak if peak else None,
+      "mfu_matmul": achieved / matmul["flops_per_s"],
+      "peak_bytes_in_use": peak_bytes_in_use(devices), "memory_analysis": _memory_analysis(compiled),
+      "compile_s": compile_s, "final_loss": float(metrics["loss"]),
+      "trainable_params": sum(n for p, n in sizes.items() if flat_labels[p] == "trainable"),
+      "total_params": sum(sizes.values()), "num_devices": len(devices),
+  }
+  del state, frozen, compiled, step_fn
+  return result
+
+
+def bench_decode(cfg: BenchConfig) -> list:
+  """sample.generate_tokens (greedy, never stopping early) per decode batch size, base model."""
+  config = gpt2_config(cfg)
+  config = config.replace(param_dtype=config.dtype)  # decoding reads the weights in compute dtype
+  params = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
+  model = gpt2_model.GPT2(config)
+  rng = np.random.default_rng(cfg.seed)
+  rows = []
+  for batch in cfg.decode_batch_sizes:
+    ids = rng.integers(0, config.vocab_size, (batch, cfg.decode_prompt_len), dtype=np.int32)
+    mask = np.ones_like(ids)
+    times, out = [], None
+    for _ in range(1 + cfg.decode_repeats):  # the first call compiles
+      t0 = time.perf_counter()
+      out = sample.generate_tokens(model, params, ids, mask, max_new_tokens=cfg.decode_new_tokens,
+                                   temperature=0.0, eos_id=None)  # ends in a host copy: synced
+      times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times[1:])
+    rows.append({"impl": "jax_sampler", "batch_size": batch, "prompt_len": cfg.decode_prompt_len,
+                 "new_tokens": int(out["num_steps"]), "seconds": seconds, "first_call_s": times[0],
+                 "tokens_per_s": batch * int(out["num_steps"]) / seconds, "dtype": config.dtype})
+  return rows
+
+
+def run_torch_part(mode: str, cfg: BenchConfig, config: dict, compile_: bool = False) -> dict:
+  """Runs `python -m gpt2_lora_jax.bench_peft --mode <mode>` in a child process; returns its JSON."""
+  args = {"vocab_size": cfg.vocab_size, "n_embd": config["n_embd"], "n_layer": config["n_layer"],
+          "n_head": config["n_head"], "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+          "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": ",".join(cfg.lora_targets),
+          "warmup_steps": cfg.warmup_steps, "timed_steps": cfg.timed_steps, "seed": cfg.seed,
+          "decode_prompt_len": cfg.decode_prompt_len, "decode_new_tokens": cfg.decode_new_tokens,
+          "decode_repeats": cfg.decode_repeats, "decode_batch_sizes": ",".join(map(str, cfg.decode_batch_sizes)),
+          "score_pairs": cfg.score_pairs, "score_batch_size": cfg.score_batch_size,
+          "score_words": cfg.score_words, "reward_model": cfg.reward_model}
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, f"{mode}.json")
+    cmd = [sys.executable, "-m", "gpt2_lora_jax.bench_peft", "--mode", mode, "--out", out]
+    cmd += [f"--{k}={v}" for k, v in args.items()] + (["--compile"] if compile_ else [])
+    env = dict(os.environ)
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable from a checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not os.path.exists(out):
+      tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+      return {"error": f"exit code {proc.returncode}: {tail}", "command": " ".join(cmd)}
+    with open(out) as f:
+      result = json.load(f)
+  result["process_wall_s"] = time.perf_counter() - t0
+  return result
+
+
+def _ratio(a, b):
+  return a / b if a and b else None
+
+
+def run_benchmark(**settings) -> dict:
+  """Runs one configuration (BenchConfig fields as keywords) and returns the results dict.
+
+  Writes bench_<device>_<model>_<timestamp>.json and .md to out_dir unless out_dir is ''; the
+  paths are in result['files']. A failed PyTorch child is recorded as {'error': ...}, not raised.
+  """
+  cfg = BenchConfig(**settings)
+  shape = {k: getattr(cfg, k) or gpt2_model.PRESETS[cfg.preset][k] for k in ("n_layer", "n_embd", "n_head")}
+  torch_results = {}
+  if cfg.compare == "peft":  # before JAX first touches the device: see the module docstring
+    if "train" in cfg.parts:
+      torch_results["peft_eager"] = run_torch_part("train", cfg, shape)
+      if cfg.torch_compile:
+        torch_results["peft_compile"] = run_torch_part("train", cfg, shape, compile_=True)
+    if "decode" in cfg.parts:
+      torch_results["hf_generate"] = run_torch_part("generate", cfg, shape)
+  if "score" in cfg.parts:
+    torch_results["score"] = run_torch_part("score", cfg, shape)
+
+  result = {"schema_version": 1, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "device": device_info(), "model": model_name(cfg), "config": dataclasses.asdict(cfg)}
+  dtype = gpt2_config(cfg).dtype
+  n = cfg.matmul_n or (8192 if _on_accelerator() else 1024)
+  result["matmul"] = time_matmul(n, dtype if cfg.matmul_dtype == "auto" else cfg.matmul_dtype)
+  if "train" in cfg.parts:
+    jax_train = bench_train(cfg, result["matmul"])
+    rows = {"jax": jax_train}
+    for name in ("peft_eager", "peft_compile"):
+      if name in torch_results:
+        row = rows[name] = torch_results[name]
+        if "error" not in row:  # the same FLOP count: PEFT computes no frozen weight gradients either
+          achieved = jax_train["flops_per_step"] / row["step_time_s"]
+          row["mfu_spec"] = achieved / jax_train["peak_flops_spec"] if jax_train["peak_flops_spec"] else None
+          row["mfu_matmul"] = achieved / result["matmul"]["flops_per_s"]
+          row["jax_over_this_tokens_per_s"] = _ratio(jax_train["tokens_per_s"], row["tokens_per_s"])
+          row["jax_over_this_peak_bytes"] = _ratio(jax_train["peak_bytes_in_use"], row["peak_bytes_in_use"])
+    result["train"] = rows
+  if "decode" in cfg.parts:
+    decode = {"jax_sampler": bench_decode(cfg)}
+    if "hf_generate" in torch_results:
+      hf = torch_results["hf_generate"]
+      decode["hf_generate"] = hf.get("runs", hf)
+      for jax_row, hf_row in zip(decode["jax_sampler"], hf.get("runs", [])):
+        jax_row["jax_over_hf_tokens_per_s"] = _ratio(jax_row["tokens_per_s"], hf_row["tokens_per_s"])
+    result["decode"] = decode
+  if "score" in cfg.parts:
+    result["score"] = torch_results["score"]
+  if cfg.out_dir:
+    result["files"] = write_results(result, cfg.out_dir)
+  return result
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def write_results(result: dict, out_dir: str) -> dict:
+  """Writes the JSON and the Markdown table; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  stamp = datetime.datetime.fromisoformat(result["timestamp"]).strftime("%Y%m%dT%H%M%SZ")
+  stem = os.path.join(out_dir, f"bench_{_slug(result['device']['device_kind'])}_{_slug(result['model'])}_{stamp}")
+  paths = {"json": stem + ".json", "markdown": stem + ".md"}
+  with open(paths["json"], "w") as f:
+    json.dump({**result, "files": paths}, f, indent=2)
+  with open(paths["markdown"], "w") as f:
+    f.write(to_markdown(result))
+  return paths
+
+
+def _fmt(x, spec=".3g", scale=1.0, unit=""):
+  return "-" if x is None else f"{x * scale:{spec}}{unit}"
+
+
+def to_markdown(result: dict) -> str:
+  """A human-readable summary: header, train table (with JAX/other ratios), decode and score tables."""
+  d, c = result["device"], result["config"]
+  gib = 1 / 2 ** 30
+  lines = [f"# Benchmark: {result['model']} on {d['device_kind']} ({d['platform']}, {d['num_devices']} device(s))",
+           "", f"{result['timestamp']} · jax {d['jax_version']} · python {d['python']}"
+           + (f" · tag: {c['tag']}" if c["tag"] else ""), "",
+           f"batch {c['batch_size']} x seq {c['seq_len']} · LoRA rank {c['lora_rank']} on "
+           f"{', '.join(c['lora_targets'])} · remat {c['remat']} · attention {c['attention']} · "
+           f"segment ids {c['segment_ids']}", "",
+           f"Reference matmul {result['matmul']['n']}^3 {result['matmul']['dtype']}: "
+           f"{_fmt(result['matmul']['flops_per_s'], '.4g', 1e-12)} TFLOP/s", ""]
+  if "train" in result:
+    jax_row = result["train"]["jax"]
+    lines += [f"Train: {jax_row['dtype']} compute, base params {jax_row['param_dtype']}; "
+              f"{_fmt(jax_row['flops_per_token']['total'], '.4g', 1e-9)} GFLOP/token (LoRA-aware), "
+              f"XLA counts {_fmt(jax_row['xla_cost_flops_per_step'], '.4g', 1e-12)} TFLOP/step "
+              f"vs {_fmt(jax_row['flops_per_step'], '.4g', 1e-12)} by formula", "",
+              "| impl | step ms | tokens/s | MFU (spec) | MFU (matmul) | peak mem GiB | compile s | JAX / this tok/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, row in result["train"].items():
+      if "error" in row:
+        lines.append(f"| {name} | error: {row['error'].splitlines()[0][:80]} |||||||")
+        continue
+      ratio = 1.0 if name == "jax" else row.get("jax_over_this_tokens_per_s")
+      lines.append(f"| {name} | {_fmt(row['step_time_s'], '.4g', 1e3)} | {_fmt(row['tokens_per_s'], ',.0f')} | "
+                   f"{_fmt(row.get('mfu_spec'), '.1%')} | {_fmt(row.get('mfu_matmul'), '.1%')} | "
+                   f"{_fmt(row['peak_bytes_in_use'], '.2f', gib)} | {_fmt(row['compile_s'], '.1f')} | "
+                   f"{_fmt(ratio, '.2f')} |")
+    mem = jax_row["memory_analysis"]
+    lines += ["", "JAX compiled memory analysis (GiB): " + ", ".join(
+        f"{k.removesuffix('_size_in_bytes')} {v * gib:.3f}" for k, v in mem.items()), ""]
+  if "decode" in result:
+    lines += [f"Decode: prompt {c['decode_prompt_len']} + {c['decode_new_tokens']} new tokens, greedy, "
+              "end-of-text ignored", "", "| impl | batch | new tokens | seconds | tokens/s | JAX / HF |",
+              "|---|---|---|---|---|---|"]
+    for name, rows in result["decode"].items():
+      for row in rows if isinstance(rows, list) else [rows]:
+        if "error" in row:
+          lines.append(f"| {name} | error: {row['error'].splitlines()[0][:80]} |||||")
+          continue
+        lines.append(f"| {name} | {row['batch_size']} | {row['new_tokens']} | {_fmt(row['seconds'], '.4g')} | "
+                     f"{_fmt(row['tokens_per_s'], ',.0f')} | {_fmt(row.get('jax_over_hf_tokens_per_s'), '.2f')} |")
+    lines.append("")
+  if "score" in result:
+    s = result["score"]
+    lines += ["Reward scorer: " + (f"error: {s['error']}" if "error" in s else
+              f"{_fmt(s['sequences_per_s'], ',.1f')} sequences/s ({s['pairs']} pairs, batch {s['batch_size']}, "
+              f"mean {s['mean_tokens']:.0f} tokens, {s['dtype']}, {s['reward_model']}, {s['device_name']})"), ""]
+  return "\n".join(lines)
+
+
+def parse_args(argv=None) -> BenchConfig:
+  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench", description=__doc__.split("\n")[0])
+  for field in dataclasses.fields(BenchConfig):
+    help_text = f"{field.metadata['help']} (default: {field.default})"
+    if field.type in ("bool", bool):  # True by default: the flag turns it off
+      flag = "--no_compile" if field.name == "torch_compile" else f"--no_{field.name}"
+      parser.add_argument(flag, dest=field.name, action="store_false", help=help_text)
+    else:
+      kind = {"int": int, "float": float}.get(str(field.type), str)
+      parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=help_text)
+  return BenchConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+  cfg = parse_args(argv)
+  result = run_benchmark(**dataclasses.asdict(cfg))
+  print(to_markdown(result))
+  if "files" in result:
+    print(f"wrote {result['files']['json']} and {result['files']['markdown']}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
