@@ -16,6 +16,8 @@ def get_config():
   c.lora.rank = 4
   c.lora.alpha = 8.0
   c.lora.dropout = 0.0
+  # The head adapter lets a random-init base learn the answers' token statistics within a few steps.
+  c.lora.targets = ("c_attn", "c_proj", "c_fc", "lm_head")
   c.data.source = "demo"
   c.data.demo_rows = 400
   c.data.max_length = 64

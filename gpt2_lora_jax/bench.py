@@ -199,6 +199,9 @@ def place_state(run, mesh, tx):
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   opt_state = jax.jit(tx.init)(lora.combine(trainable, frozen))
   repl = sharding.replicated(mesh)
+  # Moments follow their parameters; scalars made from nothing (Adam's count) land on one device.
+  on_mesh = lambda x: x.sharding if x.sharding.device_set == set(mesh.devices.flat) else repl
+  opt_state = jax.device_put(opt_state, jax.tree.map(on_mesh, opt_state))
   state = {"trainable": trainable, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), repl),
            "rng": jax.device_put(jax.random.PRNGKey(run.config.train.seed), repl)}
   state_sh = {"trainable": trainable_sh, "opt_state": jax.tree.map(lambda x: x.sharding, opt_state),
@@ -257,7 +260,8 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
       "impl": "jax", "model": model_name(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,
       "step_time_s": step_s, "step_times_s": times, "tokens_per_s": tokens / step_s,
       "flops_per_token": per_token, "flops_per_step": per_token["total"] * tokens,
-      "xla_cost_flops_per_step": _xla_flops(compiled),
+      # cost_analysis describes the per-device (SPMD-partitioned) program: x devices for the step.
+      "xla_cost_flops_per_step": (_xla_flops(compiled) or 0.0) * len(devices) or None,
       "achieved_flops_per_s_per_device": achieved,
       "peak_flops_spec": peak, "mfu_spec": achieved / peak if peak else None,
       "mfu_matmul": achieved / matmul["flops_per_s"],

@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora.extra_trainable = ()  # regexes of further leaves to train, e.g. ('ln_.*',) or ('.*bias',)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "hub"  # 'hub' (Anthropic/hh-rlhf), 'files' (local jsonl/json/parquet), 'tfds'
+  c.data.source = "hub"  # 'hub' (Anthropic/hh-rlhf), 'files' (jsonl/json/parquet), 'tfds', 'demo'
   c.data.hub_id = "Anthropic/hh-rlhf"
   c.data.subset = "all"  # harmless-base, helpful-base, helpful-online, helpful-rejection-sampled, all
   c.data.train_files = ()  # for source='files': paths of the training split
@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
   c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
   c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)
+  c.data.tfds_dir = ""  # for source='tfds': the data_dir rows were staged into (local or gs://)
   c.data.demo_rows = 4000  # for source='demo': rows of project-written conversations per split
 
   # Optional pre-training of a random-init model before the LoRA run (the offline demo uses it):

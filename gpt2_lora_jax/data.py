@@ -37,7 +37,7 @@ from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
-SOURCES = ("hub", "files", "tfds")
+SOURCES = ("hub", "files", "tfds", "demo")
 SPLITS = ("train", "eval")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Malformed rows; their share of an input is held against data.max_bad_fraction.
@@ -164,6 +164,11 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
     from gpt2_lora_jax import tfds_source  # imports this module; needs the 'tfds' extra
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
     return [tfds_source.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)]
+  if data_cfg.source == "demo":  # conversations written for the offline demo (demo_data.py)
+    from gpt2_lora_jax import demo_data
+    demo_split = "train" if split == "train" else "test"
+    read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows)]
+    return [(f"demo conversations ({demo_split})", read)]
   raise ValueError(f"data.source={data_cfg.source!r} is not supported here: choose one of {SOURCES}")
 
 

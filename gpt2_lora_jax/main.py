@@ -8,9 +8,10 @@ score (score existing eval/generations.jsonl again and rewrite the report).
 Multi-host: jax.distributed is initialised on Cloud TPU pods and SLURM automatically, or with
 --coordinator_address/--num_processes/--process_id.
 """
+import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -27,6 +28,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  if _MODE.value in ("eval", "train_and_eval"):
+    # The reward scorer (PyTorch, another process) needs GPU memory: JAX must not preallocate
+    # 75% of the GPU, and memory it has freed goes back to the device. Set before jax starts.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from gpt2_lora_jax import evaluate, experiment, pretrain, train

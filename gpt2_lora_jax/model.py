@@ -73,7 +73,7 @@ class GPT2Config:
   def preset(cls, name: str, **kw) -> "GPT2Config":
     if name not in PRESETS:
       raise ValueError(f"unknown GPT-2 size {name!r}: choose one of {sorted(PRESETS)}")
-    return cls(**PRESETS[name], **kw)
+    return cls(**{**PRESETS[name], **kw})
 
   # --- Hugging Face config.json -------------------------------------------------------------
   @classmethod

@@ -78,7 +78,7 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "finite": finite}
     return new_state, metrics
 
@@ -113,13 +113,22 @@ class PreemptionGuard:
 
 @dataclasses.dataclass
 class StepTimer:
-  """Wall time between consecutive metric reads: the device time of a step at steady state."""
-  last: float = dataclasses.field(default_factory=time.perf_counter)
+  """Wall time between consecutive metric reads: the device time of a step at steady state.
 
-  def lap(self) -> float:
+  A lap that spans compilation, a held-out evaluation or a checkpoint is not a step time: after
+  `interrupted()` the next lap is measured but reported as None.
+  """
+  last: float = dataclasses.field(default_factory=time.perf_counter)
+  clean: bool = False  # the first lap includes compilation
+
+  def lap(self):
     now = time.perf_counter()
     elapsed, self.last = now - self.last, now
-    return elapsed
+    clean, self.clean = self.clean, True
+    return elapsed if clean else None
+
+  def interrupted(self):
+    self.clean = False
 
 
 def host_metrics(metrics) -> dict:
@@ -140,8 +149,9 @@ def init_state(exp, mesh, tx):
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(tx.init, exp.params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: repl)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, nothing to place
+  opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: repl, is_leaf=masked)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora.combine(trainable, frozen))
   state = {"trainable": trainable, "opt_state": opt_state,
            "step": jax.device_put(jnp.int32(0), repl),
@@ -180,8 +190,9 @@ def run(exp, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   cache_dir = config.data.cache_dir or f"{workdir}/cache"
-  train_data, summary = data.build(config.data, exp.tokenizer, "train", tcfg.batch_size, cache_dir)
-  eval_data = (data.build(config.data, exp.tokenizer, "eval", tcfg.batch_size, cache_dir)[0]
+  log = print if is_main else None
+  train_data, summary = data.build(config.data, exp.tokenizer, "train", tcfg.batch_size, cache_dir, log=log)
+  eval_data = (data.build(config.data, exp.tokenizer, "eval", tcfg.batch_size, cache_dir, log=None)[0]
                if tcfg.eval_every > 0 else None)
   if is_main:
     data.write_summary(summary, f"{workdir}/data_summary.json")
@@ -227,10 +238,11 @@ def run(exp, workdir: str) -> dict:
                           "--config.optim.lr or check the data.")
     seconds = timer.lap()
     m.pop("finite")
-    m["step_time_s"] = seconds
-    m["tokens_per_s"] = tcfg.batch_size * seq_len / seconds
-    if peak:
-      m["mfu"] = step_flops / seconds / (peak * jax.device_count())
+    if seconds is not None:  # steady-state steps only (see StepTimer)
+      m["step_time_s"] = seconds
+      m["tokens_per_s"] = tcfg.batch_size * seq_len / seconds
+      if peak:
+        m["mfu"] = step_flops / seconds / (peak * jax.device_count())
     writer.write(step, "train", m, progress=(step % tcfg.log_every == 0 or step == tcfg.steps))
     last.update(m)
 
@@ -256,12 +268,15 @@ def run(exp, workdir: str) -> dict:
         if eval_data is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
           loss, n = held_out_loss(state["trainable"])
           writer.write(done, "eval", {"loss": loss, "loss_tokens": n})
+          timer.interrupted()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
           record(*pending)  # never save an unchecked update
           pending = None
           checkpoint.save(mngr, done, state, exp.meta)
+          timer.interrupted()
         if is_main and tcfg.plot_every and done % tcfg.plot_every == 0:
           metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+          timer.interrupted()
       else:
         step = tcfg.steps
       if pending is not None:

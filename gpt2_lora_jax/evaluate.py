@@ -1,0 +1,149 @@
+"""Evaluation: base vs fine-tuned answers, held-out loss, reward scores (separate process), report.
+
+Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alone:
+  1. restore the Orbax checkpoint (latest or eval.step) onto the base and merge the adapters;
+  2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
+  3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
+     "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
+  4. `python -m gpt2_lora_jax.reward` scores them in its own process -> scores.jsonl
+     (skipped, with the reason written down, when no reward model is configured or it fails);
+  5. report.md + summary.json + PNGs from those files (report.py).
+Generations are written before scoring starts, so a scorer failure never loses them:
+`--mode=score` picks them up again.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from gpt2_lora_jax import checkpoint, data, experiment, lora, report, reward, sample, sharding, train
+
+EVAL_DIR = "eval"
+
+
+def eval_dir(workdir: str) -> str:
+  path = os.path.join(workdir, EVAL_DIR)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def restore_finetuned(exp, workdir: str, step: int = -1):
+  """(fine-tuned params, step): the checkpoint's trainable leaves on top of the run's frozen base."""
+  mngr = checkpoint.manager(workdir, keep=exp.config.train.keep_ckpts)
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint: train first "
+                            "(--mode=train or train_and_eval) or point --workdir at a trained run")
+  step = max(steps) if step < 0 else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}/checkpoints; it has {sorted(steps)}")
+  mesh = sharding.make_mesh(exp.config.mesh.data, exp.config.mesh.fsdp)
+  tx, _ = experiment.optimizer(exp)
+  state, frozen, _, _ = train.init_state(exp, mesh, tx)
+  state = checkpoint.restore(mngr, step, checkpoint.abstract_like(state), exp.meta)
+  return lora.combine(state["trainable"], frozen), step
+
+
+def heldout_loss(model, params, eval_data, batch_size: int) -> dict:
+  """Mean next-token NLL over the loss tokens of the held-out packed rows, and its perplexity."""
+  step = jax.jit(lambda p, b: train.token_loss_sums(model, p, b, None, deterministic=True))
+  nll = n = 0.0
+  for batch in data.eval_batches(eval_data, batch_size):
+    s, c = step(params, batch)
+    nll, n = nll + float(s), n + float(c)
+  loss = nll / max(n, 1.0)
+  return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": n}
+
+
+def choose_prompts(texts: list[str], num_prompts: int, seed: int) -> list[tuple[int, str, str]]:
+  """A seeded sample of (row index, prompt, reference reply) from the held-out rows, in row order."""
+  rng = np.random.default_rng(seed)
+  n = min(num_prompts, len(texts))
+  picked = np.sort(rng.choice(len(texts), size=n, replace=False))
+  return [(int(i), *data.prompt_and_response(texts[i])) for i in picked]
+
+
+def run(config, workdir: str) -> str:
+  """Stages 1-5 of the module docstring; returns the path of report.md."""
+  exp = experiment.build(config)
+  ecfg = config.eval
+  out = eval_dir(workdir)
+  tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
+  merged, merged_config = lora.merge(tuned_params, exp.lora_config, exp.gpt2_config) \
+      if exp.lora_config.rank > 0 else (tuned_params, exp.gpt2_config)
+  tuned_model = type(exp.base_model)(merged_config)
+  base_params = strip_adapters(exp.params)
+  is_main = jax.process_index() == 0
+
+  eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
+                            config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
+  heldout = {report.BASE: heldout_loss(exp.base_model, base_params, eval_data, ecfg.batch_size),
+             report.TUNED: heldout_loss(tuned_model, merged, eval_data, ecfg.batch_size),
+             "checkpoint_step": step}
+  if is_main:
+    with open(os.path.join(out, "heldout.json"), "w") as f:
+      json.dump(heldout, f, indent=2)
+
+  texts = data.read_texts(config.data, "eval")
+  chosen = choose_prompts(texts, ecfg.num_prompts, ecfg.seed)
+  ids, prompts, references = zip(*chosen) if chosen else ((), (), ())
+  kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
+                top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
+                batch_size=ecfg.batch_size)
+  rows = []
+  for name, model, params in ((report.BASE, exp.base_model, base_params),
+                              (report.TUNED, tuned_model, merged)):
+    results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs)
+    rows += report.generation_rows(ids, prompts, results, name, references)
+  generations = os.path.join(out, "generations.jsonl")
+  if is_main:
+    reward.write_jsonl_atomic(generations, rows)
+    with open(os.path.join(out, "eval_config.json"), "w") as f:
+      json.dump({"checkpoint_step": step, "base": exp.base_name, **ecfg.to_dict()}, f, indent=2,
+                default=list)
+  del tuned_params, merged, base_params
+  jax.clear_caches()
+  return score_and_report(config, workdir) if is_main else ""
+
+
+def strip_adapters(params: dict) -> dict:
+  """The base tree: every leaf except the LoRA adapters."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in lora.ADAPTER_LEAVES})
+
+
+def score_and_report(config, workdir: str) -> str:
+  """Stages 4-5: scores eval/generations.jsonl in a child process (or records why not), then the report."""
+  ecfg = config.eval
+  out = eval_dir(workdir)
+  generations = os.path.join(out, "generations.jsonl")
+  if not os.path.exists(generations):
+    raise FileNotFoundError(f"{generations} does not exist: run --mode=eval first")
+  scores = os.path.join(out, "scores.jsonl")
+  skip_file = os.path.join(out, report.SKIP_REASON_FILE)
+  for stale in (scores, skip_file):
+    if os.path.exists(stale):
+      os.remove(stale)
+  reason = None
+  if not ecfg.reward_model:
+    reason = ("no reward model configured (eval.reward_model is empty); score later with "
+              "--mode=score --config.eval.reward_model=<hub id or local dir>")
+  else:
+    try:
+      reward.run_scorer_subprocess(generations, scores, ecfg.reward_model,
+                                   batch_size=ecfg.reward_batch_size, max_length=ecfg.reward_max_length)
+    except reward.ScorerError as e:
+      reason = f"the reward scorer failed, generations are kept; rerun with --mode=score. {e}"
+      print(f"warning: {reason}", flush=True)
+  if reason is not None:
+    with open(skip_file, "w") as f:
+      f.write(reason + "\n")
+  path = report.write_report(out, metrics_path=os.path.join(workdir, "metrics.jsonl"),
+                             skip_reason=reason, reward_model=ecfg.reward_model,
+                             loss_window=config.train.loss_avg_window)
+  print(f"evaluation report: {path}", flush=True)
+  return path

@@ -1,0 +1,167 @@
+"""The train step and loop: accumulation, sharding, end-to-end runs, exact resume after SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from gpt2_lora_jax import experiment, lora, sharding, train
+from gpt2_lora_jax.config import default_config
+
+TINY_CONFIG = str(REPO / "configs" / "tiny.py")
+
+
+def tiny_config(**overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def run_main(workdir, *flags, timeout=600):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  return subprocess.run([sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}",
+                         f"--workdir={workdir}", *flags], capture_output=True, text=True, env=env,
+                        timeout=timeout, cwd=REPO)
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def random_batch(rng, B, T, vocab):
+  """A packed-looking batch whose rows carry different numbers of loss tokens."""
+  inputs = rng.randint(0, vocab, (B, T)).astype(np.int32)
+  loss_mask = np.zeros((B, T), np.float32)
+  for b in range(B):
+    loss_mask[b, : 2 + 5 * b] = 1.0  # 2, 7, 12, ... loss tokens: unequal per micro-batch
+  return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1), "loss_mask": loss_mask,
+          "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+
+
+def _step_once(exp, batch, mesh):
+  """One update through the loop's own state placement and jitted step, on `mesh`."""
+  tx, schedule = experiment.optimizer(exp)
+  state, frozen, state_sh, frozen_sh = train.init_state(exp, mesh, tx)
+  step = train.jit_train_step(exp, tx, schedule, mesh, state_sh, frozen_sh)
+  new_state, metrics = step(state, frozen, sharding.global_batch(batch, mesh))
+  return jax.device_get(new_state["trainable"]), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def tiny_exp():
+  # No warmup: the first update must move the adapters, or the comparisons below prove nothing.
+  return experiment.build(tiny_config(**{"lora.dropout": 0.0, "optim.warmup_steps": 0}))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_exp):
+  batch = random_batch(np.random.RandomState(0), 8, 16, tiny_exp.gpt2_config.vocab_size)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  one, m1 = _step_once(tiny_exp, batch, mesh)
+  tiny_exp.config.unlock()
+  tiny_exp.config.train.micro_batches = 4
+  four, m4 = _step_once(tiny_exp, batch, mesh)
+  tiny_exp.config.train.micro_batches = 1
+  assert m1["loss_tokens"] == m4["loss_tokens"] == sum(min(2 + 5 * b, 16) for b in range(8))
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # and the update is a real one: adapters moved away from B = 0
+  assert any(np.abs(leaf).max() > 0 for path, leaf in
+             jax.tree_util.tree_leaves_with_path(four) if "lora_b" in jax.tree_util.keystr(path))
+
+
+def test_eight_device_mesh_gives_the_same_loss_as_one_device(tiny_exp):
+  assert jax.device_count() == 8, "conftest sets 8 CPU devices"
+  batch = random_batch(np.random.RandomState(1), 8, 16, tiny_exp.gpt2_config.vocab_size)
+  single, m1 = _step_once(tiny_exp, batch, sharding.make_mesh(1, 1, jax.devices()[:1]))
+  eight, m8 = _step_once(tiny_exp, batch, sharding.make_mesh(8, 1))
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(eight)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_invalid_configs_fail_before_compiling():
+  with pytest.raises(ValueError, match="lora.rank=-1"):
+    experiment.validate(tiny_config(**{"lora.rank": -1}), 1)
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    experiment.validate(tiny_config(**{"train.batch_size": 4}), 8)
+  with pytest.raises(ValueError, match="micro_batches"):
+    experiment.validate(tiny_config(**{"train.micro_batches": 3}), 1)
+  with pytest.raises(ValueError, match="longer than the model's 64 positions"):
+    experiment.build(tiny_config(**{"data.max_length": 128}))
+  with pytest.raises(OSError, match="not writable"):
+    experiment.check_workdir("/proc/not_a_dir/run")
+
+
+def test_main_end_to_end_then_resume_and_mismatch(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = run_main(workdir, "--mode=train", "--config.train.steps=24")
+  assert result.returncode == 0, result.stderr[-3000:]
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, 25))
+  assert np.mean([losses[s] for s in range(21, 25)]) < np.mean([losses[s] for s in range(1, 5)]) - 0.5
+  for name in ("metrics.jsonl", "loss.png", "data_summary.json", "tensorboard"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps == [16, 20, 24]  # ckpt_every=4, keep the last 3
+  held_out = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"eval"' in l]
+  assert [r["step"] for r in held_out] == [6, 12, 18, 24]
+
+  # Another adapter layout or another base: a clear error, nothing trained.
+  other = run_main(workdir, "--mode=train", "--config.train.steps=30", "--config.lora.rank=2")
+  assert other.returncode == 1 and "does not belong to this run" in other.stderr
+  assert "LoRA layout differs" in other.stderr
+  other = run_main(workdir, "--mode=train", "--config.train.steps=30", "--config.model.overrides.n_embd=64")
+  assert other.returncode == 1 and "does not belong to this run" in other.stderr
+  assert "trained on base" in other.stderr
+
+
+def test_mistyped_override_and_missing_base_fail_clearly(tmp_path):
+  result = run_main(str(tmp_path / "a"), "--config.train.stepz=3")
+  assert result.returncode != 0 and "stepz" in result.stderr
+  result = run_main(str(tmp_path / "b"), "--config.model.init=pretrained", f"--config.model.name={tmp_path}/nope")
+  assert result.returncode == 1 and "--config.model.name" in result.stderr
+
+
+def test_sigterm_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+  flags = ["--mode=train", "--config.train.steps=40", "--config.train.ckpt_every=100",
+           "--config.train.eval_every=0", "--config.lora.dropout=0.1"]
+  straight = str(tmp_path / "straight")
+  assert run_main(straight, *flags).returncode == 0
+  reference = train_losses(straight)
+
+  stopped = str(tmp_path / "stopped")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.Popen([sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}",
+                           f"--workdir={stopped}", *flags], env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_path = os.path.join(stopped, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and (not os.path.exists(metrics_path) or len(train_losses(stopped)) < 10):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "rerun the same command to resume" in err
+  interrupted_at = max(int(d) for d in os.listdir(os.path.join(stopped, "checkpoints")) if d.isdigit())
+  assert 10 <= interrupted_at < 40
+  resumed = run_main(stopped, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stdout
+  assert train_losses(stopped) == reference  # every step, bitwise
