@@ -1,0 +1,155 @@
+"""The benchmark harness end to end at a tiny size (CPU), and the FLOP formula against a hand count.
+
+No test asserts a duration: only that times are positive and that derived fields follow from them.
+"""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_lora_jax import bench, flops, lora
+from gpt2_lora_jax import model as gpt2_model
+
+D, L, H, T, B, V, R = 64, 2, 4, 32, 2, 50257, 8  # width, layers, heads, seq, batch, vocab, rank
+NEW_TOKENS = 8
+TINY_FLAGS = [f"--n_layer={L}", f"--n_embd={D}", f"--n_head={H}", f"--batch_size={B}", f"--seq_len={T}",
+              "--warmup_steps=1", "--timed_steps=2", "--matmul_n=256", "--num_devices=2",
+              "--decode_batch_sizes=1,2", f"--decode_new_tokens={NEW_TOKENS}", "--decode_prompt_len=16",
+              "--decode_repeats=1", "--score_pairs=4", "--score_words=20", "--compare=peft",
+              "--no_compile"]  # torch.compile is minutes on CPU; the GPU check runs it
+
+
+def hand_count(rank: int, vocab=V, width=D, layers=L, seq=T) -> float:
+  """FLOPs per trained token, written out: 2 per weight forward, 2 more backward for the
+  activation gradient, 2 more when the weight trains; attention 4*T*D per layer forward, x3."""
+  per_layer_weights = (width * 3 * width      # attn/c_attn (D, 3D)
+                       + width * width        # attn/c_proj (D, D)
+                       + width * 4 * width    # mlp/c_fc (D, 4D)
+                       + 4 * width * width)   # mlp/c_proj (4D, D)   = 12 D^2
+  head = width * vocab  # the tied lm_head (D, V); the embedding lookup itself is free
+  base = layers * per_layer_weights + head
+  attention = 4 * seq * width * layers * 3  # scores + weighted sum over the full T x T square
+  if rank == 0:  # full fine-tuning: every weight trains
+    return 6 * base + attention
+  adapters_per_layer = (rank * (width + 3 * width)     # c_attn: A (D, r) + B (r, 3D)
+                        + rank * (width + width)       # attn c_proj
+                        + rank * (width + 4 * width)   # c_fc
+                        + rank * (4 * width + width))  # mlp c_proj   = 16 r D
+  return 4 * base + 6 * layers * adapters_per_layer + attention  # frozen base: no weight grads
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """One CLI run (in-process main) with every part and the PEFT comparison; returns (json, md)."""
+  out_dir = tmp_path_factory.mktemp("bench_results")
+  assert bench.main(TINY_FLAGS + [f"--out_dir={out_dir}", "--tag=test"]) == 0
+  json_files = list(out_dir.glob("bench_cpu_*.json"))
+  md_files = list(out_dir.glob("bench_cpu_*.md"))
+  assert len(json_files) == 1 and len(md_files) == 1, list(out_dir.iterdir())
+  return json.loads(json_files[0].read_text()), md_files[0].read_text()
+
+
+def _is_fraction_or_none(x):
+  return x is None or (isinstance(x, float) and 0.0 < x)
+
+
+def test_train_result_has_every_field(cli_run):
+  result, _ = cli_run
+  assert result["device"]["platform"] == "cpu" and result["device"]["device_kind"]
+  assert result["config"]["batch_size"] == B and result["config"]["lora_targets"] == ["c_attn", "c_proj", "c_fc"]
+  assert result["matmul"]["n"] == 256 and result["matmul"]["flops_per_s"] > 0
+  row = result["train"]["jax"]
+  expected = {"step_time_s", "step_times_s", "tokens_per_s", "flops_per_token", "flops_per_step",
+              "xla_cost_flops_per_step", "achieved_flops_per_s_per_device", "peak_flops_spec", "mfu_spec",
+              "mfu_matmul", "peak_bytes_in_use", "memory_analysis", "compile_s", "final_loss",
+              "trainable_params", "total_params", "num_devices", "dtype", "param_dtype"}
+  assert expected <= set(row), expected - set(row)
+  assert row["step_time_s"] > 0 and len(row["step_times_s"]) == 2
+  assert math.isclose(row["tokens_per_s"], B * T / row["step_time_s"], rel_tol=1e-9)
+  assert row["dtype"] == "float32" and row["num_devices"] == 2
+  assert row["peak_flops_spec"] is None and row["mfu_spec"] is None  # no spec peak for a CPU
+  assert _is_fraction_or_none(row["mfu_matmul"])
+  assert math.isclose(row["mfu_matmul"], row["achieved_flops_per_s_per_device"] / result["matmul"]["flops_per_s"])
+  assert row["peak_bytes_in_use"] is None  # CPU devices keep no allocator statistics
+  mem = row["memory_analysis"]
+  assert {"temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"} <= set(mem)
+  assert mem["argument_size_in_bytes"] > 0
+  assert row["compile_s"] > 0 and np.isfinite(row["final_loss"])
+  assert row["flops_per_token"]["total"] == hand_count(R)
+  assert row["flops_per_step"] == hand_count(R) * B * T
+  # XLA's own count agrees with the formula to a few percent (it adds softmax, norms, the loss).
+  assert abs(row["xla_cost_flops_per_step"] / row["flops_per_step"] - 1) < 0.25
+  assert row["trainable_params"] == 16 * R * D * L
+
+
+def test_peft_comparison_row_and_ratio(cli_run):
+  result, markdown = cli_run
+  jax_row, peft_row = result["train"]["jax"], result["train"]["peft_eager"]
+  assert "error" not in peft_row, peft_row.get("error")
+  assert "peft_compile" not in result["train"]  # --no_compile
+  assert peft_row["step_time_s"] > 0 and peft_row["compute"] == "fp32"
+  assert math.isclose(peft_row["tokens_per_s"], B * T / peft_row["step_time_s"], rel_tol=1e-9)
+  assert peft_row["trainable_params"] == jax_row["trainable_params"]  # the same adapters
+  assert peft_row["total_params"] == jax_row["total_params"]
+  assert _is_fraction_or_none(peft_row["mfu_matmul"]) and peft_row["mfu_spec"] is None
+  ratio = peft_row["jax_over_this_tokens_per_s"]
+  assert math.isclose(ratio, jax_row["tokens_per_s"] / peft_row["tokens_per_s"])
+  table_row = next(line for line in markdown.splitlines() if line.startswith("| peft_eager |"))
+  assert table_row.rstrip(" |").endswith(f"{ratio:.2f}")
+  assert "JAX / this tok/s" in markdown and "| jax |" in markdown
+
+
+def test_decode_and_score(cli_run):
+  result, markdown = cli_run
+  for impl in ("jax_sampler", "hf_generate"):
+    rows = result["decode"][impl]
+    assert [r["batch_size"] for r in rows] == [1, 2], rows
+    for r in rows:
+      assert r["new_tokens"] == NEW_TOKENS  # end-of-text never cut a row short
+      assert r["seconds"] > 0
+      assert math.isclose(r["tokens_per_s"], r["batch_size"] * NEW_TOKENS / r["seconds"])
+  assert result["decode"]["jax_sampler"][0]["jax_over_hf_tokens_per_s"] > 0
+  score = result["score"]
+  assert "error" not in score, score.get("error")
+  assert score["pairs"] == 4 and score["sequences_per_s"] > 0 and score["mean_tokens"] > 0
+  assert "| jax_sampler | 2 |" in markdown and "sequences/s" in markdown
+
+
+def test_full_fine_tuning_run_and_flops():
+  result = bench.run_benchmark(n_layer=L, n_embd=D, n_head=H, vocab_size=512, batch_size=B, seq_len=T,
+                               lora_rank=0, warmup_steps=1, timed_steps=1, matmul_n=128, num_devices=1,
+                               parts=("train",), out_dir="")
+  row = result["train"]["jax"]
+  assert "files" not in result and list(result["train"]) == ["jax"]
+  assert row["trainable_params"] == row["total_params"]
+  assert row["flops_per_token"]["total"] == hand_count(0, vocab=512)
+
+
+@pytest.mark.parametrize("rank", [0, R])
+def test_flop_formula_matches_hand_count(rank):
+  config = gpt2_model.GPT2Config(n_layer=L, n_embd=D, n_head=H, vocab_size=V)
+  params = gpt2_model.param_shapes(config)
+  cfg = lora.LoraConfig(rank=rank, targets=("c_attn", "c_proj", "c_fc"))
+  params = lora.add(params, cfg, jax.random.PRNGKey(0)) if rank else params
+  counted = flops.train_flops_per_token(params, lora.labels(params, cfg), L, D, T)
+  assert counted["total"] == hand_count(rank)
+  base = L * 12 * D * D + D * V
+  adapters = L * 16 * R * D if rank else 0
+  assert counted["forward"] == 2 * base + 2 * adapters + 4 * T * D * L  # 2 FLOPs per weight forward
+  # LoRA at this size saves about a third of full fine-tuning's work (frozen weight gradients dropped).
+  if rank:
+    assert counted["total"] < hand_count(0)
+
+
+def test_cli_flags_parse():
+  cfg = bench.parse_args(["--preset=gpt2-xl", "--batch_size=8", "--lora_targets=c_attn,c_fc",
+                          "--parts=train,decode", "--decode_batch_sizes=1,64", "--no_compile",
+                          "--no_segment_ids", "--lora_alpha=32"])
+  assert cfg.preset == "gpt2-xl" and cfg.batch_size == 8 and cfg.lora_alpha == 32.0
+  assert cfg.lora_targets == ("c_attn", "c_fc") and cfg.parts == ("train", "decode")
+  assert cfg.decode_batch_sizes == (1, 64)
+  assert cfg.torch_compile is False and cfg.segment_ids is False
+  with pytest.raises(ValueError, match="parts"):
+    bench.BenchConfig(parts=("train", "speed"))
