@@ -84,6 +84,8 @@ class BenchConfig:
   parts: tuple = _flag(PARTS, "what to run, comma-separated: train, decode, score")
   compare: str = _flag("", "'peft': also run transformers + PEFT (and HF generate) on the same device")
   torch_compile: bool = _flag(True, "also time PEFT under torch.compile (--no_compile: eager only)")
+  torch_timeout_s: int = _flag(0, "seconds each PyTorch child may run (0: no limit); a child past it "
+                               "is recorded as an error and the rest goes on")
   decode_batch_sizes: tuple = _flag((1, 64), "sampler batch sizes, comma-separated")
   decode_prompt_len: int = _flag(64, "random prompt tokens per row for decoding")
   decode_new_tokens: int = _flag(128, "tokens generated per row (end-of-text ignored)")
@@ -196,7 +198,7 @@ def place_state(run, mesh, tx):
   param_sh = sharding.param_shardings(run.params, mesh)
   trainable_sh, frozen_sh = lora.split(param_sh, run.labels)
   trainable, frozen = lora.split(run.params, run.labels)
-  trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
+  trainable, frozen = jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
   opt_state = jax.jit(tx.init)(lora.combine(trainable, frozen))
   repl = sharding.replicated(mesh)
   # Moments follow their parameters; scalars made from nothing (Adam's count) land on one device.
@@ -216,11 +218,11 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   mesh = sharding.make_mesh(devices=devices)
   sharding.check_batch_divides(cfg.batch_size, cfg.micro_batches, mesh)
   lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0, targets=cfg.lora_targets)
-  # Built on the host: the device's peak memory then counts the train step, not initialisation.
-  with jax.default_device(jax.devices("cpu")[0]):
-    base = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
-    params = lora.add(base, lora_cfg, jax.random.PRNGKey(cfg.seed + 1))
-    params = jax.tree.map(np.asarray, params)
+  # Built on the device (a host-side threefry init of gpt2-xl takes minutes); the init's own
+  # memory is freed before the step runs, and the step's peak (weights included) is far above it.
+  base = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
+  params = lora.add(base, lora_cfg, jax.random.PRNGKey(cfg.seed + 1))
+  del base
   labels = lora.labels(params, lora_cfg)
   total_steps = cfg.warmup_steps + cfg.timed_steps + 1
   optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
@@ -316,7 +318,10 @@ def run_torch_part(mode: str, cfg: BenchConfig, config: dict, compile_: bool = F
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable from a checkout
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.torch_timeout_s or None)
+    except subprocess.TimeoutExpired:
+      return {"error": f"timed out after {cfg.torch_timeout_s} s (--torch_timeout_s)", "command": " ".join(cmd)}
     if proc.returncode != 0 or not os.path.exists(out):
       tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
       return {"error": f"exit code {proc.returncode}: {tail}", "command": " ".join(cmd)}
