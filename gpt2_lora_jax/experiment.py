@@ -70,14 +70,14 @@ def check_workdir(workdir: str):
 
 def load_base(config: ml_collections.ConfigDict, seed: int):
   """(GPT2Config, params, name): pretrained from model.name, or random of model.preset size."""
-  run_fields = dict(dtype=config.model.dtype, attention_impl=config.model.attention_impl,
-                    remat=config.model.remat)
+  run_fields = dict(attention_impl=config.model.attention_impl, remat=config.model.remat)
   if config.model.init == "pretrained":
     gpt2_config, params = weights.load_pretrained(config.model.name, dtype=config.model.base_param_dtype,
-                                                  **run_fields)
+                                                  compute_dtype=config.model.dtype, **run_fields)
     return gpt2_config, params, config.model.name
   gpt2_config = gpt2_model.GPT2Config.preset(config.model.preset, param_dtype=config.model.base_param_dtype,
-                                             **run_fields, **config.model.overrides.to_dict())
+                                             dtype=config.model.dtype, **run_fields,
+                                             **config.model.overrides.to_dict())
   params = gpt2_model.init_params(gpt2_config, jax.random.PRNGKey(seed))
   return gpt2_config, params, f"random:{config.model.preset}:seed{seed}"
 

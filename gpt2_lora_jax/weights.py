@@ -124,11 +124,12 @@ def _read_state(model_dir: str) -> dict:
   raise FileNotFoundError(f"{model_dir} holds neither model.safetensors nor pytorch_model.bin")
 
 
-def load_pretrained(name_or_path: str, dtype="float32", **config_overrides):
+def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **config_overrides):
   """A Hugging Face GPT-2 from a hub id ('gpt2', 'openai-community/gpt2-xl') or a local dir.
 
   dtype: the dtype the parameters are stored in (e.g. 'bfloat16' for a frozen base on GPU).
-  config_overrides: run-time fields of GPT2Config (dtype of compute, attention_impl, remat).
+  compute_dtype: GPT2Config.dtype, the dtype of activations and matmuls (default float32).
+  config_overrides: other run-time fields of GPT2Config (attention_impl, remat).
   Returns (GPT2Config, params).
   """
   model_dir = hub.resolve(name_or_path, ["config.json", "model.safetensors"],
@@ -137,6 +138,8 @@ def load_pretrained(name_or_path: str, dtype="float32", **config_overrides):
     hf_config = json.load(f)
   if hf_config.get("model_type", "gpt2") != "gpt2":
     raise ValueError(f"{model_dir}/config.json is a {hf_config.get('model_type')!r} model, not GPT-2")
+  if compute_dtype is not None:
+    config_overrides["dtype"] = jnp.dtype(compute_dtype).name
   config = GPT2Config.from_hf_dict(hf_config, param_dtype=jnp.dtype(dtype).name, **config_overrides)
   params = hf_state_to_params(_read_state(model_dir), config, source=model_dir)
   return config, params

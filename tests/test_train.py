@@ -79,8 +79,9 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_exp):
   assert m1["loss_tokens"] == m4["loss_tokens"] == sum(min(2 + 5 * b, 16) for b in range(8))
   np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
   np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  # Adam's first step is about lr * sign(g): compare to 0.1% of the update size (lr = 1e-2).
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)
   # and the update is a real one: adapters moved away from B = 0
   assert any(np.abs(leaf).max() > 0 for path, leaf in
              jax.tree_util.tree_leaves_with_path(four) if "lora_b" in jax.tree_util.keystr(path))
@@ -93,7 +94,7 @@ def test_eight_device_mesh_gives_the_same_loss_as_one_device(tiny_exp):
   eight, m8 = _step_once(tiny_exp, batch, sharding.make_mesh(8, 1))
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(eight)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_invalid_configs_fail_before_compiling():
