@@ -22,7 +22,8 @@ PYTHON="${PYTHON:-python}"
 ATTENTION="${ATTENTION:-xla}"
 TORCH_TIMEOUT_S="${TORCH_TIMEOUT_S:-230}"
 read -r -a EXTRA <<< "${EXTRA_FLAGS:-}"
-cd "$(dirname "$0")/.."
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"  # absolute, before the cd below
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT_DIR/logs"
@@ -31,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT_DIR
   > "$OUT_DIR/logs/versions.txt" 2>&1
 cat "$OUT_DIR/logs/versions.txt"
 
-COMMON=(--seq_len=1024 --lora_rank=8 --lora_targets=c_attn,c_proj,c_fc --attention="$ATTENTION"
+COMMON=(--seq_len=1024 --lora_rank=8 "--lora_targets=c_attn,c_proj,c_fc" --attention="$ATTENTION"
         --compare=peft --torch_timeout_s="$TORCH_TIMEOUT_S" --matmul_n=8192 --out_dir="$OUT_DIR")
 status=0
 run() {  # name, limit in seconds, bench flags...
