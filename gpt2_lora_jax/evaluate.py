@@ -81,8 +81,7 @@ def run(config, workdir: str) -> str:
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                             config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {report.BASE: heldout_loss(exp.base_model, base_params, eval_data, ecfg.batch_size),
-             report.TUNED: heldout_loss(tuned_model, merged, eval_data, ecfg.batch_size),
-             "checkpoint_step": step}
+             report.TUNED: heldout_loss(tuned_model, merged, eval_data, ecfg.batch_size)}
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
@@ -92,7 +91,8 @@ def run(config, workdir: str) -> str:
   ids, prompts, references = zip(*chosen) if chosen else ((), (), ())
   kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
                 top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
-                batch_size=ecfg.batch_size)
+                batch_size=ecfg.batch_size,
+                encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
   rows = []
   for name, model, params in ((report.BASE, exp.base_model, base_params),
                               (report.TUNED, tuned_model, merged)):

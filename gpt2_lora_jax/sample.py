@@ -183,7 +183,8 @@ def cut_answer(text: str, stop_strings: Sequence[str]):
 def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
              temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
              stop_strings: Sequence[str] = ("\n\nHuman:",), seed: int = 0, batch_size: int = 32,
-             eos_id: Optional[int] = EOT_ID, chunk_size: int = 32, min_bucket: int = 16) -> list[dict]:
+             eos_id: Optional[int] = EOT_ID, chunk_size: int = 32, min_bucket: int = 16,
+             encode: Optional[Callable[[str], list]] = None) -> list[dict]:
   """Samples one answer per prompt, in the prompts' order.
 
   Each result: {'answer': text cut exactly before the first stop string (or at end-of-text),
@@ -192,6 +193,8 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
   'stop_reason': 'stop_string' | 'eos' | 'max_new_tokens', 'prompt_tokens': prompt tokens fed,
   'truncated': whether the prompt was left-truncated to fit n_positions - max_new_tokens}.
   sum(r['truncated'] for r in results) is the count to report.
+  encode: prompt text -> ids, to tokenise exactly as training did (data.prompt_token_ids, which
+  starts with end-of-text); default: the plain tokenizer. A leading end-of-text survives truncation.
   """
   n_positions = model.config.n_positions
   max_prompt = n_positions - max_new_tokens
@@ -199,9 +202,14 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
     raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                      f"n_positions={n_positions}")
   stop_strings = tuple(s for s in stop_strings if s)
-  encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+  if encode is None:
+    encode = lambda p: tokenizer(p, add_special_tokens=False)["input_ids"]
+  encoded = [list(encode(p)) for p in prompts]
   truncated = [len(ids) > max_prompt for ids in encoded]
-  encoded = [ids[-max_prompt:] for ids in encoded]  # left-truncate: keep the end of the dialogue
+  # Left-truncate: keep the end of the dialogue (and a leading end-of-text, the start marker).
+  encoded = [ids if len(ids) <= max_prompt else
+             (ids[:1] + ids[len(ids) - max_prompt + 1:] if ids[0] == EOT_ID else ids[-max_prompt:])
+             for ids in encoded]
   if any(len(ids) == 0 for ids in encoded):
     empty = [i for i, ids in enumerate(encoded) if not ids]
     raise ValueError(f"prompts {empty[:10]} are empty; every prompt needs at least one token")
