@@ -128,7 +128,7 @@ def score_and_report(config, workdir: str) -> str:
   for stale in (scores, skip_file):
     if os.path.exists(stale):
       os.remove(stale)
-  reason = None
+  reason, failure = None, None
   if not ecfg.reward_model:
     reason = ("no reward model configured (eval.reward_model is empty); score later with "
               "--mode=score --config.eval.reward_model=<hub id or local dir>")
@@ -137,8 +137,8 @@ def score_and_report(config, workdir: str) -> str:
       reward.run_scorer_subprocess(generations, scores, ecfg.reward_model,
                                    batch_size=ecfg.reward_batch_size, max_length=ecfg.reward_max_length)
     except reward.ScorerError as e:
-      reason = f"the reward scorer failed, generations are kept; rerun with --mode=score. {e}"
-      print(f"warning: {reason}", flush=True)
+      failure = e
+      reason = f"the reward scorer failed; generations are kept, rerun scoring with --mode=score. {e}"
   if reason is not None:
     with open(skip_file, "w") as f:
       f.write(reason + "\n")
@@ -146,4 +146,6 @@ def score_and_report(config, workdir: str) -> str:
                              skip_reason=reason, reward_model=ecfg.reward_model,
                              loss_window=config.train.loss_avg_window)
   print(f"evaluation report: {path}", flush=True)
+  if failure is not None:  # the report (without rewards) is written; still a failed run
+    raise reward.ScorerError(f"{reason}\nreport without rewards: {path}") from failure
   return path

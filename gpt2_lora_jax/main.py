@@ -36,16 +36,15 @@ def main(argv):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt2_lora_jax import evaluate, experiment, pretrain, train
+  from gpt2_lora_jax import evaluate, experiment, pretrain, reward, train
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   try:
     experiment.check_workdir(workdir)
+    if mode != "score":  # scoring reads files only; no model is loaded
+      config = pretrain.maybe_pretrain(config, workdir, train_if_missing=mode != "eval")
     if mode in ("train", "train_and_eval"):
-      config = pretrain.maybe_pretrain(config, workdir)
       train.run(experiment.build(config), workdir)
-    elif mode == "eval" and config.pretrain.steps > 0:
-      config = pretrain.maybe_pretrain(config, workdir)
     if mode in ("eval", "train_and_eval"):
       evaluate.run(config, workdir)
     if mode == "score":
@@ -53,7 +52,7 @@ def main(argv):
   except train.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except (ValueError, OSError, FloatingPointError, ImportError) as e:
+  except (ValueError, OSError, FloatingPointError, ImportError, reward.ScorerError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -16,14 +16,18 @@ from gpt2_lora_jax import experiment, lora, train, weights
 BASE_DIR = "pretrained_base"
 
 
-def maybe_pretrain(config, workdir: str):
-  """Returns the config for the main run: unchanged, or pointing at the freshly pre-trained base."""
+def maybe_pretrain(config, workdir: str, train_if_missing: bool = True):
+  """Returns the config for the main run: unchanged, or pointing at the pre-trained base
+  (trained now if it is missing and train_if_missing, else an error)."""
   if config.pretrain.steps <= 0:
     return config
   if config.model.init != "random":
     raise ValueError("pretrain.steps > 0 needs model.init='random' (a pretrained base needs no pre-training)")
   base_dir = os.path.join(workdir, BASE_DIR)
   if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
+    if not train_if_missing:
+      raise FileNotFoundError(f"{base_dir} does not exist: this config pre-trains its base first; "
+                              "run --mode=train (or train_and_eval) in this workdir")
     stage = config.copy_and_resolve_references()
     stage.lora.rank = 0  # full training of every parameter
     stage.lora.extra_trainable = ()

@@ -6,33 +6,6 @@ import pytest
 
 from gpt2_lora_jax import hub, reward
 
-WORDS = ("the a is what how do i you can help me with my cat dog story please tell about "
-         "two plus four human assistant sure here it no yes why not good bad").split()
-
-
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory):
-  """A DeBERTa-v3-shaped sequence classifier (1 label, random weights) with a WordPiece tokenizer."""
-  import torch
-  import transformers
-  d = tmp_path_factory.mktemp("tiny_reward_model")
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz?.,:!")
-  vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-  (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-  tok = transformers.BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)
-  tok.model_max_length = 512
-  tok.save_pretrained(str(d))
-  torch.manual_seed(0)
-  config = transformers.DebertaV2Config(
-      vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
-      position_buckets=256, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-      norm_rel_ebd="layer_norm", share_att_key=True, num_labels=1, pad_token_id=0)
-  model = transformers.DebertaV2ForSequenceClassification(config).eval()
-  model.save_pretrained(str(d))
-  return str(d)
-
-
 def write_generations(path, rows):
   with open(path, "w") as f:
     for r in rows:
@@ -60,7 +33,7 @@ def test_question_from_prompt():
   assert reward.question_from_prompt("just a question") == "just a question"
 
 
-def test_subprocess_scores_match_in_process(reward_dir, tmp_path):
+def test_subprocess_scores_match_in_process(tiny_reward_dir, tmp_path):
   long_text = " ".join(["please tell me a story about my dog"] * 120)  # ~960 tokens
   rows = [
       {"id": "p0", "model": "base", "prompt": "\n\nHuman: what is two plus two?\n\nAssistant:", "answer": " four"},
@@ -72,10 +45,10 @@ def test_subprocess_scores_match_in_process(reward_dir, tmp_path):
   ]
   gen, out = tmp_path / "generations.jsonl", tmp_path / "scores.jsonl"
   write_generations(gen, rows)
-  summary = reward.run_scorer_subprocess(str(gen), str(out), reward_dir, batch_size=3, max_length=512)
+  summary = reward.run_scorer_subprocess(str(gen), str(out), tiny_reward_dir, batch_size=3, max_length=512)
   scores = [json.loads(l) for l in out.read_text().splitlines()]
   assert [(s["id"], s["model"]) for s in scores] == [(r["id"], r["model"]) for r in rows]
-  expected = in_process_rewards(reward_dir, rows)
+  expected = in_process_rewards(tiny_reward_dir, rows)
   for s, (want_reward, want_len) in zip(scores, expected):
     assert abs(s["reward"] - want_reward) <= 1e-5, (s, want_reward)
     assert s["n_tokens"] == want_len <= 512
@@ -104,10 +77,10 @@ def test_unreachable_hub_id_names_the_flag():
     reward.load_reward_model("no-such-org/no-such-reward-model")
 
 
-def test_bad_generations_file_fails_without_writing(tmp_path, capsys, reward_dir):
+def test_bad_generations_file_fails_without_writing(tmp_path, capsys, tiny_reward_dir):
   gen, out = tmp_path / "generations.jsonl", tmp_path / "scores.jsonl"
   write_generations(gen, [{"id": "p0", "model": "base", "prompt": "Human: hi"}])  # no 'answer'
-  assert reward.main(["--generations", str(gen), "--out", str(out), "--reward_model", reward_dir]) == 2
+  assert reward.main(["--generations", str(gen), "--out", str(out), "--reward_model", tiny_reward_dir]) == 2
   err = capsys.readouterr().err
   assert "generations.jsonl:1" in err and "'answer'" in err
   assert not out.exists()

@@ -1,0 +1,74 @@
+"""End-to-end evaluation on the tiny config: generations, held-out loss, scores, report, failures."""
+import json
+import os
+
+import pytest
+
+from test_train import TINY_CONFIG, run_main
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_reward_dir):
+  """A tiny run trained and evaluated in one command, scored by a tiny reward model."""
+  workdir = str(tmp_path_factory.mktemp("eval_run"))
+  result = run_main(workdir, "--mode=train_and_eval", "--config.train.steps=16",
+                    f"--config.eval.reward_model={tiny_reward_dir}", "--config.eval.temperature=0.7")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_train_and_eval_writes_every_stage(trained):
+  out = os.path.join(trained, "eval")
+  generations = read_jsonl(os.path.join(out, "generations.jsonl"))
+  assert sorted({g["model"] for g in generations}) == ["base", "finetuned"]
+  assert len(generations) == 2 * 8  # eval.num_prompts=8 in configs/tiny.py, both models
+  base_ids = [g["id"] for g in generations if g["model"] == "base"]
+  assert base_ids == [g["id"] for g in generations if g["model"] == "finetuned"]
+  assert all(g["prompt"].endswith("\n\nAssistant:") for g in generations)
+  assert all(g["stop_reason"] in ("stop_string", "eos", "max_new_tokens") for g in generations)
+  scores = read_jsonl(os.path.join(out, "scores.jsonl"))
+  assert [(s["id"], s["model"]) for s in scores] == [(g["id"], g["model"]) for g in generations]
+  heldout = json.load(open(os.path.join(out, "heldout.json")))
+  assert heldout["finetuned"]["loss"] < heldout["base"]["loss"]  # training helped on held-out rows
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  report = open(os.path.join(out, "report.md")).read()
+  base_rewards = [s["reward"] for s in scores if s["model"] == "base"]
+  mean = sum(base_rewards) / len(base_rewards)
+  assert abs(summary["models"]["base"]["reward_mean"] - mean) < 1e-9
+  assert summary["paired"]["n_pairs"] == 8
+  assert f"{mean:.4f}" in report
+  for png in ("reward_hist.png", "loss_curve.png"):
+    assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_eval_mode_reruns_on_a_chosen_step_and_score_mode_rescoring(trained, tiny_reward_dir):
+  result = run_main(trained, "--mode=eval", "--config.eval.step=12", "--config.eval.reward_model=")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = os.path.join(trained, "eval")
+  assert json.load(open(os.path.join(out, "eval_config.json")))["checkpoint_step"] == 12
+  assert not os.path.exists(os.path.join(out, "scores.jsonl"))
+  assert "Scoring was skipped" in open(os.path.join(out, "report.md")).read()
+  result = run_main(trained, "--mode=score", f"--config.eval.reward_model={tiny_reward_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(read_jsonl(os.path.join(out, "scores.jsonl"))) == 16
+
+
+def test_scorer_failure_keeps_generations_and_fails_clearly(trained, tmp_path):
+  result = run_main(trained, "--mode=score", f"--config.eval.reward_model={tmp_path}/no_such_model")
+  assert result.returncode == 1
+  assert "--mode=score" in result.stderr and "no_such_model" in result.stderr
+  out = os.path.join(trained, "eval")
+  assert len(read_jsonl(os.path.join(out, "generations.jsonl"))) == 16
+  assert "reward scorer failed" in open(os.path.join(out, "report.md")).read()
+
+
+def test_eval_without_checkpoints_and_missing_step(trained, tmp_path):
+  result = run_main(str(tmp_path / "empty"), "--mode=eval")
+  assert result.returncode == 1 and "holds no checkpoint" in result.stderr
+  result = run_main(trained, "--mode=eval", "--config.eval.step=7")
+  assert result.returncode == 1 and "no checkpoint for step 7" in result.stderr
