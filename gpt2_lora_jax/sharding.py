@@ -3,7 +3,18 @@
 The mesh has two named axes: 'data' (batch rows are split across it) and 'fsdp' (parameters
 are split across it, and batch rows too, so every device holds a different slice of the batch).
 Rules on parameter paths say which dimension of each parameter is split along 'fsdp';
-`param_specs` asserts every leaf is covered by exactly one rule.
+`param_specs` asserts every leaf is covered by exactly one rule. The optimizer state takes the
+shardings of the parameters it belongs to (`opt_state_shardings`).
+
+Multi-host: `maybe_initialize_distributed` starts jax.distributed when several processes run;
+every process then builds the same mesh over all devices (jax.devices() lists them process by
+process, so a mesh row, the 'fsdp' group, stays inside one host when fsdp <= local devices), loads
+only its own rows of each global batch (`global_batch`), and `fetch_to_host` / `barrier` are the
+two collective helpers the rest of the package needs.
+
+    python -m gpt2_lora_jax.sharding --memory_table [--sizes=gpt2,gpt2-xl] [--fsdp=1,8]
+
+prints the per-device memory XLA plans for one train step of each GPT-2 size (BUILD.md's table).
 """
 from __future__ import annotations
 
@@ -12,22 +23,27 @@ import re
 
 import jax
 import numpy as np
+import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
-# (regex on the '/'-joined parameter path, the dimension to split along 'fsdp'; None = replicate).
-# The largest dimension that every GPT-2 size divides evenly is chosen: kernels split their
-# input side (rows), embeddings their vocabulary/position rows. Adapters: A (in, r) by rows,
-# B (r, out) by columns; 1-D leaves (biases, layer norms) are small and replicated.
+# (regex on the '/'-joined parameter path, dimensions that may be split along 'fsdp', in order of
+# preference; () = replicate). The first listed dimension that 'fsdp' divides is split. Widths
+# (768, 1024, 1280, 1600 and 4x those) divide by every power of two up to 64; the vocabulary
+# (50257 = 29 x 1733) divides by nothing useful, so leaves with a vocabulary side split their
+# other side: wte (V, D) by D, the head adapter lm_head/lora_b (r, V) by r.
 PARAM_RULES = (
-    (r".*/lora_a$", 0),
-    (r".*/lora_b$", 1),
-    (r"^(wte|wpe)/embedding$", 0),
-    (r".*/kernel$", 0),
-    (r".*/(bias|scale)$", None),
+    (r".*/lora_a$", (0,)),  # (in, r): in is D or 4D
+    (r".*/lora_b$", (1, 0)),  # (r, out): out, or r when out is the vocabulary (lm_head)
+    (r"^wte/embedding$", (1,)),  # (V, D)
+    (r"^wpe/embedding$", (0,)),  # (n_positions, D)
+    (r".*/kernel$", (0,)),  # (in, out) of every linear, and an untied lm_head/kernel (D, V)
+    (r".*/(bias|scale)$", ()),  # 1-D and small: replicated
 )
+# A leaf this large that 'fsdp' cannot split is an error, not a silent full copy on every device.
+MAX_REPLICATED_ELEMENTS = 1 << 20
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1):
@@ -56,7 +72,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   n = len(devices)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices")
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices; set --config.mesh.fsdp to a "
+                     f"divisor of {n}")
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:
@@ -65,27 +82,46 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 
+def rule_for(path: str) -> tuple:
+  """The split dimensions of the one rule in PARAM_RULES that covers `path` (an error otherwise)."""
+  hits = [dims for pattern, dims in PARAM_RULES if re.fullmatch(pattern, path)]
+  if len(hits) != 1:
+    raise ValueError(f"parameter {path} is matched by {len(hits)} sharding rules, needs exactly one; "
+                     "add or narrow a rule in sharding.PARAM_RULES")
+  return hits[0]
+
+
 def param_specs(params, mesh: Mesh) -> dict:
-  """PartitionSpec per leaf by PARAM_RULES; a dimension that 'fsdp' does not divide is replicated."""
+  """PartitionSpec per leaf by PARAM_RULES (params may be arrays or ShapeDtypeStructs)."""
   fsdp = mesh.shape["fsdp"]
-  flat = traverse_util.flatten_dict(params, sep="/")
   specs = {}
-  for path, leaf in flat.items():
-    hits = [dim for pattern, dim in PARAM_RULES if re.fullmatch(pattern, path)]
-    if len(hits) != 1:
-      raise ValueError(f"parameter {path} is matched by {len(hits)} sharding rules, needs exactly one")
-    dim = hits[0]
+  for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
     shape = np.shape(leaf)
-    if dim is None or fsdp == 1 or dim >= len(shape) or shape[dim] % fsdp:
+    dims = [d for d in rule_for(path) if d < len(shape)]
+    split = next((d for d in dims if shape[d] % fsdp == 0), None)
+    if fsdp == 1 or not dims:
       specs[path] = P()
+    elif split is None:
+      if np.prod(shape) > MAX_REPLICATED_ELEMENTS:
+        raise ValueError(f"mesh.fsdp={fsdp} divides no splittable dimension of {path} {shape} "
+                         f"(dimensions {dims}); choose an fsdp that divides {[shape[d] for d in dims]}")
+      specs[path] = P()  # small (e.g. a LoRA leaf of odd rank): a copy per device costs little
     else:
-      specs[path] = P(*([None] * dim + ["fsdp"]))
+      specs[path] = P(*([None] * split + ["fsdp"]))
   return traverse_util.unflatten_dict(specs, sep="/")
 
 
 def param_shardings(params, mesh: Mesh):
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params, param_sh, mesh: Mesh):
+  """Shardings of tx.init(params): each moment as its parameter, scalars (Adam's count) replicated."""
+  abstract_opt = jax.eval_shape(tx.init, params)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, nothing to place
+  return optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt, param_sh,
+                               transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -116,3 +152,112 @@ def put(tree, shardings):
   """Places host arrays on the mesh (every process passes the same full values)."""
   return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
                       tree, shardings)
+
+
+def fetch_to_host(tree):
+  """Full numpy values of every leaf on every process (an all-gather where a leaf spans hosts)."""
+  from jax.experimental import multihost_utils
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)
+
+
+def barrier(name: str):
+  """Every process waits here until all arrive (no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# --- memory planning (BUILD.md's table) --------------------------------------------------------------
+
+def train_step_memory(preset: str, rank: int, batch_size: int = 8, seq_len: int = 1024, fsdp: int = 1,
+                      targets=("c_attn", "c_proj", "c_fc"), remat: str = "none") -> dict:
+  """Bytes per device that XLA plans for one train step of a GPT-2 size, from abstract inputs.
+
+  rank > 0: LoRA (bf16 frozen base, fp32 adapters + AdamW); rank 0: full fine-tuning (fp32 params
+  + AdamW). Compute in bf16 either way. Everything is a ShapeDtypeStruct: nothing is allocated, the
+  step is lowered and compiled for the backend at hand (the numbers are that compiler's plan).
+  """
+  import types
+
+  from gpt2_lora_jax import lora, optim, train
+  from gpt2_lora_jax import model as gpt2_model
+  config = gpt2_model.GPT2Config.preset(preset, param_dtype="bfloat16" if rank else "float32",
+                                        dtype="bfloat16", remat=remat)
+  lora_cfg = lora.LoraConfig(rank=rank, alpha=2.0 * max(rank, 1), dropout=0.0, targets=tuple(targets))
+  base = gpt2_model.param_shapes(config)
+  params = jax.eval_shape(lambda b: lora.add(b, lora_cfg, jax.random.PRNGKey(0)), base) if rank else base
+  labels = lora.labels(params, lora_cfg)
+  optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
+                                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
+  tx, schedule = optim.make_optimizer(optim_cfg, 1000, labels), optim.make_schedule(optim_cfg, 1000)
+  mesh = make_mesh(-1, fsdp, jax.devices()[:fsdp])
+  check_batch_divides(batch_size, 1, mesh)
+  repl = replicated(mesh)
+  param_sh = param_shardings(params, mesh)
+  trainable_sh, frozen_sh = lora.split(param_sh, labels)
+  opt_sh = opt_state_shardings(tx, params, param_sh, mesh)
+  placed = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  trainable, frozen = lora.split(params, labels)
+  state = {"trainable": placed(trainable, trainable_sh),
+           "opt_state": placed(jax.eval_shape(tx.init, params), opt_sh),
+           "step": jax.ShapeDtypeStruct((), np.int32, sharding=repl),
+           "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl)}
+  state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+  rows = lambda dtype: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=batch_sharding(mesh))
+  batch = {"inputs": rows(np.int32), "targets": rows(np.int32), "positions": rows(np.int32),
+           "segment_ids": rows(np.int32), "loss_mask": rows(np.float32)}
+  run = types.SimpleNamespace(model=lora.make_model(config, lora_cfg), labels=labels,
+                              config=types.SimpleNamespace(train=types.SimpleNamespace(micro_batches=1)))
+  step_fn = train.jit_train_step(run, tx, schedule, mesh, state_sh, frozen_sh)
+  memory = step_fn.lower(state, placed(frozen, frozen_sh), batch).compile().memory_analysis()
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
+  alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+  # Donated state is aliased to the outputs: peak = inputs + new outputs + temporaries.
+  return {"preset": preset, "mode": f"LoRA r={rank}" if rank else "full FT", "fsdp": fsdp,
+          "params": n_params, "trainable": n_trainable, "arguments": args, "outputs_not_aliased": out - alias,
+          "temp": temp, "peak": args + out - alias + temp}
+
+
+def memory_table(presets, ranks=(16, 0), fsdp_sizes=(1,), **kw) -> str:
+  """A Markdown table of train_step_memory over presets x modes x fsdp sizes (GiB per device)."""
+  gib = lambda b: f"{b / 2**30:.2f}"
+  lines = ["| model | params | mode | fsdp | state + batch (GiB) | temporaries (GiB) | peak / device (GiB) |",
+           "|---|---|---|---|---|---|---|"]
+  for preset in presets:
+    for rank in ranks:
+      for fsdp in fsdp_sizes:
+        m = train_step_memory(preset, rank, fsdp=fsdp, **kw)
+        lines.append(f"| {preset} | {m['params'] / 1e6:.0f}M | {m['mode']} ({m['trainable'] / 1e6:.1f}M "
+                     f"trained) | {fsdp} | {gib(m['arguments'])} | {gib(m['temp'])} | {gib(m['peak'])} |")
+        print(lines[-1], flush=True)
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--memory_table", action="store_true", help="print the per-device memory table")
+  parser.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
+  parser.add_argument("--ranks", default="16,0", help="LoRA ranks; 0 = full fine-tuning")
+  parser.add_argument("--fsdp", default="1", help="fsdp sizes (CPU devices are faked to the largest)")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--seq_len", type=int, default=1024)
+  parser.add_argument("--remat", default="none")
+  args = parser.parse_args()
+  if not args.memory_table:
+    parser.error("nothing to do: pass --memory_table")
+  fsdp_sizes = [int(x) for x in args.fsdp.split(",")]
+  # Before the backend starts: enough fake CPU devices for the largest fsdp size.
+  if jax.config.jax_platforms in (None, "", "cpu"):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={max(fsdp_sizes)}")
+  print(f"backend {jax.default_backend()}, batch {args.batch_size} x {args.seq_len}, remat {args.remat}")
+  memory_table(args.sizes.split(","), [int(r) for r in args.ranks.split(",")], fsdp_sizes,
+               batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat)
