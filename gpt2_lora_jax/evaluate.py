@@ -10,6 +10,10 @@ Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alon
   5. report.md + summary.json + PNGs from those files (report.py).
 Generations are written before scoring starts, so a scorer failure never loses them:
 `--mode=score` picks them up again.
+
+Multi-host: every process restores (a collective read), gathers the fine-tuned tree to host memory
+and evaluates it on its own devices; only process 0 writes files and runs the scorer. The workdir
+must be a local (or mounted) path: these stages write with plain file calls.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ EVAL_DIR = "eval"
 
 
 def eval_dir(workdir: str) -> str:
+  if "://" in workdir:
+    raise ValueError(f"--workdir={workdir} is a bucket, and evaluation writes local files: mount the "
+                     "bucket (e.g. gcsfuse) and pass the mounted path, or copy the run's checkpoints/ "
+                     "and metrics.jsonl to a local directory and pass that")
   path = os.path.join(workdir, EVAL_DIR)
   os.makedirs(path, exist_ok=True)
   return path
@@ -44,7 +52,10 @@ def restore_finetuned(exp, workdir: str, step: int = -1):
   tx, _ = experiment.optimizer(exp)
   state, frozen, _, _ = train.init_state(exp, mesh, tx)
   state = checkpoint.restore(mngr, step, checkpoint.abstract_like(state), exp.meta)
-  return lora.combine(state["trainable"], frozen), step
+  params = lora.combine(state["trainable"], frozen)
+  if jax.process_count() > 1:  # leaves may span hosts; from here on each process works alone
+    params = sharding.fetch_to_host(params)
+  return params, step
 
 
 def heldout_loss(model, params, eval_data, batch_size: int) -> dict:
@@ -68,9 +79,9 @@ def choose_prompts(texts: list[str], num_prompts: int, seed: int) -> list[tuple[
 
 def run(config, workdir: str) -> str:
   """Stages 1-5 of the module docstring; returns the path of report.md."""
+  out = eval_dir(workdir)  # first: a bucket workdir fails here, before anything is loaded
   exp = experiment.build(config)
   ecfg = config.eval
-  out = eval_dir(workdir)
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   merged, merged_config = lora.merge(tuned_params, exp.lora_config, exp.gpt2_config) \
       if exp.lora_config.rank > 0 else (tuned_params, exp.gpt2_config)

@@ -2,9 +2,15 @@
 
 Only process 0 writes. Every record is one JSON line {"step": k, "split": "train"|"eval", ...},
 so any stage (the report, a notebook) can read the curve back without TensorBoard.
+
+The workdir may be a bucket (gs://...): files there go through etils.epath (installed with Orbax).
+A bucket object cannot be appended to, so for a bucket workdir the writer keeps the records in
+memory and rewrites metrics.jsonl at each checkpoint, plot and exit (`flush`); records after the
+last checkpoint are the ones a resumed run drops anyway (`truncate_after`).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -15,6 +21,29 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
 
+def is_remote(path: str) -> bool:
+  """A bucket or other URL (gs://, s3://): plain open() and os calls do not reach it."""
+  return "://" in str(path)
+
+
+def _epath(path: str):
+  from etils import epath
+  return epath.Path(path)
+
+
+def write_text(path: str, text: str):
+  """Writes a whole file; a reader never sees half of it (rename locally, one object on a bucket)."""
+  if is_remote(path):
+    target = _epath(path)
+    target.parent.mkdir(parents=True, exist_ok=True)  # a no-op on buckets, which have no directories
+    target.write_text(text)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
@@ -22,13 +51,21 @@ class MetricsWriter:
     self.workdir = workdir
     self._bar = None
     self._tb = None
+    self._buffered = None  # for a bucket workdir: every record, rewritten by flush()
     if not enabled:
       return
     truncate_after(self.path, start_step)  # a resumed run rewrites what followed its checkpoint
+    if is_remote(self.path):
+      self._buffered = read(self.path)
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard files are a convenience; metrics.jsonl always exists
+      self._tb = None
+    except Exception as e:  # e.g. a bucket tensorboardX cannot reach: say so, keep training
+      if not is_remote(workdir):
+        raise
+      print(f"no TensorBoard files in {workdir}: {e}", file=sys.stderr, flush=True)
       self._tb = None
     if sys.stderr.isatty():
       from tqdm import tqdm
@@ -38,8 +75,11 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self._buffered is not None:
+      self._buffered.append(record)
+    else:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -49,7 +89,13 @@ class MetricsWriter:
                             tok_s=f"{values.get('tokens_per_s', 0):.0f}", refresh=False)
       self._bar.refresh()
 
+  def flush(self):
+    """Brings a bucket's metrics.jsonl up to date (local files are appended to as records come)."""
+    if self.enabled and self._buffered is not None:
+      write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._buffered))
+
   def close(self):
+    self.flush()
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
@@ -58,10 +104,14 @@ class MetricsWriter:
 
 
 def read(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if is_remote(path):
+    text = _epath(path).read_text() if _epath(path).exists() else ""
+  elif os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+  else:
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def truncate_after(path: str, step: int):
@@ -69,8 +119,7 @@ def truncate_after(path: str, step: int):
   records = read(path)
   kept = [r for r in records if r["step"] <= step]
   if len(kept) != len(records):
-    with open(path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def window_means(steps, values, window: int):
@@ -112,6 +161,13 @@ def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT) -> str | Non
   ax.legend()
   fig.tight_layout()
   path = os.path.join(workdir, out_name)
-  fig.savefig(path, dpi=110)
+  if is_remote(path):
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    target = _epath(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(png.getvalue())
+  else:
+    fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

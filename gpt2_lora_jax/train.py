@@ -11,6 +11,7 @@ what trains, frozen leaves get set_to_zero, and XLA never computes a frozen weig
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
 from typing import Callable
@@ -35,15 +36,23 @@ def token_loss_sums(model, params, batch, rng, deterministic: bool):
   return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
 
+# Batch key of the per-row "this process saw SIGTERM/SIGINT" flag that multi-process runs feed to
+# the step; the step returns its max over all rows as metrics[STOP_KEY], read with the metrics.
+STOP_KEY = "stop"
+
+
 def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batches: int,
                     schedule: Callable):
   """One optimizer update from a (B, T) batch split into `micro_batches` passes.
 
   The loss is normalised by the loss tokens of the whole batch, not averaged over micro-batches,
-  so 4 micro-batches of 2 rows give the update of one batch of 8 rows.
+  so 4 micro-batches of 2 rows give the update of one batch of 8 rows. An optional batch[STOP_KEY]
+  (B,) flag comes back as metrics[STOP_KEY], the same on every process (see run()).
   """
 
   def train_step(state, frozen, batch):
+    batch = dict(batch)
+    stop_B = batch.pop(STOP_KEY, None)  # (B,) int32 in multi-process runs; see run()
     rng = jax.random.fold_in(state["rng"], state["step"])
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, -1) + x.shape[1:]), batch)
 
@@ -80,6 +89,8 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
     }
     metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "finite": finite}
+    if stop_B is not None:  # any process saw a signal: the max over every row is an all-reduce
+      metrics[STOP_KEY] = jnp.max(stop_B)
     return new_state, metrics
 
   return train_step
@@ -148,10 +159,7 @@ def init_state(exp, mesh, tx):
   trainable, frozen = lora.split(exp.params, exp.labels)
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
-  abstract_opt = jax.eval_shape(tx.init, exp.params)
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, nothing to place
-  opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: repl, is_leaf=masked)
+  opt_sh = sharding.opt_state_shardings(tx, exp.params, param_sh, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora.combine(trainable, frozen))
   state = {"trainable": trainable, "opt_state": opt_state,
            "step": jax.device_put(jnp.int32(0), repl),
@@ -188,14 +196,16 @@ def run(exp, workdir: str) -> dict:
   config = exp.config
   tcfg = config.train
   is_main = jax.process_index() == 0
+  multi_process = jax.process_count() > 1
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  cache_dir = config.data.cache_dir or f"{workdir}/cache"
+  # A bucket workdir keeps the tokenisation cache local (data.py writes it with plain file calls).
+  cache_dir = config.data.cache_dir or (None if metrics_lib.is_remote(workdir) else f"{workdir}/cache")
   log = print if is_main else None
   train_data, summary = data.build(config.data, exp.tokenizer, "train", tcfg.batch_size, cache_dir, log=log)
   eval_data = (data.build(config.data, exp.tokenizer, "eval", tcfg.batch_size, cache_dir, log=None)[0]
                if tcfg.eval_every > 0 else None)
   if is_main:
-    data.write_summary(summary, f"{workdir}/data_summary.json")
+    metrics_lib.write_text(f"{workdir}/data_summary.json", json.dumps(summary, indent=2))
     print(exp_summary_line(exp), flush=True)
 
   tx, schedule = experiment.optimizer(exp)
@@ -224,14 +234,21 @@ def run(exp, workdir: str) -> dict:
   timer = StepTimer()
   last = {}
 
-  def batch_at(step):
+  def batch_at(step, signalled: bool):
     local = data.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
                                 jax.process_index(), jax.process_count())
+    if multi_process:  # this process's signal flag on each of its rows; the step all-reduces it
+      local[STOP_KEY] = np.full(len(local["inputs"]), int(signalled), np.int32)
     return sharding.global_batch(local, mesh)
 
-  def record(step, device_metrics):
-    """Reads step's metrics (the host sync, one step behind the device) and writes them."""
+  def record(step, device_metrics) -> bool:
+    """Reads step's metrics (the host sync, one step behind the device) and writes them.
+
+    Returns whether any process had seen a stop signal when it dispatched that step: the same
+    answer on every process, so all of them stop after the same step (multi-process runs only).
+    """
     m = host_metrics(device_metrics)
+    stop_seen = bool(m.pop(STOP_KEY, 0.0))
     if not is_finite_loss(m):
       raise NonFiniteLoss(f"loss is {m['loss']} at step {step}: the update was skipped and nothing "
                           f"from it was saved; the last checkpoint is {mngr.latest_step()}. Lower "
@@ -245,6 +262,7 @@ def run(exp, workdir: str) -> dict:
         m["mfu"] = step_flops / seconds / (peak * jax.device_count())
     writer.write(step, "train", m, progress=(step % tcfg.log_every == 0 or step == tcfg.steps))
     last.update(m)
+    return stop_seen
 
   def held_out_loss(trainable):
     nll, n = 0.0, 0.0
@@ -253,16 +271,22 @@ def run(exp, workdir: str) -> dict:
       nll, n = nll + float(s), n + float(c)
     return nll / max(n, 1.0), n
 
+  # Stopping on a signal. One process: at the next step boundary. Several: a signal may reach them
+  # at different steps, and a checkpoint save is collective, so they must agree on the step. Each
+  # feeds its flag into the step (batch_at); the flag comes back all-reduced with the metrics that
+  # are read one step late anyway, so agreeing costs no extra host sync; all stop at the same step.
+  stop = False  # the same value on every process
   pending = None
   step = start
   with PreemptionGuard() as guard:
     try:
       for step in range(start, tcfg.steps):
-        if guard.signum is not None:
+        stop = stop or (not multi_process and guard.signum is not None)
+        if stop:
           break
-        state, device_metrics = step_fn(state, frozen, batch_at(step))
+        state, device_metrics = step_fn(state, frozen, batch_at(step, guard.signum is not None))
         if pending is not None:
-          record(*pending)
+          stop = record(*pending) or stop
         pending = (step + 1, device_metrics)  # metrics of the update that ends at step + 1
         done = step + 1
         if eval_data is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
@@ -270,22 +294,26 @@ def run(exp, workdir: str) -> dict:
           writer.write(done, "eval", {"loss": loss, "loss_tokens": n})
           timer.interrupted()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
-          record(*pending)  # never save an unchecked update
+          stop = record(*pending) or stop  # never save an unchecked update
           pending = None
           checkpoint.save(mngr, done, state, exp.meta)
+          writer.flush()  # a bucket's copy of metrics.jsonl keeps up with the checkpoints
           timer.interrupted()
         if is_main and tcfg.plot_every and done % tcfg.plot_every == 0:
+          writer.flush()
           metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
           timer.interrupted()
       else:
         step = tcfg.steps
       if pending is not None:
-        record(*pending)
-      if guard.signum is not None:
+        stop = record(*pending) or stop
+      stop = stop or (not multi_process and guard.signum is not None)
+      if stop:
         if step != mngr.latest_step():
           checkpoint.save(mngr, step, state, exp.meta, force=True)
         mngr.wait_until_finished()
-        raise Preempted(guard.signum, step)
+        # A process the signal never reached stops too (exit code as if it had got SIGTERM).
+        raise Preempted(guard.signum or signal.SIGTERM, step)
     finally:
       mngr.wait_until_finished()
       writer.close()
