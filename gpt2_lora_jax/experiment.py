@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 import jax
 import ml_collections
@@ -60,7 +61,8 @@ def check_workdir(workdir: str):
     return  # a bucket: Orbax and tf.io paths handle it
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: several hosts may share the workdir and check it at once.
+    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

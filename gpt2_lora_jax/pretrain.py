@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from gpt2_lora_jax import experiment, lora, train, weights
+from gpt2_lora_jax import experiment, metrics, sharding, train, weights
 
 BASE_DIR = "pretrained_base"
 
@@ -38,14 +38,17 @@ def maybe_pretrain(config, workdir: str, train_if_missing: bool = True):
     stage.train.steps = config.pretrain.steps
     stage.train.eval_every = 0
     stage.train.ckpt_every = config.pretrain.steps
-    stage.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
+    if not stage.data.cache_dir and not metrics.is_remote(workdir):
+      stage.data.cache_dir = os.path.join(workdir, "cache")  # shared with the LoRA stage's rows
     exp = experiment.build(stage)
-    print(f"pre-training a random {exp.gpt2_config.n_layer}-layer GPT-2 for {stage.train.steps} steps",
-          flush=True)
-    result = train.run(exp, os.path.join(workdir, "pretrain"))
     if jax.process_index() == 0:
-      params = jax.device_get(result["params"])
+      print(f"pre-training a random {exp.gpt2_config.n_layer}-layer GPT-2 for {stage.train.steps} steps",
+            flush=True)
+    result = train.run(exp, os.path.join(workdir, "pretrain"))
+    params = sharding.fetch_to_host(result["params"])  # every process takes part in the gather
+    if jax.process_index() == 0:
       weights.save_pretrained(params, exp.gpt2_config.replace(param_dtype="float32"), base_dir)
+    sharding.barrier("pretrained base saved")  # nobody loads it before it is written
   main = config.copy_and_resolve_references()
   main.model.init = "pretrained"
   main.model.name = base_dir
