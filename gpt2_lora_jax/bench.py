@@ -188,29 +188,6 @@ def peak_bytes_in_use(devices):
   return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
-def place_state(run, mesh, tx):
-  """(state, frozen, state shardings, frozen shardings) laid out as train.init_state lays them out.
-
-  Not train.init_state itself: its optax.tree_map_params call fails on the MaskedNode leaves of the
-  multi_transform state (jax 0.10 / optax 0.2.8). Here the optimizer state takes the shardings
-  that jit propagates from the placed parameters.
-  """
-  param_sh = sharding.param_shardings(run.params, mesh)
-  trainable_sh, frozen_sh = lora.split(param_sh, run.labels)
-  trainable, frozen = lora.split(run.params, run.labels)
-  trainable, frozen = jax.device_put(trainable, trainable_sh), jax.device_put(frozen, frozen_sh)
-  opt_state = jax.jit(tx.init)(lora.combine(trainable, frozen))
-  repl = sharding.replicated(mesh)
-  # Moments follow their parameters; scalars made from nothing (Adam's count) land on one device.
-  on_mesh = lambda x: x.sharding if x.sharding.device_set == set(mesh.devices.flat) else repl
-  opt_state = jax.device_put(opt_state, jax.tree.map(on_mesh, opt_state))
-  state = {"trainable": trainable, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), repl),
-           "rng": jax.device_put(jax.random.PRNGKey(run.config.train.seed), repl)}
-  state_sh = {"trainable": trainable_sh, "opt_state": jax.tree.map(lambda x: x.sharding, opt_state),
-              "step": repl, "rng": repl}
-  return state, frozen, state_sh, frozen_sh
-
-
 def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   """Times train.jit_train_step on synthetic batches; see the module docstring for the fields."""
   config = gpt2_config(cfg)
@@ -229,13 +206,9 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
                                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
   tx = optim.make_optimizer(optim_cfg, total_steps, labels)
   schedule = optim.make_schedule(optim_cfg, total_steps)
-  # The attributes of experiment.Experiment that jit_train_step reads (experiment.py imports
-  # ml_collections, which the GPU benchmark machine lacks).
-  run = types.SimpleNamespace(
-      params=params, labels=labels, model=lora.make_model(config, lora_cfg),
-      config=types.SimpleNamespace(train=types.SimpleNamespace(seed=cfg.seed, micro_batches=cfg.micro_batches)))
-  state, frozen, state_sh, frozen_sh = place_state(run, mesh, tx)
-  step_fn = train.jit_train_step(run, tx, schedule, mesh, state_sh, frozen_sh)
+  state, frozen, state_sh, frozen_sh = train.init_state(params, labels, cfg.seed, mesh, tx)
+  step_fn = train.jit_train_step(lora.make_model(config, lora_cfg), labels, cfg.micro_batches, tx,
+                                 schedule, mesh, state_sh, frozen_sh)
   batch = sharding.global_batch({k: v for k, v in synthetic_batch(cfg, config.vocab_size).items()
                                  if v is not None}, mesh)
   if not cfg.segment_ids:

@@ -50,7 +50,7 @@ def restore_finetuned(exp, workdir: str, step: int = -1):
     raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}/checkpoints; it has {sorted(steps)}")
   mesh = sharding.make_mesh(exp.config.mesh.data, exp.config.mesh.fsdp)
   tx, _ = experiment.optimizer(exp)
-  state, frozen, _, _ = train.init_state(exp, mesh, tx)
+  state, frozen, _, _ = train.init_state(exp.params, exp.labels, exp.config.train.seed, mesh, tx)
   state = checkpoint.restore(mngr, step, checkpoint.abstract_like(state), exp.meta)
   params = lora.combine(state["trainable"], frozen)
   if jax.process_count() > 1:  # leaves may span hosts; from here on each process works alone

@@ -149,9 +149,18 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 
 def put(tree, shardings):
-  """Places host arrays on the mesh (every process passes the same full values)."""
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                      tree, shardings)
+  """Places full arrays on the mesh (every process passes the same full values).
+
+  Arrays already on this process's devices move device to device (always a copy: the train step
+  donates what it is given, and the caller's arrays must survive); host arrays are cut into the
+  shards this process owns (what several processes need, since no one device holds everything).
+  """
+  def place(x, s):
+    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+      return jax.device_put(x, s, may_alias=False)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+  return jax.tree.map(place, tree, shardings)
 
 
 def fetch_to_host(tree):
@@ -211,9 +220,8 @@ def train_step_memory(preset: str, rank: int, batch_size: int = 8, seq_len: int 
   rows = lambda dtype: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=batch_sharding(mesh))
   batch = {"inputs": rows(np.int32), "targets": rows(np.int32), "positions": rows(np.int32),
            "segment_ids": rows(np.int32), "loss_mask": rows(np.float32)}
-  run = types.SimpleNamespace(model=lora.make_model(config, lora_cfg), labels=labels,
-                              config=types.SimpleNamespace(train=types.SimpleNamespace(micro_batches=1)))
-  step_fn = train.jit_train_step(run, tx, schedule, mesh, state_sh, frozen_sh)
+  step_fn = train.jit_train_step(lora.make_model(config, lora_cfg), labels, 1, tx, schedule, mesh,
+                                 state_sh, frozen_sh)
   memory = step_fn.lower(state, placed(frozen, frozen_sh), batch).compile().memory_analysis()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))

@@ -151,27 +151,31 @@ def is_finite_loss(m: dict) -> bool:
   return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
 
 
-def init_state(exp, mesh, tx):
-  """(state, frozen, state shardings, frozen shardings): the run's arrays placed on the mesh."""
+def init_state(params, labels, seed: int, mesh, tx):
+  """(state, frozen, state shardings, frozen shardings): a run's arrays placed on the mesh.
+
+  params: base + adapters (host or device arrays); labels: lora.labels of them; seed: of the
+  step RNG (dropout); tx: the optimizer (its state is created here, sharded like its params).
+  """
   from gpt2_lora_jax import sharding
-  param_sh = sharding.param_shardings(exp.params, mesh)
-  trainable_sh, frozen_sh = lora.split(param_sh, exp.labels)
-  trainable, frozen = lora.split(exp.params, exp.labels)
+  param_sh = sharding.param_shardings(params, mesh)
+  trainable_sh, frozen_sh = lora.split(param_sh, labels)
+  trainable, frozen = lora.split(params, labels)
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
-  opt_sh = sharding.opt_state_shardings(tx, exp.params, param_sh, mesh)
+  opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora.combine(trainable, frozen))
   state = {"trainable": trainable, "opt_state": opt_state,
            "step": jax.device_put(jnp.int32(0), repl),
-           "rng": jax.device_put(jax.random.PRNGKey(exp.config.train.seed), repl)}
+           "rng": jax.device_put(jax.random.PRNGKey(seed), repl)}
   state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
   return state, frozen, state_sh, frozen_sh
 
 
-def jit_train_step(exp, tx, schedule, mesh, state_sh, frozen_sh):
+def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh):
   """The train step under jit: explicit shardings, the state donated, compiled once per run."""
   from gpt2_lora_jax import sharding
-  step = make_train_step(exp.model, tx, exp.labels, exp.config.train.micro_batches, schedule)
+  step = make_train_step(model, tx, labels, micro_batches, schedule)
   return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -209,7 +213,7 @@ def run(exp, workdir: str) -> dict:
     print(exp_summary_line(exp), flush=True)
 
   tx, schedule = experiment.optimizer(exp)
-  state, frozen, state_sh, frozen_sh = init_state(exp, mesh, tx)
+  state, frozen, state_sh, frozen_sh = init_state(exp.params, exp.labels, tcfg.seed, mesh, tx)
   repl = sharding.replicated(mesh)
 
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
@@ -223,7 +227,8 @@ def run(exp, workdir: str) -> dict:
     return {"step": start, "params": lora.combine(state["trainable"], frozen)}
 
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jit_train_step(exp, tx, schedule, mesh, state_sh, frozen_sh)
+  step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
+                           frozen_sh)
   eval_fn = jax.jit(make_eval_step(exp.model), in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
                     out_shardings=(repl, repl))
   seq_len = config.data.max_length

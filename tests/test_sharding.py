@@ -26,7 +26,7 @@ def flat_specs(tree):
 def test_parameters_are_placed_as_the_rules_say(tiny_exp):
   mesh = sharding.make_mesh(2, 4)
   tx, _ = experiment.optimizer(tiny_exp)
-  state, frozen, _, _ = train.init_state(tiny_exp, mesh, tx)
+  state, frozen, _, _ = train.init_state(tiny_exp.params, tiny_exp.labels, 0, mesh, tx)
   specs = flat_specs(lora.combine(state["trainable"], frozen))
   expected = {
       "h_0/mlp/c_fc/kernel": P("fsdp"),  # (D, 4D) = (32, 128): input rows split
@@ -115,8 +115,9 @@ def test_data_and_fsdp_mesh_gives_the_losses_of_one_device(tiny_exp, tmp_path):
   tx, schedule = experiment.optimizer(tiny_exp)
 
   def losses_on(mesh, steps=5):
-    state, frozen, state_sh, frozen_sh = train.init_state(tiny_exp, mesh, tx)
-    step_fn = train.jit_train_step(tiny_exp, tx, schedule, mesh, state_sh, frozen_sh)
+    state, frozen, state_sh, frozen_sh = train.init_state(tiny_exp.params, tiny_exp.labels, 0, mesh, tx)
+    step_fn = train.jit_train_step(tiny_exp.model, tiny_exp.labels, 1, tx, schedule, mesh, state_sh,
+                                   frozen_sh)
     losses = []
     for step in range(steps):
       batch = data.batch_for_step(packed, config.train.seed, step, config.train.batch_size)

@@ -56,8 +56,9 @@ def random_batch(rng, B, T, vocab):
 def _step_once(exp, batch, mesh):
   """One update through the loop's own state placement and jitted step, on `mesh`."""
   tx, schedule = experiment.optimizer(exp)
-  state, frozen, state_sh, frozen_sh = train.init_state(exp, mesh, tx)
-  step = train.jit_train_step(exp, tx, schedule, mesh, state_sh, frozen_sh)
+  state, frozen, state_sh, frozen_sh = train.init_state(exp.params, exp.labels, 0, mesh, tx)
+  step = train.jit_train_step(exp.model, exp.labels, exp.config.train.micro_batches, tx, schedule, mesh,
+                              state_sh, frozen_sh)
   new_state, metrics = step(state, frozen, sharding.global_batch(batch, mesh))
   return jax.device_get(new_state["trainable"]), jax.device_get(metrics)
 
