@@ -157,7 +157,9 @@ def put(tree, shardings):
   """
   def place(x, s):
     if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
-      return jax.device_put(x, s, may_alias=False)
+      # A jitted identity writes fresh buffers; device_put(may_alias=False) still shares the
+      # source device's buffer when the target replicates over several devices (jax 0.10).
+      return jax.jit(lambda a: a, out_shardings=s)(x)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
   return jax.tree.map(place, tree, shardings)

@@ -24,16 +24,39 @@ import optax
 from gpt2_lora_jax import lora
 
 
-def token_loss_sums(model, params, batch, rng, deterministic: bool):
-  """(sum of next-token NLL over loss_mask, number of loss tokens) for one (B, T) batch."""
-  logits_BTV = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
-                           segment_ids=batch["segment_ids"], deterministic=deterministic,
-                           rngs=None if deterministic else {"dropout": rng})
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(
-      logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+# Positions per logits chunk in the loss: the (B, T, V) logits are never all alive at once.
+LOSS_CHUNK = 256
+
+
+def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int = LOSS_CHUNK):
+  """(sum of next-token NLL over loss_mask, number of loss tokens) for one (B, T) batch.
+
+  The head and the cross-entropy run over `chunk` positions at a time under jax.checkpoint, so
+  the fp32 logits of the whole batch ([B, T, 50257]: 3.3 GB at 16 x 1024) never exist at once,
+  in the forward pass or the backward (which recomputes each chunk's logits). A T that `chunk`
+  does not divide runs as one chunk.
+  """
+  rngs = None if deterministic else {"dropout": rng}
+  h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
+                      segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
+                      return_hidden=True)
+  B, T, D = h_BTD.shape
+  C = chunk if 0 < chunk < T and T % chunk == 0 else T
   mask_BT = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+  @jax.checkpoint
+  def chunk_nll_sum(h_BCD, targets_BC, mask_BC, index):
+    chunk_rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, index)}
+    logits_BCV = model.apply({"params": params}, h_BCD, deterministic, method=model.logits,
+                             rngs=chunk_rngs).astype(jnp.float32)
+    nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - jnp.take_along_axis(
+        logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BC * mask_BC)
+
+  by_chunk = lambda x: jnp.swapaxes(x.reshape((B, T // C, C) + x.shape[2:]), 0, 1)  # (T/C, B, C, ...)
+  sums = jax.lax.map(lambda xs: chunk_nll_sum(*xs),
+                     (by_chunk(h_BTD), by_chunk(batch["targets"]), by_chunk(mask_BT), jnp.arange(T // C)))
+  return jnp.sum(sums), jnp.sum(mask_BT)
 
 
 # Batch key of the per-row "this process saw SIGTERM/SIGINT" flag that multi-process runs feed to
@@ -283,6 +306,9 @@ def run(exp, workdir: str) -> dict:
   stop = False  # the same value on every process
   pending = None
   step = start
+  if eval_data is not None and start == 0:  # where the held-out curve starts: the untrained model
+    loss, n = held_out_loss(state["trainable"])
+    writer.write(0, "eval", {"loss": loss, "loss_tokens": n})
   with PreemptionGuard() as guard:
     try:
       for step in range(start, tcfg.steps):

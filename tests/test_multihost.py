@@ -115,7 +115,7 @@ def test_two_processes_match_one_then_sigterm_on_one_stops_both_and_resumes_on_o
   np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
                              rtol=1e-5)
   reference_eval, got_eval = eval_losses(reference), eval_losses(two)
-  assert sorted(got_eval) == sorted(reference_eval) == [10, 20]
+  assert sorted(got_eval) == sorted(reference_eval) == [0, 10, 20]
   np.testing.assert_allclose([got_eval[s] for s in sorted(got_eval)],
                              [reference_eval[s] for s in sorted(reference_eval)], rtol=1e-5)
 
