@@ -137,8 +137,13 @@ def window_means(steps, values, window: int):
 
 
 def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT) -> str | None:
+  """<workdir>/loss.png from <workdir>/metrics.jsonl (see plot_loss_records)."""
+  return plot_loss_records(read(os.path.join(workdir, METRICS_FILE)), os.path.join(workdir, out_name),
+                           window)
+
+
+def plot_loss_records(records: list[dict], path: str, window: int) -> str | None:
   """Training loss per logged step and averaged per `window` steps, held-out loss on the same axes."""
-  records = read(os.path.join(workdir, METRICS_FILE))
   train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
   held_out = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
   if not train:
@@ -160,7 +165,6 @@ def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT) -> str | Non
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, out_name)
   if is_remote(path):
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

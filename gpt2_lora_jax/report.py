@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gpt2_lora_jax import metrics as metrics_lib
+
 BASE, TUNED = "base", "finetuned"
 SKIP_REASON_FILE = "scoring_skipped.txt"  # evaluate.py writes why scoring was skipped here
 
@@ -166,29 +168,6 @@ def plot_reward_histogram(scores: list[dict], models: Sequence[str], path: str) 
   return path
 
 
-def plot_loss_curve(metrics: list[dict], path: str, window: int = 100) -> str:
-  """Training loss (raw and a moving average over `window` logged steps) and held-out loss."""
-  plt = _pyplot()
-  train = [(r["step"], r["loss"]) for r in metrics if r.get("split", "train") == "train" and "loss" in r]
-  evals = [(r["step"], r["loss"]) for r in metrics if r.get("split") == "eval" and "loss" in r]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  if train:
-    steps, loss = map(np.asarray, zip(*train))
-    ax.plot(steps, loss, alpha=0.3, label="train loss")
-    w = max(1, min(window, len(loss)))
-    ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"),
-            label=f"train loss, mean of {w} logged steps")
-  if evals:
-    ax.plot(*zip(*evals), "o-", label="held-out loss")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats / token)")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
 # --- report.md ----------------------------------------------------------------------------------
 def fmt(x, digits: int = 4) -> str:
   """How every float appears in report.md (tests format the numbers they recompute the same way)."""
@@ -288,7 +267,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   lines += ["## Training loss", ""]
   train = [r for r in metrics if r.get("split", "train") == "train" and "loss" in r]
   if metrics:
-    plot_loss_curve(metrics, os.path.join(eval_dir, "loss_curve.png"), loss_window)
+    metrics_lib.plot_loss_records(metrics, os.path.join(eval_dir, "loss_curve.png"), loss_window)
     summary["training"] = {"logged_steps": len(train), "last_step": train[-1]["step"] if train else None,
                            "last_train_loss": train[-1]["loss"] if train else None}
     if train:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from test_train import TINY_CONFIG, run_main
+from test_train import run_main
 
 
 def read_jsonl(path):

@@ -13,7 +13,6 @@ import pytest
 
 from conftest import REPO
 from gpt2_lora_jax import experiment, lora, sharding, train
-from gpt2_lora_jax.config import default_config
 
 TINY_CONFIG = str(REPO / "configs" / "tiny.py")
 
