@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from conftest import REPO
 from test_train import TINY_CONFIG, train_losses
