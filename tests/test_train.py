@@ -1,6 +1,7 @@
 """The train step and loop: accumulation, sharding, end-to-end runs, exact resume after SIGTERM."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +193,18 @@ def test_chunked_loss_matches_whole_batch_logits(tiny_exp):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing_from_it(tmp_path):
+  workdir = str(tmp_path / "nan")
+  # A learning rate this large sends the adapters to ~1e30 in one update: the next loss is not finite.
+  result = run_main(workdir, "--mode=train", "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
+                    "--config.optim.clip_norm=0", "--config.train.steps=8", "--config.train.ckpt_every=1",
+                    "--config.train.eval_every=0")
+  assert result.returncode == 1, result.stderr[-3000:]
+  match = re.search(r"loss is (nan|inf|-inf) at step (\d+)", result.stderr)
+  assert match, result.stderr[-3000:]
+  bad_step = int(match.group(2))
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert all(s < bad_step for s in saved)  # every saved checkpoint precedes the bad update
+  assert all(np.isfinite(v) for v in train_losses(workdir).values())
