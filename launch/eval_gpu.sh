@@ -27,26 +27,12 @@
 #   XLA_PYTHON_CLIENT_PREALLOCATE (false), CUDA_VISIBLE_DEVICES, HF_HOME: pass through as usual
 set -euo pipefail
 
-print_command() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      line+="${word} "
-    else
-      line+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${line% }"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 dry_run=0
 run() {
   if (( dry_run )); then print_command "$@"; else "$@"; fi
-}
-
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-  exit 2
 }
 
 subcommand=""

@@ -27,25 +27,10 @@
 #   CUDA_VISIBLE_DEVICES, XLA_PYTHON_CLIENT_MEM_FRACTION, ... pass through as usual
 set -euo pipefail
 
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true"
-
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
-
-# Prints a command as one shell line that can be pasted back (words quoted only where needed).
-print_command() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      line+="${word} "
-    else
-      line+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${line% }"
-}
 
 dry_run=0
 main_args=()

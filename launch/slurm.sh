@@ -22,26 +22,17 @@
 #   split on spaces), PYTHON and XLA_FLAGS (exported to the job; see launch/slurm.sbatch).
 set -euo pipefail
 
-script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-print_command() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      line+="${word} "
-    else
-      line+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${line% }"
-}
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 dry_run=0
 main_args=()
 for arg in "$@"; do
   case "${arg}" in
     --dry_run) dry_run=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h|--help) usage ;;
     *) main_args+=("${arg}") ;;
   esac
 done

