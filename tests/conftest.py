@@ -6,11 +6,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "configs" / "tiny.py")
 HH_TEST_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 # Small GPT-2 shapes used across the suite: (n_embd, n_layer, n_head).
@@ -74,3 +78,28 @@ def tiny_reward_dir(tmp_path_factory):
   model = transformers.DebertaV2ForSequenceClassification(config).eval()
   model.save_pretrained(str(d))
   return str(d)
+
+
+def run_main(workdir, *flags, timeout=600):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  return subprocess.run([sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}",
+                         f"--workdir={workdir}", *flags], capture_output=True, text=True, env=env,
+                        timeout=timeout, cwd=REPO)
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_reward_dir):
+  """configs/tiny.py trained (24 steps) and evaluated in one command, scored by the tiny reward
+  model. Tests of training and of evaluation share it; the tests that rerun main in its workdir
+  either fail before writing or write only eval/."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  result = run_main(workdir, "--mode=train_and_eval", "--config.train.steps=24",
+                    f"--config.eval.reward_model={tiny_reward_dir}", "--config.eval.temperature=0.7")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from test_train import run_main
+from conftest import run_main
 
 
 def read_jsonl(path):
@@ -12,14 +12,9 @@ def read_jsonl(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_reward_dir):
-  """A tiny run trained and evaluated in one command, scored by a tiny reward model."""
-  workdir = str(tmp_path_factory.mktemp("eval_run"))
-  result = run_main(workdir, "--mode=train_and_eval", "--config.train.steps=16",
-                    f"--config.eval.reward_model={tiny_reward_dir}", "--config.eval.temperature=0.7")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+@pytest.fixture
+def trained(tiny_run):
+  return tiny_run
 
 
 def test_train_and_eval_writes_every_stage(trained):
@@ -47,10 +42,10 @@ def test_train_and_eval_writes_every_stage(trained):
 
 
 def test_eval_mode_reruns_on_a_chosen_step_and_score_mode_rescoring(trained, tiny_reward_dir):
-  result = run_main(trained, "--mode=eval", "--config.eval.step=12", "--config.eval.reward_model=")
+  result = run_main(trained, "--mode=eval", "--config.eval.step=20", "--config.eval.reward_model=")
   assert result.returncode == 0, result.stderr[-3000:]
   out = os.path.join(trained, "eval")
-  assert json.load(open(os.path.join(out, "eval_config.json")))["checkpoint_step"] == 12
+  assert json.load(open(os.path.join(out, "eval_config.json")))["checkpoint_step"] == 20
   assert not os.path.exists(os.path.join(out, "scores.jsonl"))
   assert "Scoring was skipped" in open(os.path.join(out, "report.md")).read()
   result = run_main(trained, "--mode=score", f"--config.eval.reward_model={tiny_reward_dir}")

@@ -15,13 +15,12 @@ import time
 
 import numpy as np
 
-from conftest import REPO
-from test_train import TINY_CONFIG, train_losses
+from conftest import REPO, TINY_CONFIG, train_losses
 
-STEPS = 20
+STEPS = 12
 # fsdp=4 spans both processes: every step all-gathers parameters across them.
 FLAGS = ["--mode=train", f"--config.train.steps={STEPS}", "--config.train.ckpt_every=1000",
-         "--config.train.eval_every=10", "--config.train.plot_every=10", "--config.mesh.fsdp=4"]
+         "--config.train.eval_every=6", "--config.train.plot_every=6", "--config.mesh.fsdp=4"]
 
 
 def free_port() -> int:
@@ -114,7 +113,7 @@ def test_two_processes_match_one_then_sigterm_on_one_stops_both_and_resumes_on_o
   np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
                              rtol=1e-5)
   reference_eval, got_eval = eval_losses(reference), eval_losses(two)
-  assert sorted(got_eval) == sorted(reference_eval) == [0, 10, 20]
+  assert sorted(got_eval) == sorted(reference_eval) == [0, 6, 12]
   np.testing.assert_allclose([got_eval[s] for s in sorted(got_eval)],
                              [reference_eval[s] for s in sorted(reference_eval)], rtol=1e-5)
 

@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_CONFIG, run_main, train_losses
 from gpt2_lora_jax import experiment, lora, sharding, train
 
-TINY_CONFIG = str(REPO / "configs" / "tiny.py")
 
 
 def tiny_config(**overrides):
@@ -28,19 +27,6 @@ def tiny_config(**overrides):
     section, name = key.split(".")
     c[section][name] = value
   return c
-
-
-def run_main(workdir, *flags, timeout=600):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  return subprocess.run([sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}",
-                         f"--workdir={workdir}", *flags], capture_output=True, text=True, env=env,
-                        timeout=timeout, cwd=REPO)
-
-
-def train_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
 def random_batch(rng, B, T, vocab):
@@ -111,10 +97,9 @@ def test_invalid_configs_fail_before_compiling():
     experiment.check_workdir("/proc/not_a_dir/run")
 
 
-def test_main_end_to_end_then_resume_and_mismatch(tmp_path):
-  workdir = str(tmp_path / "run")
-  result = run_main(workdir, "--mode=train", "--config.train.steps=24")
-  assert result.returncode == 0, result.stderr[-3000:]
+def test_main_end_to_end_then_resume_and_mismatch(tiny_run):
+  """configs/tiny.py through main (train_and_eval, 24 steps; conftest's tiny_run), then reruns."""
+  workdir = tiny_run
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, 25))
   assert np.mean([losses[s] for s in range(21, 25)]) < np.mean([losses[s] for s in range(1, 5)]) - 0.5
@@ -143,7 +128,7 @@ def test_mistyped_override_and_missing_base_fail_clearly(tmp_path):
 
 
 def test_sigterm_then_rerun_gives_the_uninterrupted_losses(tmp_path):
-  flags = ["--mode=train", "--config.train.steps=40", "--config.train.ckpt_every=100",
+  flags = ["--mode=train", "--config.train.steps=24", "--config.train.ckpt_every=100",
            "--config.train.eval_every=0", "--config.lora.dropout=0.1"]
   straight = str(tmp_path / "straight")
   assert run_main(straight, *flags).returncode == 0
@@ -156,14 +141,14 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_losses(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics_path = os.path.join(stopped, "metrics.jsonl")
   deadline = time.time() + 300
-  while time.time() < deadline and (not os.path.exists(metrics_path) or len(train_losses(stopped)) < 10):
+  while time.time() < deadline and (not os.path.exists(metrics_path) or len(train_losses(stopped)) < 8):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
   assert "rerun the same command to resume" in err
   interrupted_at = max(int(d) for d in os.listdir(os.path.join(stopped, "checkpoints")) if d.isdigit())
-  assert 10 <= interrupted_at < 40
+  assert 8 <= interrupted_at < 24
   resumed = run_main(stopped, *flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout
