@@ -20,3 +20,39 @@ print_command() {
   done
   echo "${line% }"
 }
+
+# Sets dry_run (1 when --dry_run is given) and args (every other argument, in order);
+# -h/--help prints the help.
+parse_args() {
+  # shellcheck disable=SC2034  # both are read by the scripts that source this file
+  dry_run=0
+  args=()
+  local arg
+  for arg in "$@"; do
+    case "${arg}" in
+      --dry_run) dry_run=1 ;;
+      -h|--help) usage ;;
+      *) args+=("${arg}") ;;
+    esac
+  done
+}
+
+# Runs a command, or only prints it under --dry_run.
+run() {
+  if (( dry_run )); then print_command "$@"; else "$@"; fi
+}
+
+# Exits with an error unless the arguments for main.py name --config and --workdir.
+require_config_and_workdir() {
+  local arg has_config=0 has_workdir=0
+  for arg in "$@"; do
+    case "${arg}" in
+      --config|--config=*) has_config=1 ;;
+      --workdir|--workdir=*) has_workdir=1 ;;
+    esac
+  done
+  if (( ! has_config || ! has_workdir )); then
+    echo "error: give --config=CONFIG and --workdir=DIR (see $0 --help)" >&2
+    exit 2
+  fi
+}

@@ -30,21 +30,10 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-dry_run=0
-run() {
-  if (( dry_run )); then print_command "$@"; else "$@"; fi
-}
-
-subcommand=""
-rest=()
-for arg in "$@"; do
-  case "${arg}" in
-    --dry_run) dry_run=1 ;;
-    -h|--help) usage ;;
-    *) if [[ -z "${subcommand}" ]]; then subcommand="${arg}"; else rest+=("${arg}"); fi ;;
-  esac
-done
+parse_args "$@"
+subcommand="${args[0]:-}"
 [[ -n "${subcommand}" ]] || usage
+rest=("${args[@]:1}")
 python="${PYTHON:-python3}"
 
 require() {  # require FLAG...: each --FLAG=value (or --FLAG value) must be among the arguments

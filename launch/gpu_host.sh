@@ -32,27 +32,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true"
 
-dry_run=0
-main_args=()
-for arg in "$@"; do
-  case "${arg}" in
-    --dry_run) dry_run=1 ;;
-    -h|--help) usage ;;
-    *) main_args+=("${arg}") ;;
-  esac
-done
-has_config=0
-has_workdir=0
-for arg in "${main_args[@]}"; do
-  case "${arg}" in
-    --config|--config=*) has_config=1 ;;
-    --workdir|--workdir=*) has_workdir=1 ;;
-  esac
-done
-if (( ! has_config || ! has_workdir )); then
-  echo "error: give --config=CONFIG and --workdir=DIR (see launch/gpu_host.sh --help)" >&2
-  exit 2
-fi
+parse_args "$@"
+main_args=("${args[@]}")
+require_config_and_workdir "${main_args[@]}"
 
 xla_flags="${GPU_XLA_FLAGS}${XLA_FLAGS:+ ${XLA_FLAGS}}"
 command=(env "XLA_FLAGS=${xla_flags}" "${PYTHON:-python3}" -m gpt2_lora_jax.main "${main_args[@]}")

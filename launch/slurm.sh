@@ -27,27 +27,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-dry_run=0
-main_args=()
-for arg in "$@"; do
-  case "${arg}" in
-    --dry_run) dry_run=1 ;;
-    -h|--help) usage ;;
-    *) main_args+=("${arg}") ;;
-  esac
-done
-has_config=0
-has_workdir=0
-for arg in "${main_args[@]}"; do
-  case "${arg}" in
-    --config|--config=*) has_config=1 ;;
-    --workdir|--workdir=*) has_workdir=1 ;;
-  esac
-done
-if (( ! has_config || ! has_workdir )); then
-  echo "error: give --config=CONFIG and --workdir=DIR (see launch/slurm.sh --help)" >&2
-  exit 2
-fi
+parse_args "$@"
+main_args=("${args[@]}")
+require_config_and_workdir "${main_args[@]}"
 
 gpus_per_node="${GPUS_PER_NODE:-8}"
 sbatch_args=(--job-name="${JOB_NAME:-gpt2-lora-jax}"

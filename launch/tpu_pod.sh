@@ -48,26 +48,15 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-dry_run=0
-run() {
-  if (( dry_run )); then print_command "$@"; else "$@"; fi
-}
-
 # Quotes one word for the remote shell that runs an ssh --command.
 remote_quote() {
   if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }
 
-subcommand=""
-rest=()
-for arg in "$@"; do
-  case "${arg}" in
-    --dry_run) dry_run=1 ;;
-    -h|--help) usage ;;
-    *) if [[ -z "${subcommand}" ]]; then subcommand="${arg}"; else rest+=("${arg}"); fi ;;
-  esac
-done
+parse_args "$@"
+subcommand="${args[0]:-}"
 [[ -n "${subcommand}" ]] || usage
+rest=("${args[@]:1}")
 
 : "${TPU_NAME:?set TPU_NAME (the pod slice name)}"
 : "${ZONE:?set ZONE (e.g. us-central2-b)}"
