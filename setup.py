@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 BASE = [
     "jax>=0.7",
     "flax>=0.10",
-    "optax>=0.2.4",
+    "optax>=0.2.5",  # optax.tree.norm
     "orbax-checkpoint>=0.11",
     "transformers>=4.50",
     "tokenizers>=0.20",

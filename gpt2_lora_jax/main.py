@@ -32,7 +32,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   if _MODE.value in ("eval", "train_and_eval"):
     # The reward scorer (PyTorch, another process) needs GPU memory: JAX must not preallocate
-    # 75% of the GPU, and memory it has freed goes back to the device. Set before jax starts.
+    # 75% of the GPU; without preallocation it holds only what it used. Set before jax starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
