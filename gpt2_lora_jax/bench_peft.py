@@ -151,8 +151,11 @@ def hf_generate(args) -> dict:
   return {"impl": "hf_generate", **_device_info(device), "runs": rows}
 
 
-def random_reward_model(out_dir: str) -> str:
-  """A random DeBERTa-v2 sequence classifier (1 label) with a WordPiece tokenizer, saved to out_dir."""
+def random_reward_model(out_dir: str, hidden_size: int = 256, num_layers: int = 4) -> str:
+  """A random DeBERTa-v2 sequence classifier (1 label) with a WordPiece tokenizer, saved to out_dir.
+
+  DeBERTa-v3's attention layout (relative positions, p2c/c2p), as the real reward model has; the
+  tests use a smaller one (hidden_size 32, 2 layers)."""
   import transformers
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz?.,:!")
   vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
@@ -163,8 +166,8 @@ def random_reward_model(out_dir: str) -> str:
   tok.save_pretrained(out_dir)
   torch.manual_seed(0)
   config = transformers.DebertaV2Config(
-      vocab_size=len(vocab), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-      intermediate_size=1024, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
+      vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
+      num_attention_heads=4 if hidden_size >= 64 else 2, intermediate_size=4 * hidden_size, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
       position_buckets=256, pos_att_type=["p2c", "c2p"], position_biased_input=False,
       norm_rel_ebd="layer_norm", share_att_key=True, num_labels=1, pad_token_id=0)
   transformers.DebertaV2ForSequenceClassification(config).save_pretrained(out_dir)

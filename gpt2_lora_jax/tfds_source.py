@@ -295,22 +295,6 @@ def local_copy(data_dir: str, cache_dir: Optional[str] = None) -> str:
       if name.startswith(os.path.basename(local) + ".stale-"):
         shutil.rmtree(os.path.join(os.path.dirname(local), name), ignore_errors=True)
   return root
-  os.makedirs(os.path.dirname(local), exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(local))
-  try:
-    for name in fs.ls(remote_path, detail=False):
-      fs.get_file(name, os.path.join(staging, os.path.basename(name.rstrip("/"))))
-    stale = f"{local}.stale-{os.getpid()}"
-    if os.path.exists(local):
-      os.rename(local, stale)
-    os.rename(staging, local)  # atomic; a process racing here loses and reads the winner's copy
-    shutil.rmtree(stale, ignore_errors=True)
-  except OSError:
-    if not os.path.exists(info_file):
-      raise
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  return root
 
 
 def _reader(data_dir: str, cache_dir: Optional[str] = None):

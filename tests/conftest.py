@@ -53,31 +53,12 @@ def hh_test_file():
   return str(HH_TEST_FILE)
 
 
-TINY_REWARD_WORDS = ("the a is what how do i you can help me with my cat dog story please tell about "
-         "two plus four human assistant sure here it no yes why not good bad").split()
-
-
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory):
   """A DeBERTa-v3-shaped sequence classifier (1 label, random weights) with a WordPiece tokenizer."""
-  import torch
-  import transformers
-  d = tmp_path_factory.mktemp("tiny_reward_model")
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_REWARD_WORDS + list("abcdefghijklmnopqrstuvwxyz?.,:!")
-  vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-  (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-  tok = transformers.BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)
-  tok.model_max_length = 512
-  tok.save_pretrained(str(d))
-  torch.manual_seed(0)
-  config = transformers.DebertaV2Config(
-      vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
-      position_buckets=256, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-      norm_rel_ebd="layer_norm", share_att_key=True, num_labels=1, pad_token_id=0)
-  model = transformers.DebertaV2ForSequenceClassification(config).eval()
-  model.save_pretrained(str(d))
-  return str(d)
+  from gpt2_lora_jax import bench_peft
+  return bench_peft.random_reward_model(str(tmp_path_factory.mktemp("tiny_reward_model")),
+                                        hidden_size=32, num_layers=2)
 
 
 def run_main(workdir, *flags, timeout=600):
