@@ -1,7 +1,10 @@
 """Evaluation: base vs fine-tuned answers, held-out loss, reward scores (separate process), report.
 
 Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alone:
-  1. restore the Orbax checkpoint (latest or eval.step) onto the base and merge the adapters;
+  1. restore the Orbax checkpoint (latest or eval.step) onto the base. The fine-tuned model is the
+     one training ran (lora.make_model: adapters applied factored, y = x W + s (x A) B, the base
+     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16 loses much of a
+     small update, so a merged model would be another model than the one trained;
   2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
   3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
      "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
@@ -83,16 +86,14 @@ def run(config, workdir: str) -> str:
   exp = experiment.build(config)
   ecfg = config.eval
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
-  merged, merged_config = lora.merge(tuned_params, exp.lora_config, exp.gpt2_config) \
-      if exp.lora_config.rank > 0 else (tuned_params, exp.gpt2_config)
-  tuned_model = type(exp.base_model)(merged_config)
+  tuned_model = exp.model  # the module training used (module docstring, stage 1)
   base_params = strip_adapters(exp.params)
   is_main = jax.process_index() == 0
 
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                             config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {report.BASE: heldout_loss(exp.base_model, base_params, eval_data, ecfg.batch_size),
-             report.TUNED: heldout_loss(tuned_model, merged, eval_data, ecfg.batch_size)}
+             report.TUNED: heldout_loss(tuned_model, tuned_params, eval_data, ecfg.batch_size)}
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
@@ -106,16 +107,20 @@ def run(config, workdir: str) -> str:
                 encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
   rows = []
   for name, model, params in ((report.BASE, exp.base_model, base_params),
-                              (report.TUNED, tuned_model, merged)):
+                              (report.TUNED, tuned_model, tuned_params)):
     results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs)
     rows += report.generation_rows(ids, prompts, results, name, references)
   generations = os.path.join(out, "generations.jsonl")
   if is_main:
+    # Scores of earlier generations do not score these answers: they go before the new ones land.
+    for stale in (os.path.join(out, "scores.jsonl"), os.path.join(out, report.SKIP_REASON_FILE)):
+      if os.path.exists(stale):
+        os.remove(stale)
     reward.write_jsonl_atomic(generations, rows)
     with open(os.path.join(out, "eval_config.json"), "w") as f:
       json.dump({"checkpoint_step": step, "base": exp.base_name, **ecfg.to_dict()}, f, indent=2,
                 default=list)
-  del tuned_params, merged, base_params
+  del tuned_params, base_params
   jax.clear_caches()
   return score_and_report(config, workdir) if is_main else ""
 
@@ -128,7 +133,12 @@ def strip_adapters(params: dict) -> dict:
 
 
 def score_and_report(config, workdir: str) -> str:
-  """Stages 4-5: scores eval/generations.jsonl in a child process (or records why not), then the report."""
+  """Stages 4-5: scores eval/generations.jsonl in a child process (or records why not), then the report.
+
+  scores.jsonl and the skip-reason file are replaced only when a new one is complete: the scorer
+  writes to a temporary name that is renamed on success, so a failed rescoring (--mode=score)
+  keeps the scores already there, and the report is built from them.
+  """
   ecfg = config.eval
   out = eval_dir(workdir)
   generations = os.path.join(out, "generations.jsonl")
@@ -136,23 +146,28 @@ def score_and_report(config, workdir: str) -> str:
     raise FileNotFoundError(f"{generations} does not exist: run --mode=eval first")
   scores = os.path.join(out, "scores.jsonl")
   skip_file = os.path.join(out, report.SKIP_REASON_FILE)
-  for stale in (scores, skip_file):
-    if os.path.exists(stale):
-      os.remove(stale)
+  new_scores = scores + ".partial"  # renamed to scores.jsonl only once the scorer has succeeded
   reason, failure = None, None
   if not ecfg.reward_model:
     reason = ("no reward model configured (eval.reward_model is empty); score later with "
               "--mode=score --config.eval.reward_model=<hub id or local dir>")
   else:
     try:
-      reward.run_scorer_subprocess(generations, scores, ecfg.reward_model,
+      reward.run_scorer_subprocess(generations, new_scores, ecfg.reward_model,
                                    batch_size=ecfg.reward_batch_size, max_length=ecfg.reward_max_length)
+      os.replace(new_scores, scores)
+      if os.path.exists(skip_file):
+        os.remove(skip_file)
     except reward.ScorerError as e:
       failure = e
-      reason = f"the reward scorer failed; generations are kept, rerun scoring with --mode=score. {e}"
+      kept = " (the scores already in scores.jsonl are kept)" if os.path.exists(scores) else ""
+      reason = (f"the reward scorer failed; generations are kept{kept}, rerun scoring with "
+                f"--mode=score. {e}")
+    finally:
+      if os.path.exists(new_scores):
+        os.remove(new_scores)
   if reason is not None:
-    with open(skip_file, "w") as f:
-      f.write(reason + "\n")
+    reward.write_text_atomic(skip_file, reason + "\n")
   path = report.write_report(out, metrics_path=os.path.join(workdir, "metrics.jsonl"),
                              skip_reason=reason, reward_model=ecfg.reward_model,
                              loss_window=config.train.loss_avg_window)

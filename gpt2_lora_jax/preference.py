@@ -260,8 +260,13 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   if not used:
     raise ValueError(f"no preference pair of {names} fits data.max_length={data_cfg.max_length}")
   P = len(used)
-  packed = pack(segments, masks, np.repeat(used, 2), data_cfg.max_length, data_cfg.packing,
+  cap = data_cfg.max_segments_per_row
+  if cap == 1:
+    raise ValueError("data.max_segments_per_row=1: a preference pair needs 2 segments of one row; "
+                     "set it to 0 (no cap) or an even number >= 2")
+  packed = pack(segments, masks, np.repeat(used, 2), data_cfg.max_length, data_cfg.packing, cap,
                 groups=[[2 * p, 2 * p + 1] for p in range(P)])
+  per_row = packed.segments_per_row
 
   # j of each pair in its row: pairs of a row ordered by where their chosen segment starts.
   pair_packed_row = packed.conversation_packed_row[0::2]
@@ -295,7 +300,10 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "padding_tokens": packed.inputs.size - packed.num_tokens,
       "padding_fraction": packed.padding_fraction,
       "conversations": 2 * P, "pairs": P, "pairs_per_row": pairs_per_row,
-      "packed_rows": packed.num_rows, "examples_per_epoch": packed.num_rows,
+      "packed_rows": packed.num_rows,
+      "segments_per_row": {"cap": cap, "mean": float(per_row.mean()) if per_row.size else 0.0,
+                           "max": int(per_row.max(initial=0)),
+                           "rows_at_cap": int((per_row >= cap - 1).sum()) if cap else 0}, "examples_per_epoch": packed.num_rows,
       "batch_size": batch_size, "steps_per_epoch": data.steps_per_epoch(packed, batch_size),
       "token_cache": {"file": cache_file, "from_cache": from_cache},
   }
