@@ -24,6 +24,9 @@ cheaper. A pair sees exactly the same reference numbers in every epoch.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,15 +116,17 @@ METRICS = ("reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chose
            "ref_logp_chosen", "ref_logp_rejected")
 
 
-def make_loss_fn(model, dpo_cfg, pairs_per_row: int):
+def make_loss_fn(model, dpo_cfg):
   """The DPO loss as a train-step loss_fn: (loss summed over pairs, pairs, {metric: sum over pairs}).
 
-  rng None: deterministic (held-out evaluation). The batch carries ref_logps (B, J, 2).
+  rng None: deterministic (held-out evaluation). The batch carries pair_mask (B, J) and the cached
+  ref_logps (B, J, 2); J (pairs a row can hold) is read from their shape.
   """
   check_config(dpo_cfg)
-  J, R = pairs_per_row, 2 * pairs_per_row
 
   def loss_fn(trainable, frozen, mbatch, rng):
+    J = mbatch["pair_mask"].shape[-1]
+    R = 2 * J
     params = lora.combine(trainable, frozen)
     policy_BJ2 = reply_logps(model, params, mbatch, rng, rng is None, R).reshape(-1, J, 2)
     tokens_BJ2 = reply_tokens(mbatch, R).reshape(-1, J, 2)
@@ -160,6 +165,68 @@ def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int) -> n
     n = min(batch_size, pairs.num_rows - first)
     out[first:first + n] = logps[:n]
   return out * pairs.pair_mask()[..., None]
+
+
+def objective(exp, cache_dir):
+  """train.Objective for DPO on the (chosen, rejected) pairs of config.data (see train.run)."""
+  from gpt2_lora_jax import metrics as metrics_lib, preference, train
+  cfg = exp.config
+  loss_fn = make_loss_fn(exp.model, cfg.dpo)
+
+  def build_data(split, log):
+    return preference.build(cfg.data, exp.tokenizer, split, cfg.train.batch_size, cache_dir, log=log)
+
+  def prepare(train_pairs, eval_pairs, state, frozen, mesh):
+    """The reference log-probs: the initial policy (the reference) over every pair, once."""
+    ref = lambda pairs: None if pairs is None else dataclasses.replace(pairs, ref_logps=reference_logps(
+        exp.model, state["trainable"], frozen, pairs, mesh, cfg.train.batch_size))
+    return ref(train_pairs), ref(eval_pairs)
+
+  def plot(workdir, window):
+    metrics_lib.plot_loss(workdir, window)
+    plot_preference_metrics(metrics_lib.read(os.path.join(workdir, metrics_lib.METRICS_FILE)),
+                            os.path.join(workdir, PREFERENCE_PLOT), window)
+
+  return train.Objective(
+      build_data=build_data, batch_for_step=preference.batch_for_step,
+      eval_batches=preference.eval_batches, loss_fn=loss_fn,
+      eval_fn=lambda trainable, frozen, batch: loss_fn(trainable, frozen, batch, None),
+      denominator_name="pairs", prepare=prepare, plot=plot)
+
+
+PREFERENCE_PLOT = "preference.png"
+
+
+def plot_preference_metrics(records: list[dict], path: str, window: int):
+  """Preference accuracy (train, mean per `window` steps, and held-out) and the reward margin."""
+  from gpt2_lora_jax import metrics as metrics_lib
+  train = [r for r in records if r["split"] == "train" and "accuracy" in r]
+  held_out = [r for r in records if r["split"] == "eval" and "accuracy" in r]
+  if not train or "://" in path:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (acc, margin) = plt.subplots(1, 2, figsize=(11, 4))
+  steps = [r["step"] for r in train]
+  for ax, key, label in ((acc, "accuracy", "preference accuracy"), (margin, "margin", "reward margin")):
+    values = [r[key] for r in train]
+    ax.plot(steps, values, lw=0.6, alpha=0.4, label=f"train {label} (logged steps)")
+    centers, means = metrics_lib.window_means(steps, values, window)
+    ax.plot(centers, means, lw=2, label=f"train, mean per {window} steps")
+    if held_out:
+      ax.plot([r["step"] for r in held_out], [r[key] for r in held_out], lw=2, marker="s",
+              color="tab:red", label=f"held-out {label}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  acc.set_title("DPO: share of pairs with chosen reward > rejected")
+  margin.set_title("DPO: beta (log-ratio chosen - log-ratio rejected)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 # --- where the policy starts -----------------------------------------------------------------------
