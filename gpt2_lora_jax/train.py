@@ -208,16 +208,29 @@ def is_finite_loss(m: dict) -> bool:
   return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
 
 
+def master_copy(x):
+  """A trainable leaf as fp32 (host or device array; integer leaves are left alone)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float32:
+    return x
+  return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
+
+
 def init_state(params, labels, seed: int, mesh, tx):
   """(state, frozen, state shardings, frozen shardings): a run's arrays placed on the mesh.
 
   params: base + adapters (host or device arrays); labels: lora.labels of them; seed: of the
   step RNG (dropout); tx: the optimizer (its state is created here, sharded like its params).
+  The trainable leaves and the optimizer state are fp32; the frozen base keeps its dtype.
   """
   from gpt2_lora_jax import sharding
   param_sh = sharding.param_shardings(params, mesh)
   trainable_sh, frozen_sh = lora.split(param_sh, labels)
   trainable, frozen = lora.split(params, labels)
+  # Trainable leaves are an fp32 master copy whatever the base's storage dtype (rank 0 or
+  # extra_trainable on a bf16 base), so Adam's moments are fp32 too and an update of lr 2e-4 is not
+  # rounded away: in bf16 it is below half an ulp of any weight of magnitude >= 2^-4 (the layer
+  # norms' 1.0 among them). The model casts them to the compute dtype where it uses them.
+  trainable = jax.tree.map(master_copy, trainable)
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
   opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from conftest import REPO, TINY_CONFIG, run_main, train_losses
 from gpt2_lora_jax import experiment, lora, sharding, train
@@ -217,3 +218,26 @@ def test_pluggable_loss_is_normalised_by_the_whole_batch(tiny_exp):
   np.testing.assert_allclose(m["w"], ratio, rtol=1e-6)
   np.testing.assert_allclose(m["grad_norm"], ratio * np.sqrt(n_values), rtol=1e-5)
   assert m["loss_tokens"] == batch["n"].sum()
+
+
+def test_full_fine_tuning_on_a_bf16_base_trains_fp32_master_weights():
+  """Rank 0 on a bf16 base: trainable leaves and Adam moments are fp32, and one step at lr 2e-4
+  moves (nearly) every weight; bf16 leaves would round it away (layer-norm scales of 1.0 entirely)."""
+  exp = experiment.build(tiny_config(**{"model.base_param_dtype": "bfloat16", "lora.rank": 0,
+                                        "optim.lr": 2e-4, "optim.warmup_steps": 0}))
+  assert {x.dtype for x in jax.tree.leaves(exp.params)} == {jnp.dtype(jnp.bfloat16)}
+  batch = random_batch(np.random.RandomState(4), 8, 64, exp.gpt2_config.vocab_size)
+  batch["loss_mask"][:] = 1.0  # every position feeds the loss, so every wpe row has a gradient
+  tx, schedule = experiment.optimizer(exp)
+  mesh = sharding.make_mesh(2, 1, jax.devices()[:2])
+  state, frozen, state_sh, frozen_sh = train.init_state(exp.params, exp.labels, 0, mesh, tx)
+  float_leaves = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert {x.dtype for x in float_leaves(state)} == {jnp.dtype(jnp.float32)}
+  assert len(float_leaves(state["opt_state"])) == 2 * len(jax.tree.leaves(state["trainable"]))  # mu, nu
+  step = train.jit_train_step(exp.model, exp.labels, 1, tx, schedule, mesh, state_sh, frozen_sh)
+  new_state, m = step(state, frozen, sharding.global_batch(batch, mesh))
+  assert m["finite"] and {x.dtype for x in float_leaves(new_state)} == {jnp.dtype(jnp.float32)}
+  before = traverse_util.flatten_dict(exp.params, sep="/")
+  for path, new in traverse_util.flatten_dict(jax.device_get(new_state["trainable"]), sep="/").items():
+    changed = np.mean(new != np.asarray(before[path], np.float32))
+    assert changed > 0.99, (path, changed)
