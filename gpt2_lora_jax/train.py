@@ -64,6 +64,20 @@ def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int =
 STOP_KEY = "stop"
 
 
+def split_micro_batches(x_B, micro_batches: int):
+  """(B, ...) -> (M, B / M, ...), micro-batch m holding rows m, m + M, m + 2M, ...
+
+  Strided, not contiguous: the batch arrives split over the devices in contiguous blocks of B / n
+  rows, and every block holds B / (M n) rows of every micro-batch, so each micro-batch is spread
+  over all devices and a device computes only rows it holds. (Contiguous micro-batches would each
+  live on n / M of the devices, and XLA would gather them: every device computing B / n rows per
+  micro-batch whatever M, M times the compute and no activation memory saved.) The reshape keeps
+  the rows' device split on axis 0 of (B / M, M); the swap makes it axis 1 of the result.
+  """
+  M = micro_batches
+  return jnp.swapaxes(x_B.reshape((x_B.shape[0] // M, M) + x_B.shape[1:]), 0, 1)
+
+
 def sft_loss(model) -> Callable:
   """The supervised loss as a train-step loss_fn: (NLL summed over loss tokens, loss tokens, {})."""
   def loss_fn(trainable, frozen, mbatch, rng):
@@ -90,7 +104,7 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
     batch = dict(batch)
     stop_B = batch.pop(STOP_KEY, None)  # (B,) int32 in multi-process runs; see run()
     rng = jax.random.fold_in(state["rng"], state["step"])
-    micro = jax.tree.map(lambda x: x.reshape((micro_batches, -1) + x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
 
     def numerator(trainable, mbatch, mrng):
       num, den, aux = loss_fn(trainable, frozen, mbatch, mrng)
@@ -194,16 +208,29 @@ def is_finite_loss(m: dict) -> bool:
   return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
 
 
+def master_copy(x):
+  """A trainable leaf as fp32 (host or device array; integer leaves are left alone)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float32:
+    return x
+  return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
+
+
 def init_state(params, labels, seed: int, mesh, tx):
   """(state, frozen, state shardings, frozen shardings): a run's arrays placed on the mesh.
 
   params: base + adapters (host or device arrays); labels: lora.labels of them; seed: of the
   step RNG (dropout); tx: the optimizer (its state is created here, sharded like its params).
+  The trainable leaves and the optimizer state are fp32; the frozen base keeps its dtype.
   """
   from gpt2_lora_jax import sharding
   param_sh = sharding.param_shardings(params, mesh)
   trainable_sh, frozen_sh = lora.split(param_sh, labels)
   trainable, frozen = lora.split(params, labels)
+  # Trainable leaves are an fp32 master copy whatever the base's storage dtype (rank 0 or
+  # extra_trainable on a bf16 base), so Adam's moments are fp32 too and an update of lr 2e-4 is not
+  # rounded away: in bf16 it is below half an ulp of any weight of magnitude >= 2^-4 (the layer
+  # norms' 1.0 among them). The model casts them to the compute dtype where it uses them.
+  trainable = jax.tree.map(master_copy, trainable)
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
   opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
