@@ -22,41 +22,38 @@ import numpy as np
 import optax
 
 from gpt2_lora_jax import lora
+from gpt2_lora_jax import loss as loss_lib
 
 
-# Positions per logits chunk in the loss: the (B, T, V) logits are never all alive at once.
-LOSS_CHUNK = 256
+# Positions per logits chunk in the loss (at most): the (B, T, V) logits are never all alive at once.
+LOSS_CHUNK = loss_lib.DEFAULT_CHUNK
 
 
 def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int = LOSS_CHUNK):
   """(sum of next-token NLL over loss_mask, number of loss tokens) for one (B, T) batch.
 
-  The head and the cross-entropy run over `chunk` positions at a time under jax.checkpoint, so
-  the fp32 logits of the whole batch ([B, T, 50257]: 3.3 GB at 16 x 1024) never exist at once,
-  in the forward pass or the backward (which recomputes each chunk's logits). A T that `chunk`
-  does not divide runs as one chunk.
+  The blocks run as the model; the head and the cross-entropy run fused in loss.head_nll_sum:
+  `chunk` positions at a time, fp32 logits, the gradient of each chunk's logits formed in the
+  forward pass (no recompute in the backward), so the fp32 logits of the whole batch
+  ([B, T, 50257]: 3.3 GB at 16 x 1024) never exist. A T that `chunk` does not divide is cut into
+  equal chunks of at most `chunk` positions.
   """
   rngs = None if deterministic else {"dropout": rng}
   h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
                       return_hidden=True)
-  B, T, D = h_BTD.shape
-  C = chunk if 0 < chunk < T and T % chunk == 0 else T
+  cfg = model.config
+  head = loss_lib.head_from_params(params, cfg.tie_word_embeddings)
+  spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
+                           lora_scale=float(model.lora_scale or 0.0), lora_dropout=model.lora_dropout,
+                           deterministic=deterministic, chunk=chunk)
+  if "lora_a" in head and model.lora_scale is None:
+    raise ValueError("parameters at lm_head hold LoRA adapters but the model was built without a LoRA "
+                     "scale: build it with gpt2_lora_jax.lora.make_model(config, lora_config)")
   mask_BT = batch["loss_mask"].astype(jnp.float32)
-
-  @jax.checkpoint
-  def chunk_nll_sum(h_BCD, targets_BC, mask_BC, index):
-    chunk_rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, index)}
-    logits_BCV = model.apply({"params": params}, h_BCD, deterministic, method=model.logits,
-                             rngs=chunk_rngs).astype(jnp.float32)
-    nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - jnp.take_along_axis(
-        logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll_BC * mask_BC)
-
-  by_chunk = lambda x: jnp.swapaxes(x.reshape((B, T // C, C) + x.shape[2:]), 0, 1)  # (T/C, B, C, ...)
-  sums = jax.lax.map(lambda xs: chunk_nll_sum(*xs),
-                     (by_chunk(h_BTD), by_chunk(batch["targets"]), by_chunk(mask_BT), jnp.arange(T // C)))
-  return jnp.sum(sums), jnp.sum(mask_BT)
+  nll_sum = loss_lib.head_nll_sum(h_BTD, head, batch["targets"], mask_BT, spec,
+                                  None if deterministic else rng)
+  return nll_sum, jnp.sum(mask_BT)
 
 
 # Batch key of the per-row "this process saw SIGTERM/SIGINT" flag that multi-process runs feed to
