@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.steps = 0  # 0: no pre-training stage
   c.pretrain.lr = 1e-3
+  c.pretrain.field = ""  # text field to pre-train on ('' = data.field; the demo uses 'wrong')
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4  # peak learning rate
@@ -93,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 32
   c.eval.step = -1  # checkpoint step to evaluate (-1: latest)
   c.eval.reward_model = "OpenAssistant/reward-model-deberta-v3-large-v2"  # '' skips scoring
+  # Offline demo only: with no reward_model, train a tiny classifier on the demo data's right vs wrong
+  # replies (demo_scorer.py, seconds) and score with it, labelled "demo scorer" in the report.
+  c.eval.demo_scorer = False
   c.eval.reward_batch_size = 16
   c.eval.reward_max_length = 512
   return c

@@ -136,13 +136,15 @@ def window_means(steps, values, window: int):
   return np.asarray(centers), np.asarray(means)
 
 
-def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT) -> str | None:
+def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT,
+              title: str = "Training loss") -> str | None:
   """<workdir>/loss.png from <workdir>/metrics.jsonl (see plot_loss_records)."""
   return plot_loss_records(read(os.path.join(workdir, METRICS_FILE)), os.path.join(workdir, out_name),
-                           window)
+                           window, title)
 
 
-def plot_loss_records(records: list[dict], path: str, window: int) -> str | None:
+def plot_loss_records(records: list[dict], path: str, window: int,
+                      title: str = "Training loss") -> str | None:
   """Training loss per logged step and averaged per `window` steps, held-out loss on the same axes."""
   train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
   held_out = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
@@ -162,6 +164,7 @@ def plot_loss_records(records: list[dict], path: str, window: int) -> str | None
     ax.plot(s, l, lw=2, marker="s", color="tab:red", label="held-out loss")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats per loss token)")
+  ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
