@@ -19,7 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tokenizer = "gpt2"  # hub id, local dir, or 'offline' (GPT-2's BPE shipped with the package)
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' on GPU/TPU
   c.model.base_param_dtype = "float32"  # storage of the frozen base; 'bfloat16' halves its memory
-  c.model.attention_impl = "xla"  # 'xla' everywhere, 'cudnn' for flash attention on NVIDIA GPUs
+  # 'xla' (the reference, every backend), 'cudnn' (NVIDIA GPUs: packed rows through cuDNN's packed
+  # layout, no dense mask; falls back to XLA elsewhere) or 'auto' (cuDNN where it applies); attention.py
+  c.model.attention_impl = "xla"
   c.model.remat = "none"  # 'none', 'full' or 'dots': trade compute for activation memory
 
   c.lora = ml_collections.ConfigDict()
@@ -43,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.loss_mask = "assistant"  # 'all' tokens, every 'assistant' reply, or the 'final' reply only
   c.data.max_length = 1024  # tokens per training row (GPT-2 allows 1024)
   c.data.packing = True  # pack several conversations per row (attention stays inside each)
+  # At most this many conversations per packed row (a full row is closed, nothing is dropped); sizes
+  # cuDNN's packed attention layout. 32 costs 0.36% padding on HH-RLHF harmless-base (packing.py).
+  c.data.max_segments_per_row = 32
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
   c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
   c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)

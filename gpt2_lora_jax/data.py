@@ -337,7 +337,9 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
     token_ids.append(ids)
     loss_masks.append(mask)
     used.append(int(row))
-  packed = pack(token_ids, loss_masks, used, data_cfg.max_length, data_cfg.packing)
+  cap = data_cfg.max_segments_per_row
+  packed = pack(token_ids, loss_masks, used, data_cfg.max_length, data_cfg.packing, cap)
+  per_row = packed.segments_per_row
 
   assert rows_read == len(used) + sum(len(ix) for ix in skipped.values())  # nothing lost silently
   summary = {
@@ -360,6 +362,11 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "padding_fraction": packed.padding_fraction,
       "conversations": len(used),
       "packed_rows": packed.num_rows,
+      # A row at the cap was closed with room left; the conversations that did not join it went
+      # to other rows (none is dropped).
+      "segments_per_row": {"cap": cap, "mean": float(per_row.mean()) if per_row.size else 0.0,
+                           "max": int(per_row.max(initial=0)),
+                           "rows_at_cap": int((per_row == cap).sum()) if cap else 0},
       "examples_per_epoch": packed.num_rows,
       "batch_size": batch_size,
       "steps_per_epoch": steps_per_epoch(packed, batch_size),
@@ -401,6 +408,9 @@ def format_summary(s: dict) -> str:
             f"{loss_share:.1%}; {s['tokens_cut_by_truncation']:,} cut by truncation)",
             f"  packed rows       {s['packed_rows']:>10,}  x {s['max_length']} "
             f"({s['conversations']:,} conversations), padding {s['padding_fraction']:.2%}",
+            f"  segments per row  {s['segments_per_row']['mean']:>10.2f}  mean, max "
+            f"{s['segments_per_row']['max']} (cap {s['segments_per_row']['cap'] or 'none'}; "
+            f"{s['segments_per_row']['rows_at_cap']:,} rows at the cap)",
             f"  epoch             {s['examples_per_epoch']:>10,}  rows = {s['steps_per_epoch']:,.2f} "
             f"steps at batch size {s['batch_size']}",
             f"  token cache       {'read' if s['token_cache']['from_cache'] else 'written'} "

@@ -1,7 +1,10 @@
 """Evaluation: base vs fine-tuned answers, held-out loss, reward scores (separate process), report.
 
 Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alone:
-  1. restore the Orbax checkpoint (latest or eval.step) onto the base and merge the adapters;
+  1. restore the Orbax checkpoint (latest or eval.step) onto the base. The fine-tuned model is the
+     one training ran (lora.make_model: adapters applied factored, y = x W + s (x A) B, the base
+     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16 loses much of a
+     small update, so a merged model would be another model than the one trained;
   2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
   3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
      "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
@@ -100,16 +103,14 @@ def run(config, workdir: str) -> str:
   ecfg = config.eval
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   out = eval_dir(workdir, step)
-  merged, merged_config = lora.merge(tuned_params, exp.lora_config, exp.gpt2_config) \
-      if exp.lora_config.rank > 0 else (tuned_params, exp.gpt2_config)
-  tuned_model = type(exp.base_model)(merged_config)
+  tuned_model = exp.model  # the module training used (module docstring, stage 1)
   base_params = strip_adapters(exp.params)
   is_main = jax.process_index() == 0
 
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                             config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {report.BASE: heldout_loss(exp.base_model, base_params, eval_data, ecfg.batch_size),
-             report.TUNED: heldout_loss(tuned_model, merged, eval_data, ecfg.batch_size)}
+             report.TUNED: heldout_loss(tuned_model, tuned_params, eval_data, ecfg.batch_size)}
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
@@ -123,7 +124,7 @@ def run(config, workdir: str) -> str:
                 encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
   rows = []
   for name, model, params in ((report.BASE, exp.base_model, base_params),
-                              (report.TUNED, tuned_model, merged)):
+                              (report.TUNED, tuned_model, tuned_params)):
     log = (lambda done, total, name=name: print(f"sampling {name}: {done}/{total} prompts", flush=True)) \
         if is_main else None
     results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs, progress=log)
@@ -134,9 +135,13 @@ def run(config, workdir: str) -> str:
       row["correct"] = demo_data.is_correct(row["answer"], row["reference"])
   generations = os.path.join(out, "generations.jsonl")
   if is_main:
+    # Scores of earlier generations do not score these answers: they go before the new ones land.
+    for stale in (os.path.join(out, "scores.jsonl"), os.path.join(out, report.SKIP_REASON_FILE)):
+      if os.path.exists(stale):
+        os.remove(stale)
     reward.write_jsonl_atomic(generations, rows)
     write_eval_config(os.path.join(out, report.EVAL_CONFIG_FILE), config, step, exp.base_name)
-  del tuned_params, merged, base_params
+  del tuned_params, base_params
   jax.clear_caches()
   return score_and_report(config, workdir) if is_main else ""
 
@@ -163,7 +168,12 @@ def strip_adapters(params: dict) -> dict:
 
 def score_and_report(config, workdir: str, step: int | None = None) -> str:
   """Stages 4-5: scores eval/step_<step>/generations.jsonl (step None: eval.step, -1 the newest
-  evaluated step) in a child process (or records why not), then the report."""
+  evaluated step) in a child process (or records why not), then the report.
+
+  scores.jsonl and the skip-reason file are replaced only when a new one is complete: the scorer
+  writes to a temporary name that is renamed on success, so a failed rescoring (--mode=score)
+  keeps the scores already there, and the report is built from them.
+  """
   ecfg = config.eval
   out = eval_dir(workdir, ecfg.step if step is None else step)
   generations = os.path.join(out, "generations.jsonl")
@@ -171,9 +181,7 @@ def score_and_report(config, workdir: str, step: int | None = None) -> str:
     raise FileNotFoundError(f"{generations} does not exist: run --mode=eval first")
   scores = os.path.join(out, "scores.jsonl")
   skip_file = os.path.join(out, report.SKIP_REASON_FILE)
-  for stale in (scores, skip_file):
-    if os.path.exists(stale):
-      os.remove(stale)
+  new_scores = scores + ".partial"  # renamed to scores.jsonl only once the scorer has succeeded
   reason, failure = None, None
   reward_model, scorer_label = ecfg.reward_model, ""
   if ecfg.demo_scorer and not reward_model:
@@ -190,14 +198,21 @@ def score_and_report(config, workdir: str, step: int | None = None) -> str:
         info = demo_scorer.ensure(reward_model)
         scorer_label += (f"; it ranks {info['test_pairwise_accuracy']:.1%} of {info['test_pairs']} "
                          "held-out right/wrong reply pairs correctly")
-      reward.run_scorer_subprocess(generations, scores, reward_model,
+      reward.run_scorer_subprocess(generations, new_scores, reward_model,
                                    batch_size=ecfg.reward_batch_size, max_length=ecfg.reward_max_length)
+      os.replace(new_scores, scores)
+      if os.path.exists(skip_file):
+        os.remove(skip_file)
     except (reward.ScorerError, demo_scorer.BuildError) as e:
       failure = e
-      reason = f"the reward scorer failed; generations are kept, rerun scoring with --mode=score. {e}"
+      kept = " (the scores already in scores.jsonl are kept)" if os.path.exists(scores) else ""
+      reason = (f"the reward scorer failed; generations are kept{kept}, rerun scoring with "
+                f"--mode=score. {e}")
+    finally:
+      if os.path.exists(new_scores):
+        os.remove(new_scores)
   if reason is not None:
-    with open(skip_file, "w") as f:
-      f.write(reason + "\n")
+    reward.write_text_atomic(skip_file, reason + "\n")
   path = report.write_report(out, metrics_path=os.path.join(workdir, "metrics.jsonl"),
                              skip_reason=reason,
                              reward_model=f"{reward_model}: {scorer_label}" if scorer_label else reward_model,

@@ -4,7 +4,7 @@
                                 kernel; no base path changes, so a pretrained checkpoint loads as-is
     labels(params, cfg)         'trainable' / 'frozen' per leaf, for optim.make_optimizer
     split / combine             trainable and frozen halves of the tree and back
-    merge(params, cfg, config)  a plain GPT-2 tree (kernel + s A B) for weights.save_pretrained
+    merge(params, cfg, config)  a plain GPT-2 tree (kernel + s A B, in fp32) for weights.save_pretrained
     save_peft / load_peft       Hugging Face PEFT's adapter_config.json + adapter_model.safetensors
     summary(params, labels)     PEFT's "trainable params: N || all params: M || trainable%: P" line
 
@@ -244,10 +244,14 @@ def combine(trainable: dict, frozen: dict) -> dict:
 
 
 def merge(params: dict, cfg: LoraConfig, gpt2_config: gpt2_model.GPT2Config) -> tuple:
-  """(plain GPT-2 params, config): each kernel += s A B and the adapters removed.
+  """(plain GPT-2 params, config): each adapted kernel becomes W + s A B in float32, adapters removed.
 
+  The merged kernels are float32 whatever the base's storage dtype: on a bf16 base, W + s A B rounded
+  back to bf16 loses much of a small update (bf16 values near 0.1 are 4.9e-4 apart: a smaller change
+  to such a weight rounds to half that step or to nothing), so a bf16 merge would be another model than the one trained. Leaves without an adapter keep
+  their dtype. weights.save_pretrained writes every tensor as float32.
   An adapter on a tied lm_head unties it: the returned config has tie_word_embeddings=False and the
-  tree gains lm_head/kernel (D, V) = wte^T + s A B. Everything else keeps its path and dtype.
+  tree gains lm_head/kernel (D, V) = wte^T + s A B.
   """
   flat = dict(traverse_util.flatten_dict(params))
   modules = _adapter_modules(flat)
@@ -267,7 +271,7 @@ def merge(params: dict, cfg: LoraConfig, gpt2_config: gpt2_model.GPT2Config) -> 
     else:  # the tied head: untie it
       base = flat[("wte", "embedding")].T  # (D, V)
       gpt2_config = gpt2_config.replace(tie_word_embeddings=False)
-    flat[path + ("kernel",)] = (base.astype(jnp.float32) + delta).astype(base.dtype)
+    flat[path + ("kernel",)] = base.astype(jnp.float32) + delta  # float32 (docstring)
   return traverse_util.unflatten_dict(flat), gpt2_config
 
 

@@ -64,14 +64,27 @@ def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int =
 STOP_KEY = "stop"
 
 
+def sft_loss(model) -> Callable:
+  """The supervised loss as a train-step loss_fn: (NLL summed over loss tokens, loss tokens, {})."""
+  def loss_fn(trainable, frozen, mbatch, rng):
+    nll_sum, n_tokens = token_loss_sums(model, lora.combine(trainable, frozen), mbatch, rng,
+                                        deterministic=False)
+    return nll_sum, n_tokens, {}
+  return loss_fn
+
+
 def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batches: int,
-                    schedule: Callable):
+                    schedule: Callable, loss_fn: Callable | None = None):
   """One optimizer update from a (B, T) batch split into `micro_batches` passes.
 
-  The loss is normalised by the loss tokens of the whole batch, not averaged over micro-batches,
-  so 4 micro-batches of 2 rows give the update of one batch of 8 rows. An optional batch[STOP_KEY]
-  (B,) flag comes back as metrics[STOP_KEY], the same on every process (see run()).
+  loss_fn(trainable, frozen, mbatch, rng) -> (numerator sum, denominator count, aux) for one
+  micro-batch; aux is a dict of per-micro-batch sums. Default: sft_loss(model), the token NLL.
+  The loss is the numerator summed over the whole batch divided by the denominator summed over the
+  whole batch, not an average of micro-batch means, so 4 micro-batches of 2 rows give the update of
+  one batch of 8 rows; each aux sum is divided by the same denominator for the metrics. An optional
+  batch[STOP_KEY] (B,) flag comes back as metrics[STOP_KEY], the same on every process (see run()).
   """
+  loss_fn = sft_loss(model) if loss_fn is None else loss_fn
 
   def train_step(state, frozen, batch):
     batch = dict(batch)
@@ -79,23 +92,29 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
     rng = jax.random.fold_in(state["rng"], state["step"])
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, -1) + x.shape[1:]), batch)
 
-    def loss_of_trainable(trainable, mbatch, mrng):
-      return token_loss_sums(model, lora.combine(trainable, frozen), mbatch, mrng, deterministic=False)
+    def numerator(trainable, mbatch, mrng):
+      num, den, aux = loss_fn(trainable, frozen, mbatch, mrng)
+      return num, (den, aux)
 
-    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+    grad_fn = jax.value_and_grad(numerator, has_aux=True)
 
     def accumulate(carry, xs):
-      grads_acc, nll_acc, n_acc = carry
+      grads_acc, num_acc, den_acc, aux_acc = carry
       mbatch, index = xs
-      (nll_sum, n), grads = grad_fn(state["trainable"], mbatch, jax.random.fold_in(rng, index))
-      return (jax.tree.map(jnp.add, grads_acc, grads), nll_acc + nll_sum, n_acc + n), None
+      (num, (den, aux)), grads = grad_fn(state["trainable"], mbatch, jax.random.fold_in(rng, index))
+      return (jax.tree.map(jnp.add, grads_acc, grads), num_acc + num, den_acc + den,
+              jax.tree.map(jnp.add, aux_acc, aux)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["trainable"])
-    (grads_sum, nll_sum, n_tokens), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(micro_batches)))
-    denom = jnp.maximum(n_tokens, 1.0)
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shapes = jax.eval_shape(lambda: loss_fn(state["trainable"], frozen, first, rng)[2])
+    aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shapes)
+    (grads_sum, num_sum, den_sum, aux_sum), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0), aux_zeros),
+        (micro, jnp.arange(micro_batches)))
+    denom = jnp.maximum(den_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
-    loss = nll_sum / denom
+    loss = num_sum / denom
     # The optimizer sees the whole tree: zero gradients for frozen leaves, which it maps to zero.
     full_grads = lora.combine(grads, jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), frozen))
     full_params = lora.combine(state["trainable"], frozen)
@@ -110,8 +129,9 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "loss_tokens": den_sum, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "finite": finite}
+    metrics.update({k: v / denom for k, v in aux_sum.items()})
     if stop_B is not None:  # any process saw a signal: the max over every row is an all-reduce
       metrics[STOP_KEY] = jnp.max(stop_B)
     return new_state, metrics
@@ -195,10 +215,12 @@ def init_state(params, labels, seed: int, mesh, tx):
   return state, frozen, state_sh, frozen_sh
 
 
-def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh):
-  """The train step under jit: explicit shardings, the state donated, compiled once per run."""
+def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh,
+                   loss_fn: Callable | None = None):
+  """The train step under jit: explicit shardings, the state donated, compiled once per run.
+  loss_fn: as in make_train_step (default: the supervised token NLL)."""
   from gpt2_lora_jax import sharding
-  step = make_train_step(model, tx, labels, micro_batches, schedule)
+  step = make_train_step(model, tx, labels, micro_batches, schedule, loss_fn)
   return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 

@@ -193,3 +193,29 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing_from_it(tmp_path)
   saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert all(s < bad_step for s in saved)  # every saved checkpoint precedes the bad update
   assert all(np.isfinite(v) for v in train_losses(workdir).values())
+
+
+def test_pluggable_loss_is_normalised_by_the_whole_batch(tiny_exp):
+  """A loss_fn whose value and gradient are known in closed form: num = sum_rows w * s(trainable)
+  with s the sum of every trainable value, den = sum_rows n. Over 4 micro-batches the step must
+  report loss = W/N * s, aux w = W/N and grad norm = W/N * sqrt(#trainable values)."""
+  rng = np.random.RandomState(3)
+  batch = {"w": rng.uniform(0.5, 2.0, 8).astype(np.float32), "n": rng.randint(1, 9, 8).astype(np.float32)}
+  total = lambda tree: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
+
+  def loss_fn(trainable, frozen, mbatch, rng):
+    return jnp.sum(mbatch["w"]) * total(trainable), jnp.sum(mbatch["n"]), {"w": jnp.sum(mbatch["w"])}
+
+  tx, schedule = experiment.optimizer(tiny_exp)
+  mesh = sharding.make_mesh(4, 1, jax.devices()[:4])
+  state, frozen, state_sh, frozen_sh = train.init_state(tiny_exp.params, tiny_exp.labels, 0, mesh, tx)
+  s = float(total(state["trainable"]))
+  n_values = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+  step = train.jit_train_step(tiny_exp.model, tiny_exp.labels, 4, tx, schedule, mesh, state_sh, frozen_sh,
+                              loss_fn=loss_fn)
+  _, m = jax.device_get(step(state, frozen, sharding.global_batch(batch, mesh)))
+  ratio = batch["w"].sum(dtype=np.float64) / batch["n"].sum(dtype=np.float64)
+  np.testing.assert_allclose(m["loss"], ratio * s, rtol=1e-5)
+  np.testing.assert_allclose(m["w"], ratio, rtol=1e-6)
+  np.testing.assert_allclose(m["grad_norm"], ratio * np.sqrt(n_values), rtol=1e-5)
+  assert m["loss_tokens"] == batch["n"].sum()
