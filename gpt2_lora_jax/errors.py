@@ -8,3 +8,11 @@ ValueError around a check keeps working.
 
 class UserError(ValueError):
   """Bad input: the message names the input and the fix."""
+
+
+class MissingPackageError(UserError, ImportError):
+  """An optional package a chosen feature needs is not installed; the message says what to install."""
+
+
+class UserPathError(UserError, OSError):
+  """A path the user gave cannot be used (e.g. an unwritable --workdir)."""

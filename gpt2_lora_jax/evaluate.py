@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from gpt2_lora_jax import checkpoint, data, demo_scorer, experiment, lora, report, reward, sample, sharding, train
+from gpt2_lora_jax.errors import UserError
 
 EVAL_DIR = "eval"
 DEMO_SCORER_DIR = "demo_scorer"  # eval.demo_scorer builds it here (demo_scorer.py)
@@ -39,7 +40,7 @@ def eval_dir(workdir: str, step: int | None = None) -> str:
   """<workdir>/eval/step_<step>/: each evaluated checkpoint keeps its own files. step None (or < 0):
   the newest step directory that holds generations (what --mode=score rescores)."""
   if "://" in workdir:
-    raise ValueError(f"--workdir={workdir} is a bucket, and evaluation writes local files: mount the "
+    raise UserError(f"--workdir={workdir} is a bucket, and evaluation writes local files: mount the "
                      "bucket (e.g. gcsfuse) and pass the mounted path, or copy the run's checkpoints/ "
                      "and metrics.jsonl to a local directory and pass that")
   root = os.path.join(workdir, EVAL_DIR)

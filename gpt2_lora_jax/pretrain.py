@@ -12,6 +12,7 @@ import os
 import jax
 
 from gpt2_lora_jax import experiment, metrics, sharding, train, weights
+from gpt2_lora_jax.errors import UserError
 
 BASE_DIR = "pretrained_base"
 
@@ -22,7 +23,7 @@ def maybe_pretrain(config, workdir: str, train_if_missing: bool = True):
   if config.pretrain.steps <= 0:
     return config
   if config.model.init != "random":
-    raise ValueError("pretrain.steps > 0 needs model.init='random' (a pretrained base needs no pre-training)")
+    raise UserError("pretrain.steps > 0 needs model.init='random' (a pretrained base needs no pre-training)")
   base_dir = os.path.join(workdir, BASE_DIR)
   if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
     if not train_if_missing:

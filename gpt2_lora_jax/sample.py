@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_lora_jax.model import init_kv_cache
+from gpt2_lora_jax.errors import UserError
 
 EOT_ID = 50256  # GPT-2's end of text, also used as padding
 STOP_REASONS = ("stop_string", "eos", "max_new_tokens")
@@ -48,7 +49,7 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
+      raise UserError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
                        "0 < top_p <= 1")
 
 
@@ -201,7 +202,7 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
   n_positions = model.config.n_positions
   max_prompt = n_positions - max_new_tokens
   if max_prompt < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+    raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                      f"n_positions={n_positions}")
   stop_strings = tuple(s for s in stop_strings if s)
   if encode is None:
