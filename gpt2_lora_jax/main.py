@@ -63,7 +63,10 @@ def parse_flags(argv):
     reason = last.split(": ", 1)[1] if "Traceback" in str(e) and ": " in last else " ".join(lines[1:])
     fail(f"{head}: {reason}" if reason else head)
   except (AttributeError, KeyError) as e:  # a --config.a.b override naming no key of the config
-    text = str(e.args[0]) if e.args else str(e)
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError(text))
+      cause = cause.args[0]
+    text = str(cause.args[0]) if cause.args else str(cause)
     key, _, hint = text.partition("\n")
     key = key.strip("'\" ")
     given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
