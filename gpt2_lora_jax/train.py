@@ -291,7 +291,8 @@ def run(exp, workdir: str) -> dict:
     start = mngr.latest_step()
     state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta)
     if is_main:
-      print(f"resumed from {mngr.directory}/{start}", flush=True)
+      print(finished_message(start, tcfg.steps, workdir) if start >= tcfg.steps
+            else f"resumed from {mngr.directory}/{start}", flush=True)
   if start >= tcfg.steps:
     return {"step": start, "params": lora.combine(state["trainable"], frozen)}
 
@@ -397,6 +398,15 @@ def run(exp, workdir: str) -> dict:
       if is_main:
         metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
   return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
+
+
+def finished_message(checkpoint_step: int, steps: int, workdir: str) -> str:
+  """What a rerun of a finished run says (it exits 0: there is nothing left to train)."""
+  if checkpoint_step == steps:
+    return f"{workdir}: already trained to step {steps}; nothing to do"
+  return (f"{workdir}: the checkpoint is at step {checkpoint_step}, beyond train.steps={steps}; "
+          f"nothing to train (evaluation, if asked for, uses step {checkpoint_step} unless "
+          "--config.eval.step says otherwise)")
 
 
 def exp_summary_line(exp) -> str:
