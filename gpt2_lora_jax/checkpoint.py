@@ -88,6 +88,25 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, expect
   return restored["state"]
 
 
+def read_trainable(path: str) -> tuple[dict, dict, str]:
+  """(trainable leaves as saved, meta, where) of the latest checkpoint under `path`: a workdir, its
+  checkpoints/ directory, or one step's directory (checkpoints/<step>)."""
+  path = path.rstrip("/")
+  step = None
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  mngr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"{path!r} holds no checkpoint (expected a run's workdir, its checkpoints/ "
+                            "directory or checkpoints/<step>)")
+  meta = read_meta(mngr, step)
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["trainable"], meta, f"{mngr.directory}/{step}"
+
+
 def abstract_like(tree):
   """ShapeDtypeStructs (with shardings) for restoring into the same layout as `tree`."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

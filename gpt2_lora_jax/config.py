@@ -61,6 +61,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain.lr = 1e-3
   c.pretrain.field = ""  # text field to pre-train on ('' = data.field; the demo uses 'wrong')
 
+  # Preference tuning (dpo.py; configs/dpo_hh.py): DPO on the (chosen, rejected) pairs of the rows.
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.loss = "sigmoid"  # 'sigmoid' (DPO), 'conservative' (cDPO: label_smoothing > 0) or 'ipo'
+  c.dpo.beta = 0.1  # pull toward the reference, > 0 (TRL's DPOConfig default is 0.1)
+  c.dpo.label_smoothing = 0.0  # cDPO: the probability that a pair's labels are flipped
+  c.dpo.init_from = ""  # SFT workdir or checkpoint the policy's adapters start from ('' = fresh)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4  # peak learning rate
   c.optim.schedule = "cosine"  # 'cosine', 'linear' (to 0) or 'constant', after warmup

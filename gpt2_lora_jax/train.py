@@ -249,6 +249,40 @@ def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
+@dataclasses.dataclass
+class Objective:
+  """What a run trains on and for: everything in run() that differs between SFT and DPO.
+
+  build_data(split, log) -> (data, summary); batch_for_step(data, seed, step, B, process index,
+  process count) and eval_batches(data, B, process index, process count) -> local batch dicts;
+  loss_fn: the train step's loss_fn (make_train_step); eval_fn(trainable, frozen, batch) ->
+  (numerator, denominator, aux sums) without dropout, logged as 'loss', denominator_name and each
+  aux sum over the denominator; prepare(train_data, eval_data, state, frozen, mesh) -> (train_data,
+  eval_data), run once on the initial state before any checkpoint is restored; plot(workdir, window).
+  """
+  build_data: Callable
+  batch_for_step: Callable
+  eval_batches: Callable
+  loss_fn: Callable
+  eval_fn: Callable
+  denominator_name: str = "loss_tokens"
+  prepare: Callable | None = None
+  plot: Callable | None = None
+
+
+def sft_objective(exp, cache_dir) -> Objective:
+  """Supervised fine-tuning on the texts of data.field: the token NLL under the loss mask."""
+  from gpt2_lora_jax import data, metrics as metrics_lib
+  tcfg = exp.config.train
+  eval_step = make_eval_step(exp.model)
+  return Objective(
+      build_data=lambda split, log: data.build(exp.config.data, exp.tokenizer, split, tcfg.batch_size,
+                                               cache_dir, log=log),
+      batch_for_step=data.batch_for_step, eval_batches=data.eval_batches, loss_fn=sft_loss(exp.model),
+      eval_fn=lambda trainable, frozen, batch: (*eval_step(trainable, frozen, batch), {}),
+      plot=metrics_lib.plot_loss)
+
+
 class Preempted(Exception):
   """Raised after the state was saved because SIGTERM/SIGINT arrived; rerun to resume."""
 
@@ -262,9 +296,12 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
-def run(exp, workdir: str) -> dict:
-  """Trains exp (experiment.build) in workdir; resumes from its latest checkpoint. Returns a summary."""
-  from gpt2_lora_jax import checkpoint, data, experiment, flops, metrics as metrics_lib, sharding
+def run(exp, workdir: str, objective: Callable | None = None) -> dict:
+  """Trains exp (experiment.build) in workdir; resumes from its latest checkpoint. Returns a summary.
+
+  objective(exp, cache_dir) -> Objective: what is trained (default sft_objective; dpo.objective).
+  """
+  from gpt2_lora_jax import checkpoint, experiment, flops, metrics as metrics_lib, sharding
 
   config = exp.config
   tcfg = config.train
@@ -274,9 +311,9 @@ def run(exp, workdir: str) -> dict:
   # A bucket workdir keeps the tokenisation cache local (data.py writes it with plain file calls).
   cache_dir = config.data.cache_dir or (None if metrics_lib.is_remote(workdir) else f"{workdir}/cache")
   log = print if is_main else None
-  train_data, summary = data.build(config.data, exp.tokenizer, "train", tcfg.batch_size, cache_dir, log=log)
-  eval_data = (data.build(config.data, exp.tokenizer, "eval", tcfg.batch_size, cache_dir, log=None)[0]
-               if tcfg.eval_every > 0 else None)
+  obj = (objective or sft_objective)(exp, cache_dir)
+  train_data, summary = obj.build_data("train", log)
+  eval_data = obj.build_data("eval", None)[0] if tcfg.eval_every > 0 else None
   if is_main:
     metrics_lib.write_text(f"{workdir}/data_summary.json", json.dumps(summary, indent=2))
     print(exp_summary_line(exp), flush=True)
@@ -284,6 +321,8 @@ def run(exp, workdir: str) -> dict:
   tx, schedule = experiment.optimizer(exp)
   state, frozen, state_sh, frozen_sh = init_state(exp.params, exp.labels, tcfg.seed, mesh, tx)
   repl = sharding.replicated(mesh)
+  if obj.prepare is not None:
+    train_data, eval_data = obj.prepare(train_data, eval_data, state, frozen, mesh)
 
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
   start = 0
@@ -298,9 +337,9 @@ def run(exp, workdir: str) -> dict:
 
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
-                           frozen_sh)
-  eval_fn = jax.jit(make_eval_step(exp.model), in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
-                    out_shardings=(repl, repl))
+                           frozen_sh, obj.loss_fn)
+  eval_fn = jax.jit(obj.eval_fn, in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
+                    out_shardings=repl)
   seq_len = config.data.max_length
   step_flops = flops.train_flops_per_token(exp.params, exp.labels, exp.gpt2_config.n_layer,
                                            exp.gpt2_config.n_embd, seq_len)["total"] * tcfg.batch_size * seq_len
@@ -310,8 +349,8 @@ def run(exp, workdir: str) -> dict:
   last = {}
 
   def batch_at(step, signalled: bool):
-    local = data.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
-                                jax.process_index(), jax.process_count())
+    local = obj.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
+                               jax.process_index(), jax.process_count())
     if multi_process:  # this process's signal flag on each of its rows; the step all-reduces it
       local[STOP_KEY] = np.full(len(local["inputs"]), int(signalled), np.int32)
     return sharding.global_batch(local, mesh)
@@ -339,12 +378,15 @@ def run(exp, workdir: str) -> dict:
     last.update(m)
     return stop_seen
 
-  def held_out_loss(trainable):
-    nll, n = 0.0, 0.0
-    for batch in data.eval_batches(eval_data, tcfg.batch_size, jax.process_index(), jax.process_count()):
-      s, c = eval_fn(trainable, frozen, sharding.global_batch(batch, mesh))
-      nll, n = nll + float(s), n + float(c)
-    return nll / max(n, 1.0), n
+  def held_out(trainable) -> dict:
+    """{'loss', denominator_name, aux...} over every held-out row."""
+    totals = None
+    for batch in obj.eval_batches(eval_data, tcfg.batch_size, jax.process_index(), jax.process_count()):
+      out = jax.device_get(eval_fn(trainable, frozen, sharding.global_batch(batch, mesh)))
+      totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    num, den, aux = jax.tree.map(float, totals)
+    return {"loss": num / max(den, 1.0), obj.denominator_name: den,
+            **{k: v / max(den, 1.0) for k, v in aux.items()}}
 
   # Stopping on a signal. One process: at the next step boundary. Several: a signal may reach them
   # at different steps, and a checkpoint save is collective, so they must agree on the step. Each
@@ -354,8 +396,7 @@ def run(exp, workdir: str) -> dict:
   pending = None
   step = start
   if eval_data is not None and start == 0:  # where the held-out curve starts: the untrained model
-    loss, n = held_out_loss(state["trainable"])
-    writer.write(0, "eval", {"loss": loss, "loss_tokens": n})
+    writer.write(0, "eval", held_out(state["trainable"]))
   with PreemptionGuard() as guard:
     try:
       for step in range(start, tcfg.steps):
@@ -368,8 +409,7 @@ def run(exp, workdir: str) -> dict:
         pending = (step + 1, device_metrics)  # metrics of the update that ends at step + 1
         done = step + 1
         if eval_data is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-          loss, n = held_out_loss(state["trainable"])
-          writer.write(done, "eval", {"loss": loss, "loss_tokens": n})
+          writer.write(done, "eval", held_out(state["trainable"]))
           timer.interrupted()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
           stop = record(*pending) or stop  # never save an unchecked update
@@ -379,7 +419,7 @@ def run(exp, workdir: str) -> dict:
           timer.interrupted()
         if is_main and tcfg.plot_every and done % tcfg.plot_every == 0:
           writer.flush()
-          metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+          obj.plot(workdir, tcfg.loss_avg_window)
           timer.interrupted()
       else:
         step = tcfg.steps
@@ -396,7 +436,7 @@ def run(exp, workdir: str) -> dict:
       mngr.wait_until_finished()
       writer.close()
       if is_main:
-        metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+        obj.plot(workdir, tcfg.loss_avg_window)
   return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
 
 
