@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from gpt2_lora_jax.errors import UserError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
   """A checkpoint was written for another base model or another adapter layout."""
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_lora_jax import lora
+from gpt2_lora_jax.errors import UserError
 
 LOSSES = ("sigmoid", "conservative", "ipo")
 LOSS_CHUNK = 256  # positions per logits chunk, as in the supervised loss
@@ -51,7 +52,7 @@ def check_config(dpo_cfg):
     problems.append(f"dpo.label_smoothing={dpo_cfg.label_smoothing} applies only to "
                     "dpo.loss='conservative'; set it to 0 or choose that loss")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise UserError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, kind: str = "sigmoid",
@@ -61,7 +62,7 @@ def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: floa
   chosen_tokens / rejected_tokens: reply lengths in tokens (needed by 'ipo' only).
   """
   if not beta > 0:
-    raise ValueError(f"dpo.beta={beta}: must be > 0")
+    raise UserError(f"dpo.beta={beta}: must be > 0")
   chosen_ratio = policy_chosen - ref_chosen
   rejected_ratio = policy_rejected - ref_rejected
   if kind == "ipo":
@@ -73,7 +74,7 @@ def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: floa
     eps = label_smoothing if kind == "conservative" else 0.0
     losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
   else:
-    raise ValueError(f"dpo.loss={kind!r}: choose one of {LOSSES}")
+    raise UserError(f"dpo.loss={kind!r}: choose one of {LOSSES}")
   return losses, beta * chosen_ratio, beta * rejected_ratio
 
 

@@ -22,46 +22,57 @@ import numpy as np
 import optax
 
 from gpt2_lora_jax import lora
+from gpt2_lora_jax import loss as loss_lib
 
 
-# Positions per logits chunk in the loss: the (B, T, V) logits are never all alive at once.
-LOSS_CHUNK = 256
+# Positions per logits chunk in the loss (at most): the (B, T, V) logits are never all alive at once.
+LOSS_CHUNK = loss_lib.DEFAULT_CHUNK
 
 
 def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int = LOSS_CHUNK):
   """(sum of next-token NLL over loss_mask, number of loss tokens) for one (B, T) batch.
 
-  The head and the cross-entropy run over `chunk` positions at a time under jax.checkpoint, so
-  the fp32 logits of the whole batch ([B, T, 50257]: 3.3 GB at 16 x 1024) never exist at once,
-  in the forward pass or the backward (which recomputes each chunk's logits). A T that `chunk`
-  does not divide runs as one chunk.
+  The blocks run as the model; the head and the cross-entropy run fused in loss.head_nll_sum:
+  `chunk` positions at a time, fp32 logits, the gradient of each chunk's logits formed in the
+  forward pass (no recompute in the backward), so the fp32 logits of the whole batch
+  ([B, T, 50257]: 3.3 GB at 16 x 1024) never exist. A T that `chunk` does not divide is cut into
+  equal chunks of at most `chunk` positions.
   """
   rngs = None if deterministic else {"dropout": rng}
   h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
                       return_hidden=True)
-  B, T, D = h_BTD.shape
-  C = chunk if 0 < chunk < T and T % chunk == 0 else T
+  cfg = model.config
+  head = loss_lib.head_from_params(params, cfg.tie_word_embeddings)
+  spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
+                           lora_scale=float(model.lora_scale or 0.0), lora_dropout=model.lora_dropout,
+                           deterministic=deterministic, chunk=chunk)
+  if "lora_a" in head and model.lora_scale is None:
+    raise ValueError("parameters at lm_head hold LoRA adapters but the model was built without a LoRA "
+                     "scale: build it with gpt2_lora_jax.lora.make_model(config, lora_config)")
   mask_BT = batch["loss_mask"].astype(jnp.float32)
-
-  @jax.checkpoint
-  def chunk_nll_sum(h_BCD, targets_BC, mask_BC, index):
-    chunk_rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, index)}
-    logits_BCV = model.apply({"params": params}, h_BCD, deterministic, method=model.logits,
-                             rngs=chunk_rngs).astype(jnp.float32)
-    nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - jnp.take_along_axis(
-        logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll_BC * mask_BC)
-
-  by_chunk = lambda x: jnp.swapaxes(x.reshape((B, T // C, C) + x.shape[2:]), 0, 1)  # (T/C, B, C, ...)
-  sums = jax.lax.map(lambda xs: chunk_nll_sum(*xs),
-                     (by_chunk(h_BTD), by_chunk(batch["targets"]), by_chunk(mask_BT), jnp.arange(T // C)))
-  return jnp.sum(sums), jnp.sum(mask_BT)
+  nll_sum = loss_lib.head_nll_sum(h_BTD, head, batch["targets"], mask_BT, spec,
+                                  None if deterministic else rng)
+  return nll_sum, jnp.sum(mask_BT)
 
 
 # Batch key of the per-row "this process saw SIGTERM/SIGINT" flag that multi-process runs feed to
 # the step; the step returns its max over all rows as metrics[STOP_KEY], read with the metrics.
 STOP_KEY = "stop"
+
+
+def split_micro_batches(x_B, micro_batches: int):
+  """(B, ...) -> (M, B / M, ...), micro-batch m holding rows m, m + M, m + 2M, ...
+
+  Strided, not contiguous: the batch arrives split over the devices in contiguous blocks of B / n
+  rows, and every block holds B / (M n) rows of every micro-batch, so each micro-batch is spread
+  over all devices and a device computes only rows it holds. (Contiguous micro-batches would each
+  live on n / M of the devices, and XLA would gather them: every device computing B / n rows per
+  micro-batch whatever M, M times the compute and no activation memory saved.) The reshape keeps
+  the rows' device split on axis 0 of (B / M, M); the swap makes it axis 1 of the result.
+  """
+  M = micro_batches
+  return jnp.swapaxes(x_B.reshape((x_B.shape[0] // M, M) + x_B.shape[1:]), 0, 1)
 
 
 def sft_loss(model) -> Callable:
@@ -90,7 +101,7 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
     batch = dict(batch)
     stop_B = batch.pop(STOP_KEY, None)  # (B,) int32 in multi-process runs; see run()
     rng = jax.random.fold_in(state["rng"], state["step"])
-    micro = jax.tree.map(lambda x: x.reshape((micro_batches, -1) + x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
 
     def numerator(trainable, mbatch, mrng):
       num, den, aux = loss_fn(trainable, frozen, mbatch, mrng)
@@ -194,16 +205,29 @@ def is_finite_loss(m: dict) -> bool:
   return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
 
 
+def master_copy(x):
+  """A trainable leaf as fp32 (host or device array; integer leaves are left alone)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float32:
+    return x
+  return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
+
+
 def init_state(params, labels, seed: int, mesh, tx):
   """(state, frozen, state shardings, frozen shardings): a run's arrays placed on the mesh.
 
   params: base + adapters (host or device arrays); labels: lora.labels of them; seed: of the
   step RNG (dropout); tx: the optimizer (its state is created here, sharded like its params).
+  The trainable leaves and the optimizer state are fp32; the frozen base keeps its dtype.
   """
   from gpt2_lora_jax import sharding
   param_sh = sharding.param_shardings(params, mesh)
   trainable_sh, frozen_sh = lora.split(param_sh, labels)
   trainable, frozen = lora.split(params, labels)
+  # Trainable leaves are an fp32 master copy whatever the base's storage dtype (rank 0 or
+  # extra_trainable on a bf16 base), so Adam's moments are fp32 too and an update of lr 2e-4 is not
+  # rounded away: in bf16 it is below half an ulp of any weight of magnitude >= 2^-4 (the layer
+  # norms' 1.0 among them). The model casts them to the compute dtype where it uses them.
+  trainable = jax.tree.map(master_copy, trainable)
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
   opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
@@ -306,7 +330,8 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
     start = mngr.latest_step()
     state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta)
     if is_main:
-      print(f"resumed from {mngr.directory}/{start}", flush=True)
+      print(finished_message(start, tcfg.steps, workdir) if start >= tcfg.steps
+            else f"resumed from {mngr.directory}/{start}", flush=True)
   if start >= tcfg.steps:
     return {"step": start, "params": lora.combine(state["trainable"], frozen)}
 
@@ -413,6 +438,15 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
       if is_main:
         obj.plot(workdir, tcfg.loss_avg_window)
   return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
+
+
+def finished_message(checkpoint_step: int, steps: int, workdir: str) -> str:
+  """What a rerun of a finished run says (it exits 0: there is nothing left to train)."""
+  if checkpoint_step == steps:
+    return f"{workdir}: already trained to step {steps}; nothing to do"
+  return (f"{workdir}: the checkpoint is at step {checkpoint_step}, beyond train.steps={steps}; "
+          f"nothing to train (evaluation, if asked for, uses step {checkpoint_step} unless "
+          "--config.eval.step says otherwise)")
 
 
 def exp_summary_line(exp) -> str:
