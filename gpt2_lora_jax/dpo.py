@@ -140,18 +140,20 @@ def make_loss_fn(model, dpo_cfg):
   return loss_fn
 
 
-def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int) -> np.ndarray:
+def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, local: bool = False) -> np.ndarray:
   """(N, J, 2) log-probs of every reply under trainable + frozen (no dropout): one pass over `pairs`.
 
   Every process passes the same (placed) trees and gets the whole array (an all-gather of each batch).
+  local: `mesh` holds this process's devices only and it reads every row itself (evaluation).
   """
+  process_index, process_count = (0, 1) if local else (jax.process_index(), jax.process_count())
   from gpt2_lora_jax import preference, sharding
   R = 2 * pairs.pairs_per_row
   fn = jax.jit(lambda t, f, b: reply_logps(model, lora.combine(t, f), b, None, True, R),
                out_shardings=sharding.batch_sharding(mesh))
   out = np.zeros((pairs.num_rows, pairs.pairs_per_row, 2), np.float32)
   for first, local in zip(range(0, pairs.num_rows, batch_size),
-                          preference.eval_batches(pairs, batch_size, jax.process_index(), jax.process_count())):
+                          preference.eval_batches(pairs, batch_size, process_index, process_count)):
     local.pop("ref_logps", None)
     logps = fn(trainable, frozen, sharding.global_batch(local, mesh))
     logps = sharding.fetch_to_host(logps).reshape(-1, pairs.pairs_per_row, 2)

@@ -106,12 +106,22 @@ def run(config, workdir: str) -> str:
   out = eval_dir(workdir, step)
   tuned_model = exp.model  # the module training used (module docstring, stage 1)
   base_params = strip_adapters(exp.params)
-  is_main = jax.process_index() == 0
+  answer_and_write(config, exp, out, workdir, [(report.BASE, exp.base_model, base_params),
+                                               (report.TUNED, tuned_model, tuned_params)], step)
+  del tuned_params, base_params
+  jax.clear_caches()
+  return score_and_report(config, workdir) if jax.process_index() == 0 else ""
 
+
+def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int,
+                     runs: dict | None = None):
+  """Stages 2-3 for the models `named` [(name, module, params)]: heldout.json, generations.jsonl
+  (every model answers the same seeded prompts under the same sampling seed), eval_config.json."""
+  ecfg = config.eval
+  is_main = jax.process_index() == 0
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                             config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
-  heldout = {report.BASE: heldout_loss(exp.base_model, base_params, eval_data, ecfg.batch_size),
-             report.TUNED: heldout_loss(tuned_model, tuned_params, eval_data, ecfg.batch_size)}
+  heldout = {name: heldout_loss(model, params, eval_data, ecfg.batch_size) for name, model, params in named}
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
@@ -124,8 +134,7 @@ def run(config, workdir: str) -> str:
                 batch_size=ecfg.batch_size,
                 encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
   rows = []
-  for name, model, params in ((report.BASE, exp.base_model, base_params),
-                              (report.TUNED, tuned_model, tuned_params)):
+  for name, model, params in named:
     log = (lambda done, total, name=name: print(f"sampling {name}: {done}/{total} prompts", flush=True)) \
         if is_main else None
     results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs, progress=log)
@@ -141,13 +150,11 @@ def run(config, workdir: str) -> str:
       if os.path.exists(stale):
         os.remove(stale)
     reward.write_jsonl_atomic(generations, rows)
-    write_eval_config(os.path.join(out, report.EVAL_CONFIG_FILE), config, step, exp.base_name)
-  del tuned_params, base_params
-  jax.clear_caches()
-  return score_and_report(config, workdir) if is_main else ""
+    write_eval_config(os.path.join(out, report.EVAL_CONFIG_FILE), config, step, exp.base_name,
+                      models=[name for name, _, _ in named], runs=runs)
 
 
-def write_eval_config(path: str, config, step: int, base_name: str):
+def write_eval_config(path: str, config, step: int, base_name: str, models=None, runs=None):
   """What was evaluated, for the report: the checkpoint step, the base, the data and sampling settings."""
   d = config.data
   data_desc = {"source": d.source, "field": d.field, "eval_split": d.eval_split,
@@ -157,7 +164,58 @@ def write_eval_config(path: str, config, step: int, base_name: str):
                     "demo": {"demo_rows": d.demo_rows}}.get(d.source, {}))
   with open(path, "w") as f:
     json.dump({"checkpoint_step": int(step), "base": base_name, "data": data_desc,
+               **({"models": list(models)} if models else {}), **({"runs": runs} if runs else {}),
                **config.eval.to_dict()}, f, indent=2, default=list)
+
+
+SFT, DPO = "sft", "dpo"  # model names in a comparison (study.py)
+
+
+def compare(config, workdir: str, runs: dict) -> str:
+  """The base and each trained run of `runs` {name: run workdir} (latest checkpoints) on the same
+  prompts: held-out loss, held-out preference accuracy, answers, scores and one report in
+  <workdir>/eval/step_<step of the last run>/. The runs share this config's base and adapter layout."""
+  exp = experiment.build(config)
+  named, steps, frozen = [(report.BASE, exp.base_model, strip_adapters(exp.params))], {}, None
+  for name, run_dir in runs.items():
+    params, steps[name] = restore_finetuned(exp, run_dir, -1)
+    trainable, run_frozen = lora.split(params, exp.labels)
+    frozen = run_frozen if frozen is None else frozen  # one copy of the base for every run
+    named.append((name, exp.model, lora.combine(trainable, frozen)))
+  step = steps[list(runs)[-1]]
+  out = eval_dir(workdir, step)
+  run_info = {name: {"workdir": os.path.abspath(d), "step": int(steps[name])} for name, d in runs.items()}
+  answer_and_write(config, exp, out, workdir, named, step, runs=run_info)
+  accuracies = preference_accuracy(config, exp, named, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(out, report.PREFERENCE_FILE), "w") as f:
+      json.dump(accuracies, f, indent=2)
+  del named
+  jax.clear_caches()
+  return score_and_report(config, workdir, step) if jax.process_index() == 0 else ""
+
+
+def preference_accuracy(config, exp, named: list, workdir: str) -> dict:
+  """Held-out (chosen, rejected) pairs under each model: log-prob accuracy, mean reply log-probs,
+  and the implicit-reward accuracy of each model against each earlier one (dpo.py)."""
+  from gpt2_lora_jax import dpo, preference
+  ecfg = config.eval
+  pairs, _ = preference.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
+                              config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
+  mesh = sharding.make_mesh(-1, 1, devices=jax.local_devices())  # each process evaluates alone
+  mask = pairs.pair_mask()
+  logps = {name: dpo.reference_logps(model, {}, params, pairs, mesh, ecfg.batch_size, local=True)[mask]
+           for name, model, params in named}  # (pairs, 2) each
+  out = {"pairs": int(mask.sum()), "models": {}, "implicit": {}}
+  for name, lp in logps.items():
+    out["models"][name] = {"logp_accuracy": float(np.mean(lp[:, 0] > lp[:, 1])),
+                           "logp_chosen": float(lp[:, 0].mean()), "logp_rejected": float(lp[:, 1].mean())}
+  names = list(logps)
+  for j in range(len(names)):
+    for i in range(j):
+      ratio = logps[names[j]] - logps[names[i]]
+      out["implicit"][f"{names[j]} vs {names[i]}"] = float(np.mean(ratio[:, 0] > ratio[:, 1]))
+  return out
 
 
 def strip_adapters(params: dict) -> dict:
@@ -167,7 +225,7 @@ def strip_adapters(params: dict) -> dict:
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in lora.ADAPTER_LEAVES})
 
 
-def score_and_report(config, workdir: str, step: int | None = None) -> str:
+def score_and_report(config, workdir: str, step: int | None = None, metrics_path: str | None = None) -> str:
   """Stages 4-5: scores eval/step_<step>/generations.jsonl (step None: eval.step, -1 the newest
   evaluated step) in a child process (or records why not), then the report.
 
@@ -214,7 +272,13 @@ def score_and_report(config, workdir: str, step: int | None = None) -> str:
         os.remove(new_scores)
   if reason is not None:
     reward.write_text_atomic(skip_file, reason + "\n")
-  path = report.write_report(out, metrics_path=os.path.join(workdir, "metrics.jsonl"),
+  metrics_path = metrics_path or os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(metrics_path) and os.path.exists(os.path.join(out, report.EVAL_CONFIG_FILE)):
+    with open(os.path.join(out, report.EVAL_CONFIG_FILE)) as f:  # a comparison: its last run's log
+      runs = json.load(f).get("runs") or {}
+    if runs:
+      metrics_path = os.path.join(list(runs.values())[-1]["workdir"], "metrics.jsonl")
+  path = report.write_report(out, metrics_path=metrics_path,
                              skip_reason=reason,
                              reward_model=f"{reward_model}: {scorer_label}" if scorer_label else reward_model,
                              loss_window=config.train.loss_avg_window)

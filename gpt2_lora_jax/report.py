@@ -30,8 +30,11 @@ import numpy as np
 from gpt2_lora_jax import metrics as metrics_lib
 
 BASE, TUNED = "base", "finetuned"
+# Length-matched comparison: two answers count as the same length within 20% (see length_matched).
+LENGTH_TOLERANCE = 0.2
 SKIP_REASON_FILE = "scoring_skipped.txt"  # evaluate.py writes why scoring was skipped here
 EVAL_CONFIG_FILE = "eval_config.json"  # evaluate.py writes what it evaluated here
+PREFERENCE_FILE = "preference.json"  # evaluate.compare writes held-out preference accuracies here
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -105,13 +108,43 @@ def correlations(x, y) -> dict:
           "spearman": float(np.corrcoef(stats.rankdata(x), stats.rankdata(y))[0, 1])}
 
 
+def model_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
+  """(later, earlier) for every two models: with (base, sft, dpo), sft vs base, dpo vs base, dpo vs sft."""
+  return [(models[j], models[i]) for j in range(len(models)) for i in range(j)]
+
+
+def length_matched(a_rewards, b_rewards, a_lengths, b_lengths, tolerance: float = LENGTH_TOLERANCE):
+  """Indices of the prompts whose two answers' token counts differ by at most `tolerance` of the
+  longer one (and at most 2 tokens for short answers): a comparison that length cannot explain."""
+  a_len, b_len = np.asarray(a_lengths, np.float64), np.asarray(b_lengths, np.float64)
+  return np.flatnonzero(np.abs(a_len - b_len) <= np.maximum(2.0, tolerance * np.maximum(a_len, b_len)))
+
+
+def pair_stats(r_a, r_b, n_boot: int, seed: int) -> dict:
+  """Paired mean difference (a minus b) and win rate of a over b, with bootstrap intervals."""
+  r_a, r_b = np.asarray(r_a, np.float64), np.asarray(r_b, np.float64)
+  diff, d_low, d_high = bootstrap_ci(r_a - r_b, n_boot=n_boot, seed=seed)
+  win, w_low, w_high = bootstrap_ci(wins(r_a, r_b), n_boot=n_boot, seed=seed)
+  return {"n_pairs": len(r_a), "mean_difference": diff, "difference_ci": [d_low, d_high],
+          "win_rate": win, "win_rate_ci": [w_low, w_high],
+          "n_wins": int(np.sum(r_a > r_b)), "n_ties": int(np.sum(r_a == r_b)),
+          "n_losses": int(np.sum(r_a < r_b))}
+
+
 def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
               heldout: Optional[dict] = None, *, base: str = BASE, tuned: str = TUNED,
+              models: Optional[Sequence[str]] = None, preference: Optional[dict] = None,
               n_boot: int = 10000, seed: int = 0) -> dict:
-  """Every number the report shows, as a JSON-able dict."""
-  out = {"models": {}, "base": base, "tuned": tuned}
+  """Every number the report shows, as a JSON-able dict.
+
+  models: the models compared, in order (default (base, tuned)); every two are paired (model_pairs)
+  and summary['paired'] is the (tuned, base) pair when both are there. preference: held-out
+  preference accuracies (preference.json, written by evaluate.compare).
+  """
+  models = tuple(models) if models else (base, tuned)
+  out = {"models": {}, "base": base, "tuned": tuned, "compared": list(models)}
   gen_by_key = {(g["id"], g["model"]): g for g in generations}
-  for m in (base, tuned):
+  for m in models:
     rows = [g for g in generations if g["model"] == m]
     stops = {}
     for g in rows:
@@ -126,14 +159,14 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
       share, low, high = bootstrap_ci(graded, n_boot=n_boot, seed=seed)
       out["models"][m].update(n_graded=len(graded), n_correct=int(sum(graded)), correct_share=share,
                               correct_ci=[low, high])
-  if all("n_graded" in out["models"][m] for m in (base, tuned)):
+  if base in models and tuned in models and all("n_graded" in out["models"][m] for m in (base, tuned)):
     right = {(g["id"], g["model"]): float(bool(g["correct"])) for g in generations if "correct" in g}
     ids = sorted({i for i, m in right if m == base and (i, tuned) in right}, key=str)
     diff, low, high = bootstrap_ci([right[(i, tuned)] - right[(i, base)] for i in ids], n_boot=n_boot,
                                    seed=seed)
     out["correct_paired"] = {"n_pairs": len(ids), "difference": diff, "difference_ci": [low, high]}
   if scores is not None:
-    for m in (base, tuned):
+    for m in models:
       rows = [s for s in scores if s["model"] == m]
       rewards = [s["reward"] for s in rows]
       lengths = [gen_by_key[(s["id"], m)]["n_answer_tokens"] for s in rows]
@@ -144,18 +177,27 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
           n_scored_truncated=sum(bool(s.get("truncated")) for s in rows),
           n_scored_empty=sum(bool(s.get("empty_answer")) for s in rows),
           reward_vs_length=correlations(lengths, rewards))
-    ids, r_base, r_tuned = paired(scores, base, tuned)
-    diff, d_low, d_high = bootstrap_ci(r_tuned - r_base, n_boot=n_boot, seed=seed)
-    win, w_low, w_high = bootstrap_ci(wins(r_tuned, r_base), n_boot=n_boot, seed=seed)
-    out["paired"] = {"n_pairs": len(ids), "mean_difference": diff, "difference_ci": [d_low, d_high],
-                     "win_rate": win, "win_rate_ci": [w_low, w_high],
-                     "n_wins": int(np.sum(r_tuned > r_base)), "n_ties": int(np.sum(r_tuned == r_base)),
-                     "n_losses": int(np.sum(r_tuned < r_base))}
+    out["pairs"] = {}
+    for a, b in model_pairs(models):
+      ids, r_b, r_a = paired(scores, b, a)
+      stats = pair_stats(r_a, r_b, n_boot, seed)
+      len_a = [gen_by_key[(i, a)]["n_answer_tokens"] for i in ids]
+      len_b = [gen_by_key[(i, b)]["n_answer_tokens"] for i in ids]
+      keep = length_matched(r_a, r_b, len_a, len_b)
+      stats["answer_tokens_mean"] = {a: float(np.mean(len_a)) if ids else math.nan,
+                                     b: float(np.mean(len_b)) if ids else math.nan}
+      stats["length_matched"] = {"tolerance": LENGTH_TOLERANCE,
+                                 **pair_stats(r_a[keep], r_b[keep], n_boot, seed)}
+      out["pairs"][f"{a} vs {b}"] = stats
+    if f"{tuned} vs {base}" in out["pairs"]:
+      out["paired"] = out["pairs"][f"{tuned} vs {base}"]
   if heldout:
     out["heldout"] = {m: {"loss": float(v["loss"]),
                           "perplexity": float(v.get("perplexity", math.exp(float(v["loss"])))),
                           "tokens": None if v.get("tokens") is None else int(v["tokens"])}
                       for m, v in heldout.items()}
+  if preference:
+    out["preference"] = preference
   return out
 
 
@@ -200,9 +242,13 @@ def _fence(text: str, limit: int = 1500) -> str:
 def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
                  scores_path: Optional[str] = None, heldout_path: Optional[str] = None,
                  metrics_path: Optional[str] = None, skip_reason: Optional[str] = None,
-                 reward_model: str = "", base: str = BASE, tuned: str = TUNED, n_samples: int = 3,
+                 reward_model: str = "", base: str = BASE, tuned: str = TUNED,
+                 models: Optional[Sequence[str]] = None, n_samples: int = 3,
                  n_boot: int = 10000, seed: int = 0, loss_window: int = 100) -> str:
   """Writes report.md, summary.json and the PNGs into eval_dir from the files; returns report.md's path.
+
+  models: the models compared, in order; default eval_config.json's 'models', else (base, tuned).
+  A preference.json in eval_dir (evaluate.compare) adds the held-out preference accuracies.
 
   Paths default to generations.jsonl / scores.jsonl / heldout.json / metrics.jsonl in eval_dir.
   Without a scores file the report says scoring was skipped, with skip_reason (or the text of
@@ -224,19 +270,27 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   if os.path.exists(eval_config_path):
     with open(eval_config_path) as f:
       eval_config = json.load(f)
+  models = tuple(models or (eval_config or {}).get("models") or (base, tuned))
+  preference_path = os.path.join(eval_dir, PREFERENCE_FILE)
+  preference = None
+  if os.path.exists(preference_path):
+    with open(preference_path) as f:
+      preference = json.load(f)
   if scores is None and skip_reason is None:
     reason_file = os.path.join(eval_dir, SKIP_REASON_FILE)
     skip_reason = (open(reason_file).read().strip() if os.path.exists(reason_file)
                    else f"no scores file at {scores_path}")
-  summary = summarize(generations, scores, heldout, base=base, tuned=tuned, n_boot=n_boot, seed=seed)
+  summary = summarize(generations, scores, heldout, base=base, tuned=tuned, models=models,
+                      preference=preference, n_boot=n_boot, seed=seed)
   summary["inputs"] = {"generations": generations_path, "scores": scores_path if scores else None,
                        "heldout": heldout_path if heldout else None,
                        "metrics": metrics_path if metrics else None, "reward_model": reward_model,
                        "scoring_skipped": None if scores is not None else skip_reason,
                        "n_boot": n_boot, "seed": seed, "evaluated": eval_config}
   os.makedirs(eval_dir, exist_ok=True)
-  models = summary["models"]
-  lines = ["# Evaluation: base vs fine-tuned GPT-2", "",
+  stats = summary["models"]
+  title = "base vs fine-tuned" if models == (base, tuned) else " vs ".join(models)
+  lines = [f"# Evaluation: {title} GPT-2", "",
            f"Generated from `{generations_path}`" + (f", `{scores_path}`" if scores else "")
            + (f", `{heldout_path}`" if heldout else "") + (f", `{metrics_path}`" if metrics else "")
            + f". Every number is also in `summary.json`. Intervals: 95% percentile bootstrap, "
@@ -245,8 +299,8 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
 
   lines += ["## Answers", "", "| model | answers | prompts left-truncated | empty answers | stop reasons "
             "| answer tokens mean | median | p90 |", "|---|---|---|---|---|---|---|---|"]
-  for m in (base, tuned):
-    s = models[m]
+  for m in models:
+    s = stats[m]
     stops = ", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items()))
     t = s["answer_tokens"]
     lines.append(f"| {m} | {s['n_answers']} | {s['n_prompts_truncated']} | {s['n_empty_answers']} | "
@@ -259,7 +313,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
               "correct when it is exactly that reply.", "",
               "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
     for m in (base, tuned):
-      s = models[m]
+      s = stats[m]
       lo, hi = s["correct_ci"]
       lines.append(f"| {m} | {s['n_graded']} | {s['n_correct']} | **{fmt(s['correct_share'], 3)}** | "
                    f"[{fmt(lo, 3)}, {fmt(hi, 3)}] |")
@@ -271,28 +325,33 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   if scores is None:
     lines += [f"**Scoring was skipped:** {skip_reason}", ""]
   else:
-    p = summary["paired"]
     lines += [f"Reward model: `{reward_model or 'see scores.jsonl'}`.", "",
               "| model | scored | mean reward | 95% CI | std | inputs truncated by the reward model "
               "| empty answers | Pearson r (reward, tokens) | Spearman rho |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for m in (base, tuned):
-      s = models[m]
+    for m in models:
+      s = stats[m]
       lo, hi = s["reward_ci"]
       c = s["reward_vs_length"]
       lines.append(f"| {m} | {s['n_scored']} | {fmt(s['reward_mean'])} | [{fmt(lo)}, {fmt(hi)}] | "
                    f"{fmt(s['reward_std'])} | {s['n_scored_truncated']} | {s['n_scored_empty']} | "
                    f"{fmt(c['pearson'])} | {fmt(c['spearman'])} |")
-    lo, hi = p["difference_ci"]
-    wlo, whi = p["win_rate_ci"]
-    lines += ["", f"- Paired mean difference ({tuned} minus {base}, over {p['n_pairs']} prompts "
-              f"both answered): **{fmt(p['mean_difference'])}**, 95% CI [{fmt(lo)}, {fmt(hi)}].",
-              f"- Win rate of {tuned} over {base}: **{fmt(p['win_rate'])}**, 95% CI [{fmt(wlo)}, "
-              f"{fmt(whi)}] ({p['n_wins']} wins, {p['n_ties']} ties, {p['n_losses']} losses; "
-              "a tie counts as half a win).", ""]
-    plot_reward_histogram(scores, (base, tuned), os.path.join(eval_dir, "reward_hist.png"))
+    lines.append("")
+    for a, b in model_pairs(models):
+      p = summary["pairs"][f"{a} vs {b}"]
+      lo, hi = p["difference_ci"]
+      wlo, whi = p["win_rate_ci"]
+      lines += [f"- Paired mean difference ({a} minus {b}, over {p['n_pairs']} prompts "
+                f"both answered): **{fmt(p['mean_difference'])}**, 95% CI [{fmt(lo)}, {fmt(hi)}].",
+                f"- Win rate of {a} over {b}: **{fmt(p['win_rate'])}**, 95% CI [{fmt(wlo)}, "
+                f"{fmt(whi)}] ({p['n_wins']} wins, {p['n_ties']} ties, {p['n_losses']} losses; "
+                "a tie counts as half a win)."]
+    lines.append("")
+    plot_reward_histogram(scores, models, os.path.join(eval_dir, "reward_hist.png"))
     lines += ["![reward histogram](reward_hist.png)", ""]
+    lines += _length_section(summary, generations, scores, models, eval_dir)
 
+  lines += _preference_section(summary.get("preference"), models)
   lines += ["## Held-out loss", ""]
   if heldout:
     lines += ["| model | loss (nats/token) | perplexity | tokens |", "|---|---|---|---|"]
@@ -317,7 +376,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     lines.append(f"No training log (no `{metrics_path}`).")
   lines.append("")
 
-  lines += _samples(generations, scores, base, tuned, n_samples, seed)
+  lines += _samples(generations, scores, models, n_samples, seed)
   with open(os.path.join(eval_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)
   path = os.path.join(eval_dir, "report.md")
@@ -325,6 +384,67 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     f.write("\n".join(lines) + "\n")
   os.replace(path + ".tmp", path)
   return path
+
+
+def plot_reward_vs_length(scores: list[dict], generations: list[dict], models: Sequence[str],
+                          path: str) -> str:
+  plt = _pyplot()
+  tokens = {(g["id"], g["model"]): g["n_answer_tokens"] for g in generations}
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for m in models:
+    rows = [s for s in scores if s["model"] == m]
+    ax.scatter([tokens[(s["id"], m)] for s in rows], [s["reward"] for s in rows], s=10, alpha=0.5, label=m)
+  ax.set_xlabel("answer tokens")
+  ax.set_ylabel("reward")
+  ax.set_title("Reward vs answer length, per model")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _length_section(summary, generations, scores, models, eval_dir) -> list[str]:
+  """Answer lengths per pair of models, and the paired comparison on length-matched prompts only."""
+  lines = ["## Answer length", "",
+           "Reward models can reward length (see the Pearson and Spearman columns above), so each pair "
+           f"is also compared on the prompts whose two answers have about the same length (token counts "
+           f"within {LENGTH_TOLERANCE:.0%} of the longer, or 2 tokens).", "",
+           "| pair | mean tokens (first, second) | difference, all prompts | length-matched prompts | "
+           "difference, length-matched | 95% CI | win rate, length-matched |",
+           "|---|---|---|---|---|---|---|"]
+  for a, b in model_pairs(models):
+    p = summary["pairs"][f"{a} vs {b}"]
+    lm = p["length_matched"]
+    lo, hi = lm["difference_ci"]
+    lines.append(f"| {a} vs {b} | {fmt(p['answer_tokens_mean'][a], 1)}, {fmt(p['answer_tokens_mean'][b], 1)} "
+                 f"| {fmt(p['mean_difference'])} | {lm['n_pairs']} of {p['n_pairs']} | "
+                 f"{fmt(lm['mean_difference'])} | [{fmt(lo)}, {fmt(hi)}] | {fmt(lm['win_rate'])} |")
+  plot_reward_vs_length(scores, generations, models, os.path.join(eval_dir, "reward_vs_length.png"))
+  return lines + ["", "![reward vs length](reward_vs_length.png)", ""]
+
+
+def _preference_section(preference: Optional[dict], models: Sequence[str]) -> list[str]:
+  """Held-out preference accuracy (preference.json); nothing when it was not measured."""
+  if not preference:
+    return []
+  lines = ["## Held-out preference accuracy", "",
+           f"On {preference['pairs']} held-out (chosen, rejected) pairs of the test split. "
+           "Log-prob accuracy: the share of pairs where the model gives the chosen reply a higher "
+           "log-probability than the rejected one. Implicit-reward accuracy of a model against an "
+           "earlier one (its DPO reference, when it is the SFT model): the share where "
+           "log pi(chosen) - log ref(chosen) > log pi(rejected) - log ref(rejected), DPO's "
+           "preference accuracy.", "",
+           "| model | log-prob accuracy | mean log p(chosen) | mean log p(rejected) |", "|---|---|---|---|"]
+  for m in models:
+    v = preference["models"].get(m)
+    if v:
+      lines.append(f"| {m} | {fmt(v['logp_accuracy'])} | {fmt(v['logp_chosen'], 2)} | "
+                   f"{fmt(v['logp_rejected'], 2)} |")
+  lines += ["", "| model vs reference | implicit-reward accuracy |", "|---|---|"]
+  for name, acc in preference["implicit"].items():
+    lines.append(f"| {name} | {fmt(acc)} |")
+  return lines + [""]
 
 
 def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
@@ -336,8 +456,12 @@ def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
   data_text = ", ".join(f"{k} {v!r}" for k, v in data.items() if not isinstance(v, dict))
   top = "greedy" if not cfg.get("temperature") else (
       f"temperature {cfg['temperature']}, top_k {cfg.get('top_k', 0)}, top_p {cfg.get('top_p', 1.0)}")
-  lines += [f"- Checkpoint: step **{cfg.get('checkpoint_step')}** (fine-tuned = the base with this "
-            "checkpoint's adapters merged).",
+  runs = cfg.get("runs") or {}
+  checkpoint = (["- Checkpoints: " + "; ".join(f"{name} = `{r['workdir']}` step **{r['step']}**"
+                                                for name, r in runs.items()) + "."] if runs else
+                [f"- Checkpoint: step **{cfg.get('checkpoint_step')}** (fine-tuned = the base with this "
+                 "checkpoint's adapters merged)."])
+  lines += checkpoint + [
             f"- Base model: `{cfg.get('base')}`.",
             f"- Data: {data_text}.",
             f"- Prompts: {cfg.get('num_prompts')} held-out prompts drawn with seed {cfg.get('seed')}; "
@@ -347,25 +471,26 @@ def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
   return lines
 
 
-def _samples(generations, scores, base, tuned, n, seed) -> list[str]:
-  """A few prompts (seeded choice, pairs whose answers differ first) with both answers side by side,
-  the reference reply, and rewards and grades when there are any."""
+def _samples(generations, scores, models, n, seed) -> list[str]:
+  """A few prompts (seeded choice, prompts whose answers differ first) with every model's answer
+  side by side, the reference reply, and rewards and grades when there are any."""
   by_key = {(g["id"], g["model"]): g for g in generations}
   reward = {(s["id"], s["model"]): s["reward"] for s in scores or []}
-  ids = sorted({g["id"] for g in generations if (g["id"], base) in by_key and (g["id"], tuned) in by_key},
-               key=str)
-  differ = lambda pid: by_key[(pid, base)]["answer"].strip() != by_key[(pid, tuned)]["answer"].strip()
+  ids = sorted({g["id"] for g in generations if all((g["id"], m) in by_key for m in models)}, key=str)
+  differ = lambda pid: len({by_key[(pid, m)]["answer"].strip() for m in models}) > 1
   order = np.random.default_rng(seed).permutation(len(ids))
   picked = ([k for k in order if differ(ids[k])] + [k for k in order if not differ(ids[k])])[:n]
   n_differ = sum(differ(i) for i in ids)
-  lines = ["## Samples", "", f"{n_differ} of {len(ids)} prompts got different answers from the two "
-           f"models; {len(picked)} are shown (seed {seed}, prompts with different answers first).", ""]
+  lines = ["## Samples", "", f"{n_differ} of {len(ids)} prompts got different answers from the "
+           f"{len(models)} models; {len(picked)} are shown (seed {seed}, prompts with different answers "
+           "first).", ""]
+  first = models[0]
   for k in sorted(picked):
     pid = ids[k]
-    lines += [f"### Prompt {pid}", "", _fence(by_key[(pid, base)]["prompt"]), ""]
-    if by_key[(pid, base)].get("reference") is not None:
-      lines += ["**reference reply** (from the data set):", "", _fence(by_key[(pid, base)]["reference"]), ""]
-    for m in (base, tuned):
+    lines += [f"### Prompt {pid}", "", _fence(by_key[(pid, first)]["prompt"]), ""]
+    if by_key[(pid, first)].get("reference") is not None:
+      lines += ["**reference reply** (from the data set):", "", _fence(by_key[(pid, first)]["reference"]), ""]
+    for m in models:
       r = reward.get((pid, m))
       grade = by_key[(pid, m)].get("correct")
       lines += [f"**{m}**" + (f" (reward {fmt(r)})" if r is not None else "")

@@ -221,3 +221,41 @@ def test_init_from_loads_the_adapters_and_refuses_another_layout(dpo_run):
     dpo.init_adapters(experiment.build(other), workdir)
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     dpo.init_adapters(exp, f"{workdir}/cache")
+
+
+def test_preference_study_end_to_end(tmp_path, tiny_reward_dir):
+  """SFT -> DPO (from the SFT adapters) -> base vs SFT vs DPO report, in-process on the 8 devices."""
+  from gpt2_lora_jax import study
+  config = tiny_dpo_config(steps=4, eval_every=4, ckpt_every=4, plot_every=4)
+  config.dpo.steps = 4
+  config.eval.update(dict(num_prompts=4, max_new_tokens=6, batch_size=8, reward_model=tiny_reward_dir))
+  config.data.max_eval_rows = 16
+  workdir = str(tmp_path)
+  path = study.run(config, workdir)
+  out = os.path.dirname(path)
+  assert out == os.path.join(workdir, "eval", "step_4")
+  dpo_records = records(f"{workdir}/dpo")
+  # The policy starts at the SFT adapters, which are also its reference: log 2 at the first step.
+  np.testing.assert_allclose([r["loss"] for r in dpo_records if r["step"] == 0][0], math.log(2), rtol=1e-6)
+  with open(f"{out}/summary.json") as f:
+    summary = json.load(f)
+  assert summary["compared"] == ["base", "sft", "dpo"]
+  assert set(summary["pairs"]) == {"sft vs base", "dpo vs base", "dpo vs sft"}
+  for stats in summary["pairs"].values():
+    assert stats["n_pairs"] == 4 and stats["length_matched"]["n_pairs"] <= 4
+  with open(f"{out}/scores.jsonl") as f:
+    scores = [json.loads(line) for line in f]
+  for m in ("base", "sft", "dpo"):
+    rewards = [s["reward"] for s in scores if s["model"] == m]
+    assert len(rewards) == 4 and summary["models"][m]["reward_mean"] == pytest.approx(np.mean(rewards))
+  assert set(summary["heldout"]) == {"base", "sft", "dpo"}
+  pref = summary["preference"]
+  assert set(pref["models"]) == {"base", "sft", "dpo"} and "dpo vs sft" in pref["implicit"]
+  report_md = open(path).read()
+  for section in ("## What was evaluated", "## Answers", "## Reward", "## Answer length",
+                  "## Held-out preference accuracy", "## Held-out loss", "## Training loss", "## Samples"):
+    assert section in report_md, section
+  assert "Win rate of dpo over sft" in report_md and "dpo vs sft" in report_md
+  for png in ("reward_hist.png", "reward_vs_length.png", "loss_curve.png"):
+    assert os.path.exists(f"{out}/{png}"), png
+  assert os.path.exists(f"{workdir}/dpo/preference.png") and os.path.exists(f"{workdir}/sft/loss.png")
