@@ -25,6 +25,7 @@ cheaper. A pair sees exactly the same reference numbers in every epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -140,6 +141,12 @@ def make_loss_fn(model, dpo_cfg):
   return loss_fn
 
 
+@functools.partial(jax.jit, static_argnames=("model", "num_replies"))
+def _forward_logps(model, params, batch, num_replies: int):
+  """reply_logps without dropout, compiled once per (model, shapes): modules compare by value."""
+  return reply_logps(model, params, batch, None, True, num_replies)
+
+
 def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, local: bool = False) -> np.ndarray:
   """(N, J, 2) log-probs of every reply under trainable + frozen (no dropout): one pass over `pairs`.
 
@@ -149,13 +156,12 @@ def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, loca
   process_index, process_count = (0, 1) if local else (jax.process_index(), jax.process_count())
   from gpt2_lora_jax import preference, sharding
   R = 2 * pairs.pairs_per_row
-  fn = jax.jit(lambda t, f, b: reply_logps(model, lora.combine(t, f), b, None, True, R),
-               out_shardings=sharding.batch_sharding(mesh))
+  params = lora.combine(trainable, frozen)
   out = np.zeros((pairs.num_rows, pairs.pairs_per_row, 2), np.float32)
   for first, local in zip(range(0, pairs.num_rows, batch_size),
                           preference.eval_batches(pairs, batch_size, process_index, process_count)):
     local.pop("ref_logps", None)
-    logps = fn(trainable, frozen, sharding.global_batch(local, mesh))
+    logps = _forward_logps(model, params, sharding.global_batch(local, mesh), R)
     logps = sharding.fetch_to_host(logps).reshape(-1, pairs.pairs_per_row, 2)
     n = min(batch_size, pairs.num_rows - first)
     out[first:first + n] = logps[:n]

@@ -199,8 +199,8 @@ def test_reference_logps_are_the_frozen_sft_model_throughout(study_run):
                               f"{workdir}/dpo/cache", log=None)
   last_step = config.dpo.steps - 1
   batch = preference.batch_for_step(pairs, config.train.seed, last_step, config.train.batch_size)
-  logps = np.asarray(dpo.reply_logps(exp.model, sft_params, jax.tree.map(jnp.asarray, batch), None, True,
-                                     2 * pairs.pairs_per_row)).reshape(len(batch["inputs"]), -1, 2)
+  logps_fn = jax.jit(lambda p, b: dpo.reply_logps(exp.model, p, b, None, True, 2 * pairs.pairs_per_row))
+  logps = np.asarray(logps_fn(sft_params, batch)).reshape(len(batch["inputs"]), -1, 2)
   mask = batch["pair_mask"]
   want = (logps * mask[..., None]).sum((0, 1)) / mask.sum()
   logged = [r for r in records(f"{workdir}/dpo") if r["split"] == "train" and r["step"] == last_step + 1][0]
