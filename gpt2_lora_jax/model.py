@@ -69,7 +69,8 @@ class GPT2Config:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
     if self.max_segments_per_row < 1:
-      raise ValueError(f"max_segments_per_row={self.max_segments_per_row}: must be >= 1")
+      raise ValueError(f"max_segments_per_row={self.max_segments_per_row}: must be >= 1 "
+                       "(--config.data.max_segments_per_row sets it)")
 
   @property
   def head_dim(self) -> int:

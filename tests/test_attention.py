@@ -158,3 +158,17 @@ def test_cudnn_request_on_cpu_runs_the_xla_reference():
   assert attention.platform().backend == "cpu"
   assert gpt2_model.layer_mask(config.replace(attention_impl="cudnn"), 16, 16, None, seg).path == "xla"
   np.testing.assert_array_equal(np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32))
+
+
+def test_layout_of_a_batch_sharded_over_the_mesh():
+  """Rows split over 8 devices (as train batches are) give the layout of the unsplit batch."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  assert jax.device_count() >= 8
+  seg = random_rows(np.random.default_rng(5), 16, 40, max_conversations=5)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(jnp.asarray(seg), NamedSharding(mesh, P("data")))
+  got = jax.jit(attention.segment_layout, static_argnums=1)(sharded, 7)
+  want = attention.segment_layout(jnp.asarray(seg), 7)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert len(got[0].sharding.device_set) == 8
