@@ -107,6 +107,15 @@ def prompt_token_ids(tokenizer, text: str) -> list[int]:
   return ids + markers[ROLE_CODE[ASSISTANT]].tolist()
 
 
+def cut_points(roles) -> list[int]:
+  """Turns a too-long conversation may start at, earliest first: the start, or any Human turn up to
+  the final exchange's, so a kept part opens like every real conversation (and sampling prompt) does."""
+  roles = np.asarray(roles).tolist()
+  human = ROLE_CODE[HUMAN]
+  last_human = max(i for i in range(len(roles)) if roles[i] == human)
+  return [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
+
+
 def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_ids: np.ndarray,
                           marker_ids: dict[int, np.ndarray], loss_mask: str, max_length: int):
   """Token ids and loss mask of one tokenised conversation, cut from the left to fit max_length.
@@ -118,16 +127,12 @@ def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_i
   # Per-turn bookkeeping in Python ints: a conversation has ~10 turns, too few for numpy to pay off.
   roles, turn_lengths = np.asarray(roles).tolist(), np.asarray(turn_lengths).tolist()
   n = len(roles)
-  human, assistant = ROLE_CODE[HUMAN], ROLE_CODE[ASSISTANT]
+  assistant = ROLE_CODE[ASSISTANT]
   marker_lengths = [len(marker_ids[r]) for r in roles]
   tokens_from = [0] * (n + 1)  # tokens of turns i..n-1
   for i in reversed(range(n)):
     tokens_from[i] = tokens_from[i + 1] + marker_lengths[i] + turn_lengths[i]
-  last_human = max(i for i in range(n) if roles[i] == human)
-  # Cut points: the start, or any Human turn up to the final exchange's, so a kept part opens
-  # like every real conversation (and every sampling prompt) does.
-  cut_points = [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
-  first = next((i for i in cut_points if 1 + tokens_from[i] <= max_length), None)  # + leading EOT
+  first = next((i for i in cut_points(roles) if 1 + tokens_from[i] <= max_length), None)  # + leading EOT
   if first is None:
     return None
   pieces = [np.asarray([EOT_ID], np.int32)]

@@ -4,8 +4,12 @@ Each row is {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."
 exchanges of small tasks whose answers follow from the question (arithmetic, comparing numbers,
 reversing and spelling words, counting letters, repeating a phrase, a few fixed courtesies). A tiny
 GPT-2 can learn them in minutes on a CPU, so the demo shows a loss that falls and answers that
-change, with no download. The "rejected" reply is a wrong answer, for preference methods later.
-Train and test rows come from disjoint questions (split by a hash of the question).
+change, with no download. The "rejected" reply is a wrong answer (for preference methods and the
+demo scorer); "wrong" is the same dialogue with every Assistant reply wrong, the text the demo's
+base is pre-trained on, so that its habits differ from what LoRA then teaches and the change is
+visible. Each task has exactly one right reply (the "chosen" one), so `is_correct` can grade an
+answer against a prompt's reference reply. Train and test rows come from disjoint questions (split
+by a hash of the question).
 """
 from __future__ import annotations
 
@@ -82,8 +86,15 @@ def rows(split: str, n: int, seed: int = 0) -> list[dict]:
     if _split_of(q) != split:
       continue  # the final (scored) question must belong to this split
     out.append({"chosen": f"{prefix}\n\nHuman: {q}\n\nAssistant: {a}",
-                "rejected": f"{prefix}\n\nHuman: {q}\n\nAssistant: {wrong}"})
+                "rejected": f"{prefix}\n\nHuman: {q}\n\nAssistant: {wrong}",
+                "wrong": "".join(f"\n\nHuman: {q}\n\nAssistant: {w}" for q, _, w in exchanges)})
   return out
+
+
+def is_correct(answer: str, reference: str) -> bool:
+  """Whether a demo answer is right: every demo task has exactly one right reply, the reference
+  (the row's "chosen" reply); surrounding whitespace does not count."""
+  return answer.strip() == reference.strip()
 
 
 def write_jsonl(path: str, split: str, n: int, seed: int = 0) -> str:

@@ -14,6 +14,7 @@ import ml_collections
 
 from gpt2_lora_jax import checkpoint, lora, optim, tokenizer as tokenizer_lib, weights
 from gpt2_lora_jax import model as gpt2_model
+from gpt2_lora_jax.errors import UserError, UserPathError
 
 
 @dataclasses.dataclass
@@ -53,7 +54,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int):
   if config.model.init not in ("pretrained", "random"):
     problems.append(f"model.init={config.model.init!r}: 'pretrained' or 'random'")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise UserError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def check_workdir(workdir: str):
@@ -67,7 +68,7 @@ def check_workdir(workdir: str):
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise OSError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
+    raise UserPathError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
 
 
 def load_base(config: ml_collections.ConfigDict, seed: int):
@@ -90,7 +91,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   validate(config, jax.device_count())
   gpt2_config, base, base_name = load_base(config, config.train.seed)
   if config.data.max_length > gpt2_config.n_positions:
-    raise ValueError(f"data.max_length={config.data.max_length} is longer than the model's "
+    raise UserError(f"data.max_length={config.data.max_length} is longer than the model's "
                      f"{gpt2_config.n_positions} positions; lower --config.data.max_length")
   lora_config = lora.LoraConfig.from_config(config.lora)
   adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_lora_jax import attention
+from gpt2_lora_jax.errors import UserError
 
 # Width, depth and heads of the four released GPT-2 sizes.
 PRESETS = {
@@ -63,11 +64,11 @@ class GPT2Config:
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
-      raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+      raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
+      raise UserError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
+      raise UserError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
     if self.max_segments_per_row < 1:
       raise ValueError(f"max_segments_per_row={self.max_segments_per_row}: must be >= 1 "
                        "(--config.data.max_segments_per_row sets it)")
@@ -82,7 +83,7 @@ class GPT2Config:
   @classmethod
   def preset(cls, name: str, **kw) -> "GPT2Config":
     if name not in PRESETS:
-      raise ValueError(f"unknown GPT-2 size {name!r}: choose one of {sorted(PRESETS)}")
+      raise UserError(f"unknown GPT-2 size {name!r}: choose one of {sorted(PRESETS)}")
     return cls(**{**PRESETS[name], **kw})
 
   # --- Hugging Face config.json -------------------------------------------------------------
@@ -101,7 +102,7 @@ class GPT2Config:
     if d.get("n_inner") not in (None, 4 * d.get("n_embd", 768)):
       unsupported.append(f"n_inner={d['n_inner']} (only 4 * n_embd)")
     if unsupported:
-      raise ValueError("unsupported GPT-2 config: " + "; ".join(unsupported))
+      raise UserError("unsupported GPT-2 config: " + "; ".join(unsupported))
     return cls(
         vocab_size=d.get("vocab_size", 50257),
         n_positions=d.get("n_positions", d.get("n_ctx", 1024)),

@@ -108,20 +108,27 @@ def score_pairs(model, tokenizer, questions, answers, *, max_length=512, batch_s
   return out
 
 
-def write_jsonl_atomic(path: str, rows) -> None:
-  """Writes to a temporary file beside `path`, then renames: readers see all lines or no file."""
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes to a temporary file beside `path`, then renames: readers see the old file or the new one."""
   out_dir = os.path.dirname(os.path.abspath(path))
   os.makedirs(out_dir, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=out_dir)
   try:
     with os.fdopen(fd, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+      f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file gets the mode open() would give
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_jsonl_atomic(path: str, rows) -> None:
+  """One JSON object per line, written atomically (write_text_atomic): all lines or no file."""
+  write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def score_file(generations: str, out: str, reward_model: str, *, batch_size=16, max_length=512,

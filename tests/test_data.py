@@ -150,12 +150,13 @@ def test_long_rows_are_cut_from_the_left_at_a_human_turn_or_skipped(tmp_path, to
 
 # --- packing -----------------------------------------------------------------------------------------
 
-def test_padding_is_under_15_percent_on_real_rows(real_builds):
+def test_padding_is_near_its_measured_share_on_real_rows(real_builds):
   packed, summary = real_builds["assistant"]
   print(f"\npadding fraction on the real rows at max_length 1024: {summary['padding_fraction']:.4%} "
         f"({summary['packed_rows']} rows for {summary['conversations']} conversations)")
   assert packed.max_length == 1024
-  assert summary["padding_fraction"] < 0.15
+  # Measured: 0.0904% (375 rows for 2,308 conversations, harmless-base test, loss mask 'assistant').
+  assert summary["padding_fraction"] < 0.0025
   pad = packed.segment_ids == 0
   assert not packed.loss_mask[pad].any() and summary["padding_tokens"] == pad.sum()
 

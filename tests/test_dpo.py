@@ -1,0 +1,139 @@
+"""DPO: the losses against a PyTorch reference written from the papers, per-reply log-probs from
+packed rows against transformers' GPT-2 on each (prompt, reply) alone, and training behaviour."""
+import copy
+import gzip
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_hf_gpt2
+from gpt2_lora_jax import config as config_lib
+from gpt2_lora_jax import conversation, dpo, preference, sharding, weights
+from gpt2_lora_jax import model as gpt2_model
+
+
+def torch_reference_loss(pc, pr, rc, rr, beta, kind, eps, nc, nr):
+  """Rafailov et al. 2023 Eq. 7; cDPO (Mitchell 2023) = DPO on labels flipped with probability eps;
+  IPO (Azar et al. 2023) Eq. 17 on per-token log-ratios (as TRL's DPOTrainer does)."""
+  pi_logratios, ref_logratios = pc - pr, rc - rr
+  if kind == "ipo":
+    h = (pc - rc) / nc - (pr - rr) / nr
+    return (h - 1 / (2 * beta)) ** 2
+  logits = pi_logratios - ref_logratios
+  eps = eps if kind == "conservative" else 0.0
+  return -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+
+
+@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("conservative", 0.2), ("ipo", 0.0)])
+def test_loss_and_gradients_match_reference_formulas(kind, eps):
+  rng = np.random.RandomState(0)
+  logps = [rng.uniform(-60, -5, 16) for _ in range(4)]  # policy chosen/rejected, ref chosen/rejected
+  nc, nr = rng.randint(3, 40, 16).astype(np.float64), rng.randint(3, 40, 16).astype(np.float64)
+  beta = 0.3
+
+  t = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in logps]
+  want = torch_reference_loss(*t, beta, kind, eps, torch.tensor(nc), torch.tensor(nr))
+  want.mean().backward()
+
+  def mean_loss(pc, pr, rc, rr):
+    return dpo.loss(pc, pr, rc, rr, beta=beta, kind=kind, label_smoothing=eps, chosen_tokens=nc,
+                    rejected_tokens=nr)[0].mean()
+  with jax.enable_x64(True):
+    args = [jnp.asarray(x, jnp.float64) for x in logps]
+    got, grads = jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3))(*args)
+    per_pair, chosen_reward, rejected_reward = dpo.loss(*args, beta=beta, kind=kind, label_smoothing=eps,
+                                                        chosen_tokens=nc, rejected_tokens=nr)
+  np.testing.assert_allclose(np.asarray(per_pair), want.detach().numpy(), rtol=1e-12)
+  np.testing.assert_allclose(float(got), float(want.mean().detach()), rtol=1e-12)
+  for g, x in zip(grads, t):
+    np.testing.assert_allclose(np.asarray(g), x.grad.numpy(), rtol=1e-10, atol=1e-15)
+  np.testing.assert_allclose(np.asarray(chosen_reward), beta * (logps[0] - logps[2]), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(rejected_reward), beta * (logps[1] - logps[3]), rtol=1e-12)
+
+
+def test_sigmoid_loss_is_log2_when_policy_is_reference():
+  x = jnp.asarray([-3.0, -17.5])
+  losses, _, _ = dpo.loss(x, x + 1.0, x, x + 1.0, beta=0.1)
+  np.testing.assert_allclose(np.asarray(losses), math.log(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(beta=0.0), "dpo.beta=0.0"), (dict(beta=-1.0), "dpo.beta=-1.0"),
+    (dict(loss="hinge"), "dpo.loss='hinge'"),
+    (dict(loss="conservative", label_smoothing=0.0), "dpo.label_smoothing=0.0"),
+    (dict(label_smoothing=0.1), "applies only to dpo.loss='conservative'")])
+def test_bad_dpo_settings_are_named(change, words):
+  cfg = config_lib.default_config().dpo
+  cfg.update(change)
+  with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(".", r"\.")):
+    dpo.check_config(cfg)
+
+
+# --- per-reply log-probs: packed JAX rows vs transformers on each (prompt, reply) alone ---------------
+
+def randomise_every_parameter(hf, seed=0):
+  """Random values for every tensor, LayerNorm scales and biases and all biases included."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+  return hf
+
+
+@pytest.fixture(scope="module")
+def random_gpt2(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("dpo_gpt2"))
+  hf = make_hf_gpt2(d, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+  randomise_every_parameter(hf).save_pretrained(d)
+  return hf, d
+
+
+def hf_reply_logp(hf, prompt_ids, reply_ids):
+  ids = torch.tensor([list(prompt_ids) + list(reply_ids)])
+  with torch.no_grad():
+    logp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+  positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+  return float(logp[positions, ids[0, len(prompt_ids):]].sum())
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_reply_logps_match_transformers_pair_by_pair(random_gpt2, tokenizer, hh_test_file, base_dtype):
+  """On the 8-device mesh; a bf16-stored base is compared with transformers holding the same
+  bf16-rounded weights (both compute in fp32), so the bf16 path gets the fp32 tolerance."""
+  hf, model_dir = random_gpt2
+  if base_dtype == "bfloat16":
+    hf = copy.deepcopy(hf)
+    with torch.no_grad():
+      for p in hf.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+  data_cfg = config_lib.default_config().data
+  data_cfg.update(dict(source="files", eval_files=(hh_test_file,), max_eval_rows=16, max_length=256))
+  pairs, summary = preference.build(data_cfg, tokenizer, "eval", 8, None, log=None)
+  assert summary["rows_truncated"]["count"] > 0 and summary["pairs_per_row"] >= 2  # both exercised
+  gpt2_config, params = weights.load_pretrained(model_dir, dtype=base_dtype)
+  mesh = sharding.make_mesh(-1, 1)  # the 8 CPU devices of conftest
+  params = sharding.put(params, sharding.param_shardings(params, mesh))
+  got = dpo.reference_logps(gpt2_model.GPT2(gpt2_config), {}, params, pairs, mesh, batch_size=8)
+
+  with gzip.open(hh_test_file, "rt") as f:
+    rows = [json.loads(line) for _, line in zip(range(16), f)]
+  compared = 0
+  for p, row in enumerate(pairs.pair_rows):
+    prompt_ids = conversation.prompt_token_ids(tokenizer, rows[row]["chosen"])
+    replies = [tokenizer(conversation.parse_conversation(rows[row][k])[-1].text,
+                         add_special_tokens=False)["input_ids"] + [50256] for k in ("chosen", "rejected")]
+    if sum(len(prompt_ids) + len(r) - 1 for r in replies) > 256:
+      continue  # a cut pair: its segments hold a later part of the dialogue
+    want = [hf_reply_logp(hf, prompt_ids, r) for r in replies]
+    np.testing.assert_allclose(got[pairs.pair_packed_row[p], pairs.pair_slot[p]], want, rtol=2e-5)
+    compared += 1
+  assert compared >= 6
