@@ -103,11 +103,13 @@ def platform() -> Platform:
 
 
 def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_len: int,
-                log_fallbacks: bool = True) -> str:
+                segment_cap: int, log_fallbacks: bool = True) -> str:
   """The attention path for one call: see the module docstring. Pure apart from logging.
 
   impl: GPT2Config.attention_impl ('xla', 'cudnn', 'auto'); kind: one of MASK_KINDS;
-  seq_len: query length T (cuDNN refuses an odd T with a bias in training).
+  seq_len: query length T (cuDNN refuses an odd T with a bias in training); segment_cap: the
+  most segments a packed row holds (GPT2Config.max_segments_per_row; 0 = no cap, which leaves the
+  packed layout's table unsized).
   """
   if kind not in MASK_KINDS:
     raise ValueError(f"mask kind {kind!r}: choose one of {MASK_KINDS}")
@@ -136,7 +138,9 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   if kind == "causal":
     return "cudnn_causal"
   # Packed segments: the packed layout, else cuDNN with the dense mask, else XLA.
-  if not plat.packed_api:
+  if segment_cap < 1:
+    why = "no segment cap (data.max_segments_per_row=0) to size the packed layout's table"
+  elif not plat.packed_api:
     why = "this jax has no packed-layout entry point with q/kv offsets"
   elif plat.compute_capability < (9, 0):
     why = f"compute capability {plat.compute_capability} (the packed layout needs 9.0+)"

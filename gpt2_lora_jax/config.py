@@ -46,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_length = 1024  # tokens per training row (GPT-2 allows 1024)
   c.data.packing = True  # pack several conversations per row (attention stays inside each)
   # At most this many conversations per packed row (a full row is closed, nothing is dropped); sizes
-  # cuDNN's packed attention layout. 32 costs 0.36% padding on HH-RLHF harmless-base (packing.py).
+  # cuDNN's packed attention layout (0: no cap, and no packed layout). 32 costs 0.36% padding on
+  # HH-RLHF harmless-base (packing.py).
   c.data.max_segments_per_row = 32
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
   c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)

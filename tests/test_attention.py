@@ -124,14 +124,18 @@ BF16 = jnp.bfloat16
      1024, "xla"),  # a ROCm GPU
 ])
 def test_dispatcher_picks_the_expected_path(impl, kind, plat, dtype, head_dim, T, expected):
-  assert attention.select_path(impl, kind, plat, dtype, head_dim, T, log_fallbacks=False) == expected
+  assert attention.select_path(impl, kind, plat, dtype, head_dim, T, 32, log_fallbacks=False) == expected
+
+
+def test_no_segment_cap_leaves_the_packed_layout_unused():
+  assert attention.select_path("cudnn", "segments", H100, BF16, 64, 1024, 0, log_fallbacks=False) == "cudnn_mask"
 
 
 def test_fallbacks_are_logged_once_with_their_reason(caplog):
   plat = attention.Platform("gpu", True, (8, 6), 90100, (0, 10, 2), True)
   with caplog.at_level(logging.WARNING, logger=attention.__name__):
     for _ in range(3):
-      assert attention.select_path("cudnn", "segments", plat, BF16, 64, 512) == "cudnn_mask"
+      assert attention.select_path("cudnn", "segments", plat, BF16, 64, 512, 32) == "cudnn_mask"
   messages = [r.getMessage() for r in caplog.records]
   assert len(messages) == 1, messages
   assert "dense mask" in messages[0] and "(8, 6)" in messages[0] and "bias gradient" in messages[0]
