@@ -176,3 +176,15 @@ def test_layout_of_a_batch_sharded_over_the_mesh():
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
   assert len(got[0].sharding.device_set) == 8
+
+
+def test_the_packed_layout_probe_passes_a_correct_kernel_and_names_a_failing_one():
+  """platform() runs probe_packed_layout('cudnn_packed') on a GPU before choosing it; here the
+  probe itself is checked: XLA against XLA agrees, even while a step is being traced; a kernel
+  that cannot run is reported, not raised."""
+  assert attention.probe_packed_layout("xla") == ""
+  seen = []
+  jax.jit(lambda x: seen.append(attention.probe_packed_layout("xla")) or x)(jnp.ones(2))
+  assert seen == [""]
+  problem = attention.probe_packed_layout("cudnn_causal")  # no cuDNN on CPU
+  assert problem.startswith("it failed on a test batch:"), problem
