@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]              # default benchmarks/results
 #   bash benchmarks/gpu_check.sh --cpu_smoke [OUT_DIR]  # the same stages at tiny shapes on CPU
-#                                                       # (or GPU_CHECK_CPU_SMOKE=1)
+#                                                       # (or GPU_CHECK_CPU_SMOKE=1; caps x4, 40 min)
 # Stages, each its own process (peak memory per stage; PyTorch children exit before JAX starts):
 #   attention     python -m gpt2_lora_jax.attention_check: every attention path this GPU runs
 #                 (XLA, cuDNN packed layout, cuDNN with a mask) against fp32 XLA on HH-like packed
@@ -34,6 +34,7 @@ OUT_DIR="${1:-benchmarks/results}"
 PYTHON="${PYTHON:-python}"
 ATTENTION="${ATTENTION:-auto}"
 TOTAL_S="${TOTAL_S:-540}"
+CAP_SCALE=1  # smoke mode: a shared CPU runs even tiny shapes slower than the GPU runs real ones
 RESERVE_S=15  # the summary (seconds; it imports no jax) and `timeout --kill-after=10` slack
 TORCH_TIMEOUT_S="${TORCH_TIMEOUT_S:-80}"
 TORCH_TIMEOUT_XL_S="${TORCH_TIMEOUT_XL_S:-190}"
@@ -48,6 +49,7 @@ STAGES="$OUT_DIR/logs/stages_$RUN_ID.tsv"
 
 if [ "$SMOKE" = 1 ]; then
   export JAX_PLATFORMS=cpu
+  CAP_SCALE=4 TOTAL_S="${GPU_CHECK_SMOKE_TOTAL_S:-2400}"
   CHECK=(--batch_size=2 --seq_len=64 --heads=2 --head_dim=16 --max_segments=8 --repeats=1)
   TINY=(--n_layer=2 --n_embd=64 --n_head=4 --vocab_size=512 --seq_len=64 --warmup_steps=1 --timed_steps=1
         --matmul_n=128 --decode_prompt_len=8 --decode_new_tokens=4 --decode_repeats=1 --score_pairs=2
@@ -72,7 +74,7 @@ cat "$OUT_DIR/logs/versions_$RUN_ID.txt"
 
 status=0
 stage() {  # name, cap s, minimum s, command...
-  local name="$1" cap="$2" min="$3"; shift 3
+  local name="$1" cap=$(( $2 * CAP_SCALE )) min="$3"; shift 3
   if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ ",$GPU_CHECK_STAGES," != *",$name,"* ]]; then return; fi
   local left=$(( START + TOTAL_S - RESERVE_S - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
