@@ -40,7 +40,7 @@ def _exchange(rng: random.Random):
     a, b = rng.randrange(100), rng.randrange(100)
     return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {a + b + rng.choice((-2, 1, 3))}."
   if kind == 1:
-    a, b = rng.randrange(10, 100), rng.randrange(10)
+    a, b = rng.randrange(10, 100), rng.randrange(1, 10)  # b > 0: the wrong reply (a + b) differs
     return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", f"{a} minus {b} is {a + b}."
   if kind == 2:
     a, b = rng.sample(range(1000), 2)

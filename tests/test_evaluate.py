@@ -59,6 +59,7 @@ def test_eval_mode_reruns_on_a_chosen_step_and_score_mode_rescoring(trained, tin
   result = run_main(trained, "--mode=score", "--config.eval.step=20",
                     f"--config.eval.reward_model={tiny_reward_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "scoring: 16/16 answers" in result.stderr  # the scorer's progress reaches the user
   assert len(read_jsonl(os.path.join(out, "scores.jsonl"))) == 16
 
 
