@@ -68,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.1  # pull toward the reference, > 0 (TRL's DPOConfig default is 0.1)
   c.dpo.label_smoothing = 0.0  # cDPO: the probability that a pair's labels are flipped
   c.dpo.init_from = ""  # SFT workdir or checkpoint the policy's adapters start from ('' = fresh)
+  c.dpo.steps = 0  # DPO steps (0: train.steps); the SFT stage of --mode=preference_study uses train.steps
+  c.dpo.lr = 0.0  # DPO peak learning rate (0: optim.lr)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4  # peak learning rate
