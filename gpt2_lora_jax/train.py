@@ -295,7 +295,8 @@ def run(exp, workdir: str, loss_fn: Callable | None = None) -> dict:
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
-    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta)
+    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta,
+                               allow_changed_run=tcfg.allow_changed_config, log=log)
     if is_main:
       print(f"resumed from {mngr.directory}/{start}", flush=True)
   if start >= tcfg.steps:

@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import REPO, TINY_CONFIG, run_main, train_losses
-from gpt2_lora_jax import experiment, lora, sharding, train
+from gpt2_lora_jax import checkpoint, experiment, lora, sharding, train
 
 
 
@@ -260,18 +260,25 @@ def test_full_fine_tuning_on_a_bf16_base_trains_fp32_master_weights():
     assert changed > 0.99, (path, changed)
 
 
-def test_finite_loss_with_non_finite_gradients_stops_and_keeps_the_last_good_checkpoint(tiny_exp, tmp_path):
+def _with(exp, **train_settings):
+  """exp with train settings changed (its run record too, as experiment.build would make it)."""
+  config = exp.config.copy_and_resolve_references()
+  config.train.update(**train_settings)
+  return dataclasses.replace(exp, config=config, meta=exp.meta | {"run": experiment.run_settings(config)})
+
+
+def test_nan_gradients_stop_the_run_and_resume_refuses_changed_settings_unless_allowed(tiny_exp, tmp_path, capsys):
   """The loss stays finite but its gradient is NaN from the second step on (once the adapters have
-  moved off B = 0): the run stops at that step, whose update is neither applied nor saved."""
+  moved off B = 0): the run stops at that step, whose update is neither applied nor saved. Then,
+  in that workdir, a run with more steps is refused by name, and resumes when allowed to."""
   @jax.custom_vjp
   def poison(x, flag):
     return x
 
   poison.defvjp(lambda x, flag: (x, flag),
                 lambda flag, g: (jnp.where(flag, jnp.nan, g), jnp.zeros_like(flag)))
-  config = tiny_exp.config.copy_and_resolve_references()  # tiny_exp has no warmup: step 1 moves B
-  config.train.update(steps=4, ckpt_every=1, eval_every=0, plot_every=0)
-  exp = dataclasses.replace(tiny_exp, config=config)
+  # tiny_exp has no warmup: step 1 moves B.
+  exp = _with(tiny_exp, steps=4, ckpt_every=1, eval_every=0, plot_every=0)
   sft = train.sft_loss(exp.model)
 
   def loss_fn(trainable, frozen, mbatch, rng):
@@ -283,6 +290,16 @@ def test_finite_loss_with_non_finite_gradients_stops_and_keeps_the_last_good_che
   workdir = str(tmp_path / "nan_grads")
   with pytest.raises(train.NonFiniteLoss, match=r"non-finite update at step 2 \(loss [0-9.]+, gradient norm nan\)"):
     train.run(exp, workdir, loss_fn=loss_fn)
-  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-  assert saved == [1]  # the good step's checkpoint is the latest; nothing from step 2
+  saved = lambda: sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved() == [1]  # the good step's checkpoint is the latest; nothing from step 2
   assert sorted(train_losses(workdir)) == [1]
+
+  longer = _with(exp, steps=5)
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"train.steps: 4 -> 5\..*--config.train.allow_changed_config=True"):
+    train.run(longer, workdir)
+  assert saved() == [1]
+  capsys.readouterr()
+  result = train.run(_with(longer, allow_changed_config=True), workdir)
+  assert "with changed settings (train.allow_changed_config): train.steps: 4 -> 5" in capsys.readouterr().out
+  assert result["step"] == 5 and saved()[-1] == 5 and sorted(train_losses(workdir)) == [1, 2, 3, 4, 5]
