@@ -93,6 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_ckpts = 3  # checkpoints kept
   c.train.plot_every = 200  # loss plot refresh cadence
   c.train.loss_avg_window = 100  # loss curve smoothing window (the original study used 1000)
+  # Resuming refuses a checkpoint whose optimizer, schedule, steps, batch size, seed or data
+  # settings differ from this run's (experiment.run_settings); True resumes with the new ones, e.g.
+  # to extend train.steps (the learning-rate schedule then follows the new length).
+  c.train.allow_changed_config = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
