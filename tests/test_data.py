@@ -146,6 +146,11 @@ def test_long_rows_are_cut_from_the_left_at_a_human_turn_or_skipped(tmp_path, to
   (row, r, span), = [c for c in conversations(packed) if c[0] == 1]
   # Everything from the first Human turn that fits, the second Assistant turn in a row included.
   assert decode(tokenizer, packed.targets[r, span]) == kept + EOT
+  # A sampling prompt of that row, given the room of the kept prompt, is cut at the same turn.
+  kept_prompt = data.prompt_token_ids(tokenizer, kept)
+  ids, cut = data.fit_prompt_token_ids(tokenizer, long_exchange + long_exchange + kept, len(kept_prompt))
+  assert ids == kept_prompt == packed.inputs[r, span][:len(ids)].tolist()
+  assert cut == summary["tokens_cut_by_truncation"]
 
 
 # --- packing -----------------------------------------------------------------------------------------
