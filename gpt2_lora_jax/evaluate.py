@@ -122,7 +122,7 @@ def run(config, workdir: str) -> str:
   kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
                 top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
                 batch_size=ecfg.batch_size,
-                encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
+                encode=lambda prompt, most: data.fit_prompt_token_ids(exp.tokenizer, prompt, most))
   rows = []
   for name, model, params in ((report.BASE, exp.base_model, base_params),
                               (report.TUNED, tuned_model, tuned_params)):
