@@ -79,7 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable leaves
+  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable matmul weights (see no_decay)
+  # Regex on '/'-joined parameter paths that weight decay skips: biases, layer norms, embeddings
+  # (optim.py says whose practice this follows); '' decays every trainable leaf.
+  c.optim.no_decay = r".*/(bias|scale)|(wte|wpe)/embedding"
   c.optim.clip_norm = 1.0  # global-norm clipping (0 disables)
 
   c.train = ml_collections.ConfigDict()

@@ -116,12 +116,17 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   lora_config = lora.LoraConfig.from_config(config.lora)
   adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
   params = lora.add(base, lora_config, adapter_rng) if lora_config.rank > 0 else base
+  fingerprint = checkpoint.base_fingerprint(base)
+  # Host arrays until train.init_state places them sharded: a device copy kept here would be a
+  # whole second base on device 0 for the whole run, defeating fsdp.
+  params = jax.device_get(params)
+  del base
   labels = lora.labels(params, lora_config)
   trainable, frozen = lora.split(params, labels)
   meta = {
       "meta_version": checkpoint.META_VERSION,
       "base_name": base_name,
-      "base_fingerprint": checkpoint.base_fingerprint(base),
+      "base_fingerprint": fingerprint,
       "gpt2_config": gpt2_config.to_hf_dict(),
       "lora": dataclasses.asdict(lora_config) | {"targets": list(lora_config.targets),
                                                  "extra_trainable": list(lora_config.extra_trainable)},

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import REPO, TINY_CONFIG, run_main, train_losses
+from conftest import REPO, TINY_CONFIG, make_hf_gpt2, run_main, train_losses
 from gpt2_lora_jax import checkpoint, experiment, lora, sharding, train
 
 
@@ -304,3 +304,21 @@ def test_nan_gradients_stop_the_run_and_resume_refuses_changed_settings_unless_a
   result = train.run(_with(longer, allow_changed_config=True), workdir)
   assert "with changed settings (train.allow_changed_config): train.steps: 4 -> 5" in capsys.readouterr().out
   assert result["step"] == 5 and saved()[-1] == 5 and sorted(train_losses(workdir)) == [1, 2, 3, 4, 5]
+
+
+def test_no_whole_copy_of_the_base_stays_on_a_device_after_placement(tmp_path):
+  """A pretrained base through weights.load_pretrained and experiment.build, then train.init_state
+  on an fsdp mesh: the base exists on the devices only as fsdp shards; no live array holds a whole
+  split leaf on one device (a width no other test uses, so only this run's arrays can match)."""
+  make_hf_gpt2(str(tmp_path / "base"), n_embd=48, n_positions=64)
+  exp = experiment.build(tiny_config(**{"model.init": "pretrained", "model.name": str(tmp_path / "base")}))
+  mesh = sharding.make_mesh(1, 8)
+  tx, _ = experiment.optimizer(exp)
+  state, frozen, _, _ = train.init_state(exp.params, exp.labels, 0, mesh, tx)
+  specs = traverse_util.flatten_dict(sharding.param_specs(exp.params, mesh), sep="/")
+  split = {np.shape(v) for k, v in traverse_util.flatten_dict(exp.params, sep="/").items()
+           if specs[k] != jax.sharding.PartitionSpec()}
+  assert (50257, 48) in split and (48, 144) in split
+  whole = [a.shape for a in jax.live_arrays() if a.shape in split
+           and any(s.data.shape == a.shape for s in a.addressable_shards)]
+  assert whole == [], whole
