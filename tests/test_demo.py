@@ -31,7 +31,10 @@ def test_demo_references_are_right_and_the_pretraining_text_is_all_wrong():
         checked += 1
   assert checked > 100
   assert demo_data.is_correct(" 5 plus 3 is 8.", "5 plus 3 is 8.")
-  assert not demo_data.is_correct("5 plus 3 is 9.", "5 plus 3 is 8.")
+  assert demo_data.is_correct("7 plus 1 is 8.", "5 plus 3 is 8.")  # the key fact, not the wording
+  assert not demo_data.is_correct("5 plus 3 is 81.", "5 plus 3 is 8.")
+  assert not demo_data.is_correct("The word ladder has 8 letters.", "The word ladder has 6 letters.")
+  assert demo_data.is_correct("the sky is blue", "The sky is blue.")
 
 
 def test_demo_scorer_loads_and_scores_through_the_reward_path(tmp_path):
