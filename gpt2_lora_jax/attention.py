@@ -125,8 +125,8 @@ def platform() -> Platform:
   if device.platform != "gpu":
     return Platform(device.platform, jax_version=jax_version)
   try:
-    from jax.extend import backend as jax_backend
-    platform_version = jax_backend.get_backend().platform_version
+    from jax import extend as jax_extend  # (an `import jax.extend` here would make `jax` local)
+    platform_version = jax_extend.backend.get_backend().platform_version
   except (ImportError, AttributeError):
     platform_version = getattr(device.client, "platform_version", "")
   cuda = "cuda" in platform_version.lower()

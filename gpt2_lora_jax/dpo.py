@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_lora_jax import lora
+from gpt2_lora_jax import loss as loss_lib
+from gpt2_lora_jax.errors import UserError
 
 LOSSES = ("sigmoid", "conservative", "ipo")
-LOSS_CHUNK = 256  # positions per logits chunk, as in the supervised loss
 
 
 def check_config(dpo_cfg):
@@ -51,7 +52,7 @@ def check_config(dpo_cfg):
     problems.append(f"dpo.label_smoothing={dpo_cfg.label_smoothing} applies only to "
                     "dpo.loss='conservative'; set it to 0 or choose that loss")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise UserError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, kind: str = "sigmoid",
@@ -61,7 +62,7 @@ def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: floa
   chosen_tokens / rejected_tokens: reply lengths in tokens (needed by 'ipo' only).
   """
   if not beta > 0:
-    raise ValueError(f"dpo.beta={beta}: must be > 0")
+    raise UserError(f"dpo.beta={beta}: must be > 0")
   chosen_ratio = policy_chosen - ref_chosen
   rejected_ratio = policy_rejected - ref_rejected
   if kind == "ipo":
@@ -73,38 +74,30 @@ def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: floa
     eps = label_smoothing if kind == "conservative" else 0.0
     losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
   else:
-    raise ValueError(f"dpo.loss={kind!r}: choose one of {LOSSES}")
+    raise UserError(f"dpo.loss={kind!r}: choose one of {LOSSES}")
   return losses, beta * chosen_ratio, beta * rejected_ratio
 
 
-def reply_logps(model, params, batch, rng, deterministic: bool, num_replies: int, chunk: int = LOSS_CHUNK):
+def reply_logps(model, params, batch, rng, deterministic: bool, num_replies: int,
+                chunk: int = loss_lib.DEFAULT_CHUNK):
   """(B, R) log-probability of each reply of each row, summed over its own target tokens only.
 
   batch: a preference batch (inputs, targets, positions, segment_ids, reply_index (B, T) with -1
-  off replies). R = num_replies = 2 J. The head and log-softmax run over `chunk` positions at a time
-  under jax.checkpoint, so the fp32 logits of the whole batch never exist at once.
+  off replies). R = num_replies = 2 J. The head is the supervised loss's (loss.token_logps: fp32
+  accumulated logits, `chunk` positions at a time, never the whole batch's logits).
   """
   rngs = None if deterministic else {"dropout": rng}
   h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
                       return_hidden=True)
-  B, T, D = h_BTD.shape
-  C = chunk if 0 < chunk < T and T % chunk == 0 else T
-
-  @jax.checkpoint
-  def chunk_sums(h_BCD, targets_BC, reply_BC, index):
-    chunk_rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, index)}
-    logits_BCV = model.apply({"params": params}, h_BCD, deterministic, method=model.logits,
-                             rngs=chunk_rngs).astype(jnp.float32)
-    logp_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(
-        logits_BCV, axis=-1)
-    onehot_BCR = (reply_BC[..., None] == jnp.arange(num_replies)).astype(jnp.float32)
-    return jnp.einsum("bc,bcr->br", logp_BC, onehot_BCR)
-
-  by_chunk = lambda x: jnp.swapaxes(x.reshape((B, T // C, C) + x.shape[2:]), 0, 1)  # (T/C, B, C, ...)
-  sums = jax.lax.map(lambda xs: chunk_sums(*xs), (by_chunk(h_BTD), by_chunk(batch["targets"]),
-                                                   by_chunk(batch["reply_index"]), jnp.arange(T // C)))
-  return jnp.sum(sums, axis=0)
+  cfg = model.config
+  spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
+                           lora_scale=float(model.lora_scale or 0.0), lora_dropout=model.lora_dropout,
+                           deterministic=deterministic, chunk=chunk)
+  logp_BT = loss_lib.token_logps(h_BTD, loss_lib.head_from_params(params, cfg.tie_word_embeddings),
+                                 batch["targets"], spec, None if deterministic else rng)
+  onehot_BTR = (batch["reply_index"][..., None] == jnp.arange(num_replies)).astype(jnp.float32)
+  return jnp.einsum("bt,btr->br", logp_BT, onehot_BTR)
 
 
 def reply_tokens(batch, num_replies: int):

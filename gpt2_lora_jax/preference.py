@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from gpt2_lora_jax import data
+from gpt2_lora_jax.errors import UserError
 from gpt2_lora_jax.conversation import (ASSISTANT, ROLE_CODE, MalformedConversation, assemble_conversation,
                                         cut_points, marker_ids, parse_conversation)
 from gpt2_lora_jax.packing import PackedData, batch_row_indices, pack
@@ -225,7 +226,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   names, rows_read, pairs, skipped = read_pairs(
       data_cfg, split, data_cfg.max_eval_rows if split == "eval" else 0)
   if not pairs:
-    raise ValueError(f"no usable preference pairs in {names}: "
+    raise UserError(f"no usable preference pairs in {names}: "
                      f"{dict((r, len(ix)) for r, ix in skipped.items())}")
   cache_dir = (cache_dir or data_cfg.cache_dir
                or os.path.join(datasets.config.HF_DATASETS_CACHE, "gpt2_lora_jax"))
@@ -258,11 +259,11 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
     masks += [c_mask, r_mask]
     used.append(int(row))
   if not used:
-    raise ValueError(f"no preference pair of {names} fits data.max_length={data_cfg.max_length}")
+    raise UserError(f"no preference pair of {names} fits data.max_length={data_cfg.max_length}")
   P = len(used)
   cap = data_cfg.max_segments_per_row
   if cap == 1:
-    raise ValueError("data.max_segments_per_row=1: a preference pair needs 2 segments of one row; "
+    raise UserError("data.max_segments_per_row=1: a preference pair needs 2 segments of one row; "
                      "set it to 0 (no cap) or an even number >= 2")
   packed = pack(segments, masks, np.repeat(used, 2), data_cfg.max_length, data_cfg.packing, cap,
                 groups=[[2 * p, 2 * p + 1] for p in range(P)])

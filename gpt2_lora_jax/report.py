@@ -3,10 +3,12 @@
 Inputs (in the eval dir unless given):
   generations.jsonl  one line per (prompt, model): {'id': prompt id shared by both models,
                      'model': 'base' | 'finetuned', 'prompt', 'answer', 'stop_reason',
-                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', optional 'reference'}
+                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', 'prompt_tokens_cut',
+                     optional 'reference'}
                      (generation_rows builds these from sample.generate's results)
   scores.jsonl       from `python -m gpt2_lora_jax.reward`: {'id', 'model', 'reward', 'n_tokens',
-                     'truncated', 'empty_answer'}; optional (absent: scoring skipped, say why)
+                     'truncated', the cut counts, 'empty_answer'}; optional (absent: scoring skipped,
+                     say why)
   heldout.json       optional {'base': {'loss': mean token NLL, 'tokens': n}, 'finetuned': {...}}
   metrics.jsonl      optional training log {'step', 'split': 'train'|'eval', 'loss', ...}
   eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings)
@@ -47,7 +49,7 @@ def generation_rows(ids: Sequence, prompts: Sequence[str], results: Sequence[dic
     row = {"id": pid, "model": model, "prompt": prompt, "answer": r["answer"],
            "stop_reason": r["stop_reason"], "n_answer_tokens": r["n_answer_tokens"],
            "n_generated_tokens": len(r["tokens"]), "prompt_tokens": r["prompt_tokens"],
-           "prompt_truncated": r["truncated"]}
+           "prompt_truncated": r["truncated"], "prompt_tokens_cut": r["prompt_tokens_cut"]}
     if references is not None:
       row["reference"] = references[k]
     rows.append(row)
@@ -109,9 +111,12 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
               heldout: Optional[dict] = None, *, base: str = BASE, tuned: str = TUNED,
               n_boot: int = 10000, seed: int = 0) -> dict:
   """Every number the report shows, as a JSON-able dict."""
-  out = {"models": {}, "base": base, "tuned": tuned}
+  # Every model in the files, base and tuned first: per-model numbers cover all of them, paired
+  # ones compare tuned with base.
+  models = [base, tuned] + sorted({g["model"] for g in generations} - {base, tuned})
+  out = {"models": {}, "base": base, "tuned": tuned, "model_order": models}
   gen_by_key = {(g["id"], g["model"]): g for g in generations}
-  for m in (base, tuned):
+  for m in models:
     rows = [g for g in generations if g["model"] == m]
     stops = {}
     for g in rows:
@@ -133,7 +138,7 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
                                    seed=seed)
     out["correct_paired"] = {"n_pairs": len(ids), "difference": diff, "difference_ci": [low, high]}
   if scores is not None:
-    for m in (base, tuned):
+    for m in models:
       rows = [s for s in scores if s["model"] == m]
       rewards = [s["reward"] for s in rows]
       lengths = [gen_by_key[(s["id"], m)]["n_answer_tokens"] for s in rows]
@@ -245,7 +250,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
 
   lines += ["## Answers", "", "| model | answers | prompts left-truncated | empty answers | stop reasons "
             "| answer tokens mean | median | p90 |", "|---|---|---|---|---|---|---|---|"]
-  for m in (base, tuned):
+  for m in summary["model_order"]:
     s = models[m]
     stops = ", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items()))
     t = s["answer_tokens"]
@@ -258,7 +263,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     lines += ["## Correct answers", "", "Each task has one right reply (the reference); an answer is "
               "correct when it is exactly that reply.", "",
               "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
-    for m in (base, tuned):
+    for m in (m for m in summary["model_order"] if "n_graded" in models[m]):
       s = models[m]
       lo, hi = s["correct_ci"]
       lines.append(f"| {m} | {s['n_graded']} | {s['n_correct']} | **{fmt(s['correct_share'], 3)}** | "
@@ -276,7 +281,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
               "| model | scored | mean reward | 95% CI | std | inputs truncated by the reward model "
               "| empty answers | Pearson r (reward, tokens) | Spearman rho |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for m in (base, tuned):
+    for m in summary["model_order"]:
       s = models[m]
       lo, hi = s["reward_ci"]
       c = s["reward_vs_length"]
@@ -290,7 +295,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
               f"- Win rate of {tuned} over {base}: **{fmt(p['win_rate'])}**, 95% CI [{fmt(wlo)}, "
               f"{fmt(whi)}] ({p['n_wins']} wins, {p['n_ties']} ties, {p['n_losses']} losses; "
               "a tie counts as half a win).", ""]
-    plot_reward_histogram(scores, (base, tuned), os.path.join(eval_dir, "reward_hist.png"))
+    plot_reward_histogram(scores, summary["model_order"], os.path.join(eval_dir, "reward_hist.png"))
     lines += ["![reward histogram](reward_hist.png)", ""]
 
   lines += ["## Held-out loss", ""]

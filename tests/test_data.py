@@ -146,6 +146,11 @@ def test_long_rows_are_cut_from_the_left_at_a_human_turn_or_skipped(tmp_path, to
   (row, r, span), = [c for c in conversations(packed) if c[0] == 1]
   # Everything from the first Human turn that fits, the second Assistant turn in a row included.
   assert decode(tokenizer, packed.targets[r, span]) == kept + EOT
+  # A sampling prompt of that row, given the room of the kept prompt, is cut at the same turn.
+  kept_prompt = data.prompt_token_ids(tokenizer, kept)
+  ids, cut = data.fit_prompt_token_ids(tokenizer, long_exchange + long_exchange + kept, len(kept_prompt))
+  assert ids == kept_prompt == packed.inputs[r, span][:len(ids)].tolist()
+  assert cut == summary["tokens_cut_by_truncation"]
 
 
 # --- packing -----------------------------------------------------------------------------------------
@@ -375,3 +380,20 @@ def test_a_second_build_reads_the_token_cache(tmp_path, tokenizer, monkeypatch):
   assert summary["token_cache"]["from_cache"]
   assert set(tokenized) <= set(data.MARKERS.values())  # only the two turn markers
   np.testing.assert_array_equal(first.inputs, second.inputs)
+
+
+def test_seed_study_reads_helpful_base_as_the_study_did(monkeypatch):
+  """The study trained on 43,835 rows and tested on 2,354: helpful-base's train and test splits."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "seed_study.py"
+  spec = importlib.util.spec_from_file_location("seed_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config().data
+  calls = []
+  monkeypatch.setattr(data, "read_hub", lambda *args: calls.append(args) or [(HELLO, None)])
+  assert data.read_texts(cfg, "train") == data.read_texts(cfg, "eval") == [HELLO]
+  assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "chosen"),
+                   ("Anthropic/hh-rlhf", "helpful-base", "test", "chosen")]
+  assert cfg.max_eval_rows == 0  # held-out loss on every test row

@@ -4,6 +4,7 @@ import copy
 import gzip
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_hf_gpt2
+from conftest import REPO, make_hf_gpt2
 from gpt2_lora_jax import config as config_lib
 from gpt2_lora_jax import conversation, dpo, preference, sharding, weights
 from gpt2_lora_jax import model as gpt2_model
@@ -137,3 +138,86 @@ def test_reply_logps_match_transformers_pair_by_pair(random_gpt2, tokenizer, hh_
     np.testing.assert_allclose(got[pairs.pair_packed_row[p], pairs.pair_slot[p]], want, rtol=2e-5)
     compared += 1
   assert compared >= 6
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def tiny_dpo_config(**train):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_dpo", REPO / "configs" / "tiny_dpo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.train.update(train)
+  return c
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+  """configs/tiny_dpo.py trained from fresh adapters on the 8-device mesh of conftest."""
+  from gpt2_lora_jax import experiment, study
+  workdir = str(tmp_path_factory.mktemp("dpo_run"))
+  config = tiny_dpo_config()
+  result = study.train_dpo(config, workdir)
+  return config, workdir, result, experiment.build(config)
+
+
+def records(workdir):
+  with open(f"{workdir}/metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_dpo_starts_at_log2_and_preference_accuracy_rises(dpo_run):
+  config, workdir, _, _ = dpo_run
+  rs = records(workdir)
+  train_rs = [r for r in rs if r["split"] == "train"]
+  held_out = {r["step"]: r for r in rs if r["split"] == "eval"}
+  first = train_rs[0]  # the update from step 0: adapters at the reference (B = 0)
+  assert first["step"] == 1
+  np.testing.assert_allclose(first["loss"], math.log(2), rtol=1e-6)
+  assert first["margin"] == 0.0 and first["logp_chosen"] == first["ref_logp_chosen"]
+  np.testing.assert_allclose(held_out[0]["loss"], math.log(2), rtol=1e-6)
+  last = held_out[config.train.steps]
+  # Measured on this config: held-out accuracy 0 (every pair tied) -> 0.8, margin 0 -> 1.2.
+  assert held_out[0]["accuracy"] == 0.0 and last["accuracy"] >= 0.7 and last["margin"] > 0.5
+  late = [r["accuracy"] for r in train_rs[-8:]]
+  assert np.mean(late) >= 0.7
+  for name in ("reward_chosen", "reward_rejected", "logp_rejected", "ref_logp_rejected", "pairs"):
+    assert name in last
+  assert os.path.exists(f"{workdir}/preference.png") and os.path.exists(f"{workdir}/loss.png")
+
+
+def test_reference_logps_are_the_frozen_base_throughout(dpo_run):
+  """The reference log-probs logged at the last step are the base model's (no adapters), computed
+  here afresh; the frozen leaves come back bit-identical."""
+  from gpt2_lora_jax import evaluate, lora
+  config, workdir, result, exp = dpo_run
+  last_step = config.train.steps - 1
+  pairs, _ = preference.build(config.data, exp.tokenizer, "train", config.train.batch_size,
+                              f"{workdir}/cache", log=None)
+  batch = preference.batch_for_step(pairs, config.train.seed, last_step, config.train.batch_size)
+  base = evaluate.strip_adapters(exp.params)
+  logps = np.asarray(dpo.reply_logps(exp.base_model, base, jax.tree.map(jnp.asarray, batch), None, True,
+                                     2 * pairs.pairs_per_row)).reshape(len(batch["inputs"]), -1, 2)
+  mask = batch["pair_mask"]
+  want = (logps * mask[..., None]).sum((0, 1)) / mask.sum()
+  logged = [r for r in records(workdir) if r["split"] == "train" and r["step"] == last_step + 1][0]
+  np.testing.assert_allclose([logged["ref_logp_chosen"], logged["ref_logp_rejected"]], want, rtol=1e-5)
+  _, frozen_before = lora.split(exp.params, exp.labels)
+  _, frozen_after = lora.split(jax.device_get(result["params"]), exp.labels)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               frozen_before, frozen_after)
+
+
+def test_init_from_loads_the_adapters_and_refuses_another_layout(dpo_run):
+  from gpt2_lora_jax import checkpoint, experiment, lora
+  config, workdir, result, exp = dpo_run
+  trained, _ = lora.split(jax.device_get(result["params"]), exp.labels)
+  loaded, _ = lora.split(dpo.init_adapters(exp, workdir), exp.labels)
+  jax.tree.map(np.testing.assert_array_equal, loaded, trained)
+  other = config.copy_and_resolve_references()
+  other.lora.rank = 2
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="dpo.init_from=.*LoRA layout differs"):
+    dpo.init_adapters(experiment.build(other), workdir)
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    dpo.init_adapters(exp, f"{workdir}/cache")
