@@ -13,7 +13,7 @@ answers of base and fine-tuned, with intervals: the change LoRA made is measured
 A demo scorer (demo_scorer.py: a tiny classifier trained in seconds on the right vs wrong replies,
 needs PyTorch) scores the answers through the ordinary reward-model path, so the report's reward
 section appears offline; it is labelled as a demo scorer and says nothing about answer quality.
-The workdir gets metrics.jsonl, loss.png, TensorBoard files, checkpoints and eval/step_100/report.md.
+The workdir gets metrics.jsonl, loss.png, TensorBoard files, checkpoints and eval/step_150/report.md.
 """
 from gpt2_lora_jax.config import default_config
 
@@ -45,11 +45,11 @@ def get_config():
   c.data.max_length = 128  # demo conversations average ~40 tokens
   c.data.max_eval_rows = 200  # held-out loss on 200 test conversations
 
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 20
+  c.optim.lr = 8e-3  # adapters only; at 3e-3 over 100 steps 8 of 48 answers came out right
+  c.optim.warmup_steps = 15
 
   c.train.batch_size = 4
-  c.train.steps = 100
+  c.train.steps = 150
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.ckpt_every = 50

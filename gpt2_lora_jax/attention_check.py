@@ -110,7 +110,8 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
   seg_j = jnp.asarray(seg)
   ref_out, ref_grads = _run("xla", q32, k32, v32, g32, seg_j, max_segments)(q32, k32, v32, g32)
   q, k, v, g = (x.astype(dtype) for x in (q32, k32, v32, g32))
-  chosen = attention.select_path("cudnn", "segments", plat, dtype, head_dim, seq_len, log_fallbacks=False)
+  chosen = attention.select_path("cudnn", "segments", plat, dtype, head_dim, seq_len, max_segments,
+                                 log_fallbacks=False)
   paths = ["xla", "layout_xla"] + (["cudnn_packed", "cudnn_mask"] if plat.backend == "gpu" and plat.cuda else [])
   runs_per_row = [1 + int(np.count_nonzero(np.diff(r))) for r in seg]
   result = {"platform": {**vars(plat), "device_kind": jax.devices()[0].device_kind},

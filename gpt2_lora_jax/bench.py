@@ -252,7 +252,7 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   flat_labels = traverse_util.flatten_dict(labels)
   result = {
       "impl": "jax", "model": model_name(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,
-      "attention_path": path,
+      "attention_path": path, "padding_fraction": float(np.mean(seg == 0)),
       "step_time_s": step_s, "step_times_s": times, "tokens_per_s": tokens / step_s,
       "flops_per_token": per_token, "flops_per_step": per_token["total"] * tokens,
       # cost_analysis describes the per-device (SPMD-partitioned) program: x devices for the step.

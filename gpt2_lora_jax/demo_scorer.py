@@ -48,13 +48,13 @@ def _vocab(rows: list[dict]) -> list[str]:
 
 
 def build(out_dir: str, rows: int = 4000, steps: int = 200, batch: int = 16, seed: int = 0,
-          max_length: int = 64, lr: float = 5e-4, log=print) -> dict:
+          max_length: int = 64, lr: float = 5e-4, test_rows: int = 500, log=print) -> dict:
   import torch
   import transformers
 
   from gpt2_lora_jax import demo_data
   t0 = time.time()
-  train_rows, test_rows = demo_data.rows("train", rows, seed), demo_data.rows("test", 500, seed)
+  train_rows, test_rows = demo_data.rows("train", rows, seed), demo_data.rows("test", test_rows, seed)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
     f.write("\n".join(_vocab(train_rows + test_rows)) + "\n")

@@ -1,6 +1,7 @@
 """Evaluation: base vs fine-tuned answers, held-out loss, reward scores (separate process), report.
 
-Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alone:
+Stages, each leaving plain files in <workdir>/eval/step_<N>/ (N: the evaluated checkpoint's step,
+so evaluating another step never overwrites one) so any one can be rerun alone:
   1. restore the Orbax checkpoint (latest or eval.step) onto the base. The fine-tuned model is the
      one training ran (lora.make_model: adapters applied factored, y = x W + s (x A) B, the base
      as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16 loses much of a
@@ -12,7 +13,9 @@ Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alon
      (skipped, with the reason written down, when no reward model is configured or it fails);
   5. report.md + summary.json + PNGs from those files (report.py).
 Generations are written before scoring starts, so a scorer failure never loses them:
-`--mode=score` picks them up again.
+`--mode=score` picks them up again (from eval.step's directory; -1: the highest evaluated step).
+eval_config.json records what was evaluated (step, base, data and sampling settings) for the report;
+demo rows are graded (demo_data.is_correct) into each generation's 'correct'.
 
 Multi-host: every process restores (a collective read), gathers the fine-tuned tree to host memory
 and evaluates it on its own devices; only process 0 writes files and runs the scorer. The workdir
@@ -110,7 +113,7 @@ def run(config, workdir: str) -> str:
                                                (report.TUNED, tuned_model, tuned_params)], step)
   del tuned_params, base_params
   jax.clear_caches()
-  return score_and_report(config, workdir) if jax.process_index() == 0 else ""
+  return score_and_report(config, workdir, step) if jax.process_index() == 0 else ""
 
 
 def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int,
@@ -132,7 +135,7 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
   kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
                 top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
                 batch_size=ecfg.batch_size,
-                encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
+                encode=lambda prompt, most: data.fit_prompt_token_ids(exp.tokenizer, prompt, most))
   rows = []
   for name, model, params in named:
     log = (lambda done, total, name=name: print(f"sampling {name}: {done}/{total} prompts", flush=True)) \

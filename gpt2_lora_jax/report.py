@@ -3,10 +3,12 @@
 Inputs (in the eval dir unless given):
   generations.jsonl  one line per (prompt, model): {'id': prompt id shared by both models,
                      'model': 'base' | 'finetuned', 'prompt', 'answer', 'stop_reason',
-                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', optional 'reference'}
+                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', 'prompt_tokens_cut',
+                     optional 'reference'}
                      (generation_rows builds these from sample.generate's results)
   scores.jsonl       from `python -m gpt2_lora_jax.reward`: {'id', 'model', 'reward', 'n_tokens',
-                     'truncated', 'empty_answer'}; optional (absent: scoring skipped, say why)
+                     'truncated', the cut counts, 'empty_answer'}; optional (absent: scoring skipped,
+                     say why)
   heldout.json       optional {'base': {'loss': mean token NLL, 'tokens': n}, 'finetuned': {...}}
   metrics.jsonl      optional training log {'step', 'split': 'train'|'eval', 'loss', ...}
   eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings)
@@ -50,7 +52,7 @@ def generation_rows(ids: Sequence, prompts: Sequence[str], results: Sequence[dic
     row = {"id": pid, "model": model, "prompt": prompt, "answer": r["answer"],
            "stop_reason": r["stop_reason"], "n_answer_tokens": r["n_answer_tokens"],
            "n_generated_tokens": len(r["tokens"]), "prompt_tokens": r["prompt_tokens"],
-           "prompt_truncated": r["truncated"]}
+           "prompt_truncated": r["truncated"], "prompt_tokens_cut": r["prompt_tokens_cut"]}
     if references is not None:
       row["reference"] = references[k]
     rows.append(row)
@@ -137,12 +139,13 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
               n_boot: int = 10000, seed: int = 0) -> dict:
   """Every number the report shows, as a JSON-able dict.
 
-  models: the models compared, in order (default (base, tuned)); every two are paired (model_pairs)
-  and summary['paired'] is the (tuned, base) pair when both are there. preference: held-out
-  preference accuracies (preference.json, written by evaluate.compare).
+  models: the models compared, in order; default every model in the files, base and tuned first.
+  Every two are paired (model_pairs: later minus earlier); summary['paired'] is the (tuned, base)
+  pair. preference: held-out preference accuracies (preference.json, written by evaluate.compare).
   """
-  models = tuple(models) if models else (base, tuned)
-  out = {"models": {}, "base": base, "tuned": tuned, "compared": list(models)}
+  models = (list(models) if models else
+            [base, tuned] + sorted({g["model"] for g in generations} - {base, tuned}))
+  out = {"models": {}, "base": base, "tuned": tuned, "model_order": models}
   gen_by_key = {(g["id"], g["model"]): g for g in generations}
   for m in models:
     rows = [g for g in generations if g["model"] == m]
@@ -247,7 +250,8 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
                  n_boot: int = 10000, seed: int = 0, loss_window: int = 100) -> str:
   """Writes report.md, summary.json and the PNGs into eval_dir from the files; returns report.md's path.
 
-  models: the models compared, in order; default eval_config.json's 'models', else (base, tuned).
+  models: the models compared, in order; default eval_config.json's 'models', else every model in
+  the generations (summarize).
   A preference.json in eval_dir (evaluate.compare) adds the held-out preference accuracies.
 
   Paths default to generations.jsonl / scores.jsonl / heldout.json / metrics.jsonl in eval_dir.
@@ -270,7 +274,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   if os.path.exists(eval_config_path):
     with open(eval_config_path) as f:
       eval_config = json.load(f)
-  models = tuple(models or (eval_config or {}).get("models") or (base, tuned))
+  models = models or (eval_config or {}).get("models")
   preference_path = os.path.join(eval_dir, PREFERENCE_FILE)
   preference = None
   if os.path.exists(preference_path):
@@ -289,7 +293,8 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
                        "n_boot": n_boot, "seed": seed, "evaluated": eval_config}
   os.makedirs(eval_dir, exist_ok=True)
   stats = summary["models"]
-  title = "base vs fine-tuned" if models == (base, tuned) else " vs ".join(models)
+  models = summary["model_order"]
+  title = "base vs fine-tuned" if models == [base, tuned] else " vs ".join(models)
   lines = [f"# Evaluation: {title} GPT-2", "",
            f"Generated from `{generations_path}`" + (f", `{scores_path}`" if scores else "")
            + (f", `{heldout_path}`" if heldout else "") + (f", `{metrics_path}`" if metrics else "")
@@ -312,7 +317,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     lines += ["## Correct answers", "", "Each task has one right reply (the reference); an answer is "
               "correct when it is exactly that reply.", "",
               "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
-    for m in (base, tuned):
+    for m in (m for m in models if "n_graded" in stats[m]):
       s = stats[m]
       lo, hi = s["correct_ci"]
       lines.append(f"| {m} | {s['n_graded']} | {s['n_correct']} | **{fmt(s['correct_share'], 3)}** | "

@@ -241,6 +241,7 @@ def memory_table(presets, ranks=(16, 0), fsdp_sizes=(1,), **kw) -> str:
   gib = lambda b: f"{b / 2**30:.2f}"
   lines = ["| model | params | mode | fsdp | state + batch (GiB) | temporaries (GiB) | peak / device (GiB) |",
            "|---|---|---|---|---|---|---|"]
+  print("\n".join(lines), flush=True)  # rows follow as each compiles (a large model takes minutes)
   for preset in presets:
     for rank in ranks:
       for fsdp in fsdp_sizes:

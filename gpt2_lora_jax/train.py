@@ -131,8 +131,10 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
     full_params = lora.combine(state["trainable"], frozen)
     updates, opt_state = tx.update(full_grads, state["opt_state"], full_params)
     new_trainable, _ = lora.split(optax.apply_updates(full_params, updates), labels)
-    finite = jnp.isfinite(loss)
-    # A NaN/Inf step leaves the state untouched; the loop stops on it and saves nothing from it.
+    grad_norm = optax.tree.norm(grads)
+    # A NaN/Inf loss or gradient leaves the state untouched; the loop stops on it and saves nothing
+    # from it. Both are checked: a finite loss can come with non-finite gradients.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {
         "trainable": keep(new_trainable, state["trainable"]),
@@ -140,7 +142,7 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    metrics = {"loss": loss, "loss_tokens": den_sum, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "loss_tokens": den_sum, "grad_norm": grad_norm,
                "lr": schedule(state["step"]), "finite": finite}
     metrics.update({k: v / denom for k, v in aux_sum.items()})
     if stop_B is not None:  # any process saw a signal: the max over every row is an all-reduce
@@ -201,8 +203,8 @@ def host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def is_finite_loss(m: dict) -> bool:
-  return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
+def is_finite_update(m: dict) -> bool:
+  return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
 
 
 def master_copy(x):
@@ -293,7 +295,7 @@ class Preempted(Exception):
 
 
 class NonFiniteLoss(FloatingPointError):
-  pass
+  """A step's loss or gradient norm was NaN/Inf; its update was skipped and never saved."""
 
 
 def run(exp, workdir: str, objective: Callable | None = None) -> dict:
@@ -328,7 +330,11 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
-    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta)
+    # A run already past train.steps trains nothing, so only base and layout must match (as for
+    # evaluation); resuming checks the settings that shape the trajectory too.
+    allow = None if start >= tcfg.steps else tcfg.allow_changed_config
+    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta,
+                               allow_changed_run=allow, log=log)
     if is_main:
       print(finished_message(start, tcfg.steps, workdir) if start >= tcfg.steps
             else f"resumed from {mngr.directory}/{start}", flush=True)
@@ -363,10 +369,10 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
     """
     m = host_metrics(device_metrics)
     stop_seen = bool(m.pop(STOP_KEY, 0.0))
-    if not is_finite_loss(m):
-      raise NonFiniteLoss(f"loss is {m['loss']} at step {step}: the update was skipped and nothing "
-                          f"from it was saved; the last checkpoint is {mngr.latest_step()}. Lower "
-                          "--config.optim.lr or check the data.")
+    if not is_finite_update(m):
+      raise NonFiniteLoss(f"non-finite update at step {step} (loss {m['loss']}, gradient norm "
+                          f"{m['grad_norm']}): it was skipped and nothing from it was saved; the last "
+                          f"checkpoint is {mngr.latest_step()}. Lower --config.optim.lr or check the data.")
     seconds = timer.lap()
     m.pop("finite")
     if seconds is not None:  # steady-state steps only (see StepTimer)

@@ -124,14 +124,18 @@ BF16 = jnp.bfloat16
      1024, "xla"),  # a ROCm GPU
 ])
 def test_dispatcher_picks_the_expected_path(impl, kind, plat, dtype, head_dim, T, expected):
-  assert attention.select_path(impl, kind, plat, dtype, head_dim, T, log_fallbacks=False) == expected
+  assert attention.select_path(impl, kind, plat, dtype, head_dim, T, 32, log_fallbacks=False) == expected
+
+
+def test_no_segment_cap_leaves_the_packed_layout_unused():
+  assert attention.select_path("cudnn", "segments", H100, BF16, 64, 1024, 0, log_fallbacks=False) == "cudnn_mask"
 
 
 def test_fallbacks_are_logged_once_with_their_reason(caplog):
   plat = attention.Platform("gpu", True, (8, 6), 90100, (0, 10, 2), True)
   with caplog.at_level(logging.WARNING, logger=attention.__name__):
     for _ in range(3):
-      assert attention.select_path("cudnn", "segments", plat, BF16, 64, 512) == "cudnn_mask"
+      assert attention.select_path("cudnn", "segments", plat, BF16, 64, 512, 32) == "cudnn_mask"
   messages = [r.getMessage() for r in caplog.records]
   assert len(messages) == 1, messages
   assert "dense mask" in messages[0] and "(8, 6)" in messages[0] and "bias gradient" in messages[0]
@@ -158,3 +162,29 @@ def test_cudnn_request_on_cpu_runs_the_xla_reference():
   assert attention.platform().backend == "cpu"
   assert gpt2_model.layer_mask(config.replace(attention_impl="cudnn"), 16, 16, None, seg).path == "xla"
   np.testing.assert_array_equal(np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32))
+
+
+def test_layout_of_a_batch_sharded_over_the_mesh():
+  """Rows split over 8 devices (as train batches are) give the layout of the unsplit batch."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  assert jax.device_count() >= 8
+  seg = random_rows(np.random.default_rng(5), 16, 40, max_conversations=5)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(jnp.asarray(seg), NamedSharding(mesh, P("data")))
+  got = jax.jit(attention.segment_layout, static_argnums=1)(sharded, 7)
+  want = attention.segment_layout(jnp.asarray(seg), 7)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert len(got[0].sharding.device_set) == 8
+
+
+def test_the_packed_layout_probe_passes_a_correct_kernel_and_names_a_failing_one():
+  """platform() runs probe_packed_layout('cudnn_packed') on a GPU before choosing it; here the
+  probe itself is checked: XLA against XLA agrees, even while a step is being traced; a kernel
+  that cannot run is reported, not raised."""
+  assert attention.probe_packed_layout("xla") == ""
+  seen = []
+  jax.jit(lambda x: seen.append(attention.probe_packed_layout("xla")) or x)(jnp.ones(2))
+  assert seen == [""]
+  problem = attention.probe_packed_layout("cudnn_causal")  # no cuDNN on CPU
+  assert problem.startswith("it failed on a test batch:"), problem

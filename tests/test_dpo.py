@@ -231,7 +231,7 @@ def test_preference_study_end_to_end(study_run):
   assert out == os.path.join(workdir, "eval", "step_20")
   with open(f"{out}/summary.json") as f:
     summary = json.load(f)
-  assert summary["compared"] == ["base", "sft", "dpo"]
+  assert summary["model_order"] == ["base", "sft", "dpo"]
   assert set(summary["pairs"]) == {"sft vs base", "dpo vs base", "dpo vs sft"}
   with open(f"{out}/scores.jsonl") as f:
     scores = [json.loads(line) for line in f]

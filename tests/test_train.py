@@ -1,4 +1,5 @@
 """The train step and loop: accumulation, sharding, end-to-end runs, exact resume after SIGTERM."""
+import dataclasses
 import json
 import os
 import re
@@ -14,8 +15,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import REPO, TINY_CONFIG, run_main, train_losses
-from gpt2_lora_jax import experiment, lora, sharding, train
+from conftest import REPO, TINY_CONFIG, make_hf_gpt2, run_main, train_losses
+from gpt2_lora_jax import checkpoint, experiment, lora, sharding, train
 
 
 
@@ -186,34 +187,50 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing_from_it(tmp_path)
                     "--config.optim.clip_norm=0", "--config.train.steps=8", "--config.train.ckpt_every=1",
                     "--config.train.eval_every=0")
   assert result.returncode == 1, result.stderr[-3000:]
-  match = re.search(r"loss is (nan|inf|-inf) at step (\d+)", result.stderr)
+  match = re.search(r"non-finite update at step (\d+) \(loss (nan|inf|-inf),", result.stderr)
   assert match, result.stderr[-3000:]
-  bad_step = int(match.group(2))
+  bad_step = int(match.group(1))
   saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert all(s < bad_step for s in saved)  # every saved checkpoint precedes the bad update
   assert all(np.isfinite(v) for v in train_losses(workdir).values())
 
 
-def test_pluggable_loss_is_normalised_by_the_whole_batch(tiny_exp):
+def test_pluggable_loss_is_normalised_by_the_whole_batch_and_nan_gradients_change_nothing(tiny_exp):
   """A loss_fn whose value and gradient are known in closed form: num = sum_rows w * s(trainable)
-  with s the sum of every trainable value, den = sum_rows n. Over 4 micro-batches the step must
-  report loss = W/N * s, aux w = W/N and grad norm = W/N * sqrt(#trainable values)."""
+  with s the sum of every trainable value, den = sum_rows n. Over 4 micro-batches on 4 devices the
+  step must report loss = W/N * s, aux w = W/N and grad norm = W/N * sqrt(#trainable values).
+  With batch["poison"] set, the loss stays finite and its gradient is NaN: the state must not move."""
+  @jax.custom_vjp
+  def poison(x, flag):
+    return x
+
+  poison.defvjp(lambda x, flag: (x, flag), lambda flag, g: (jnp.where(flag, jnp.nan, g), jnp.zeros_like(flag)))
   rng = np.random.RandomState(3)
   batch = {"w": rng.uniform(0.5, 2.0, 8).astype(np.float32), "n": rng.randint(1, 9, 8).astype(np.float32)}
   total = lambda tree: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
 
   def loss_fn(trainable, frozen, mbatch, rng):
-    return jnp.sum(mbatch["w"]) * total(trainable), jnp.sum(mbatch["n"]), {"w": jnp.sum(mbatch["w"])}
+    num = poison(jnp.sum(mbatch["w"]) * total(trainable), jnp.any(mbatch["poison"] > 0))
+    return num, jnp.sum(mbatch["n"]), {"w": jnp.sum(mbatch["w"])}
 
   tx, schedule = experiment.optimizer(tiny_exp)
   mesh = sharding.make_mesh(4, 1, jax.devices()[:4])
   state, frozen, state_sh, frozen_sh = train.init_state(tiny_exp.params, tiny_exp.labels, 0, mesh, tx)
-  s = float(total(state["trainable"]))
-  n_values = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+  before = jax.device_get(state)
   step = train.jit_train_step(tiny_exp.model, tiny_exp.labels, 4, tx, schedule, mesh, state_sh, frozen_sh,
                               loss_fn=loss_fn)
-  _, m = jax.device_get(step(state, frozen, sharding.global_batch(batch, mesh)))
+  state, m = step(state, frozen, sharding.global_batch({**batch, "poison": np.ones(8, np.int32)}, mesh))
+  assert np.isfinite(m["loss"]) and not np.isfinite(m["grad_norm"]) and not m["finite"]
+  for a, b in zip(jax.tree.leaves(jax.device_get(state["trainable"])), jax.tree.leaves(before["trainable"])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state["opt_state"])), jax.tree.leaves(before["opt_state"])):
+    np.testing.assert_array_equal(a, b)
+
+  _, m = jax.device_get(step(state, frozen, sharding.global_batch({**batch, "poison": np.zeros(8, np.int32)}, mesh)))
+  s = float(total(before["trainable"]))
+  n_values = sum(x.size for x in jax.tree.leaves(before["trainable"]))
   ratio = batch["w"].sum(dtype=np.float64) / batch["n"].sum(dtype=np.float64)
+  assert m["finite"]
   np.testing.assert_allclose(m["loss"], ratio * s, rtol=1e-5)
   np.testing.assert_allclose(m["w"], ratio, rtol=1e-6)
   np.testing.assert_allclose(m["grad_norm"], ratio * np.sqrt(n_values), rtol=1e-5)
@@ -241,3 +258,67 @@ def test_full_fine_tuning_on_a_bf16_base_trains_fp32_master_weights():
   for path, new in traverse_util.flatten_dict(jax.device_get(new_state["trainable"]), sep="/").items():
     changed = np.mean(new != np.asarray(before[path], np.float32))
     assert changed > 0.99, (path, changed)
+
+
+def _with(exp, **train_settings):
+  """exp with train settings changed (its run record too, as experiment.build would make it)."""
+  config = exp.config.copy_and_resolve_references()
+  config.train.update(**train_settings)
+  return dataclasses.replace(exp, config=config, meta=exp.meta | {"run": experiment.run_settings(config)})
+
+
+def test_nan_gradients_stop_the_run_and_resume_refuses_changed_settings_unless_allowed(tiny_exp, tmp_path, capsys):
+  """The loss stays finite but its gradient is NaN from the second step on (once the adapters have
+  moved off B = 0): the run stops at that step, whose update is neither applied nor saved. Then,
+  in that workdir, a run with more steps is refused by name, and resumes when allowed to."""
+  @jax.custom_vjp
+  def poison(x, flag):
+    return x
+
+  poison.defvjp(lambda x, flag: (x, flag),
+                lambda flag, g: (jnp.where(flag, jnp.nan, g), jnp.zeros_like(flag)))
+  # tiny_exp has no warmup: step 1 moves B.
+  exp = _with(tiny_exp, steps=4, ckpt_every=1, eval_every=0, plot_every=0)
+  sft = train.sft_loss(exp.model)
+
+  def loss_fn(trainable, frozen, mbatch, rng):
+    num, den, aux = sft(trainable, frozen, mbatch, rng)
+    moved = jnp.any(jnp.stack([jnp.any(x != 0) for x in jax.tree.leaves(trainable)
+                               if x.shape[0] == exp.lora_config.rank]))  # some lora_b (r, out)
+    return poison(num, moved), den, aux
+
+  workdir = str(tmp_path / "nan_grads")
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite update at step 2 \(loss [0-9.]+, gradient norm nan\)"):
+    train.run(exp, workdir, objective=lambda e, cache: dataclasses.replace(
+        train.sft_objective(e, cache), loss_fn=loss_fn))
+  saved = lambda: sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved() == [1]  # the good step's checkpoint is the latest; nothing from step 2
+  assert sorted(train_losses(workdir)) == [1]
+
+  longer = _with(exp, steps=5)
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"train.steps: 4 -> 5\..*--config.train.allow_changed_config=True"):
+    train.run(longer, workdir)
+  assert saved() == [1]
+  capsys.readouterr()
+  result = train.run(_with(longer, allow_changed_config=True), workdir)
+  assert "with changed settings (train.allow_changed_config): train.steps: 4 -> 5" in capsys.readouterr().out
+  assert result["step"] == 5 and saved()[-1] == 5 and sorted(train_losses(workdir)) == [1, 2, 3, 4, 5]
+
+
+def test_no_whole_copy_of_the_base_stays_on_a_device_after_placement(tmp_path):
+  """A pretrained base through weights.load_pretrained and experiment.build, then train.init_state
+  on an fsdp mesh: the base exists on the devices only as fsdp shards; no live array holds a whole
+  split leaf on one device (a width no other test uses, so only this run's arrays can match)."""
+  make_hf_gpt2(str(tmp_path / "base"), n_embd=48, n_positions=64)
+  exp = experiment.build(tiny_config(**{"model.init": "pretrained", "model.name": str(tmp_path / "base")}))
+  mesh = sharding.make_mesh(1, 8)
+  tx, _ = experiment.optimizer(exp)
+  state, frozen, _, _ = train.init_state(exp.params, exp.labels, 0, mesh, tx)
+  specs = traverse_util.flatten_dict(sharding.param_specs(exp.params, mesh), sep="/")
+  split = {np.shape(v) for k, v in traverse_util.flatten_dict(exp.params, sep="/").items()
+           if specs[k] != jax.sharding.PartitionSpec()}
+  assert (50257, 48) in split and (48, 144) in split
+  whole = [a.shape for a in jax.live_arrays() if a.shape in split
+           and any(s.data.shape == a.shape for s in a.addressable_shards)]
+  assert whole == [], whole
