@@ -31,7 +31,7 @@ def get_config(size: str = "gpt2"):
   c.dpo.loss = "sigmoid"
   c.dpo.beta = 0.1  # TRL's DPOConfig default
   c.dpo.label_smoothing = 0.0
-  # About one epoch of pairs: on the harmless-base test split 2,303 pairs pack into 744 rows of 1024
+  # About one epoch of pairs: on the harmless-base test split 2,303 pairs pack into 745 rows of 1024
   # tokens (3.1 a row, measured with preference.build); HH-RLHF's 160,800 train rows then make ~52k
   # rows, ~1,600 steps at batch 32.
   c.dpo.steps = 1600

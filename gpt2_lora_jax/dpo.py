@@ -17,10 +17,11 @@ computed once, before the first step, by one forward pass over every packed row 
 policy (no dropout), and cached as PreferenceData.ref_logps (8 bytes a pair); batches carry them.
 So no second model (and no second copy of the base or of the adapters) is ever held, and the train
 step costs what an SFT step on the same tokens costs. The trade-off against computing them in every
-step: the up-front pass is a forward over the whole split (about a third of an epoch's compute, the
-forward of a training step without its backward), paid again on every start and resume (the pass
-rebuilds it from dpo.init_from); for runs shorter than about a third of an epoch on-the-fly would be
-cheaper. A pair sees exactly the same reference numbers in every epoch.
+step: both do one reference forward per packed row trained on, but the cache does it for every row
+of the split up front, once. Shorter than one epoch, the cache pays for rows that are never trained
+on; at one epoch both do the same forwards; beyond, the cache saves one forward per row per extra
+epoch. The pass is paid again on every start and resume (it is rebuilt from dpo.init_from), and
+until it ends no step runs. A pair sees exactly the same reference numbers in every epoch.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def check_config(dpo_cfg):
   """Errors naming the setting, before anything is loaded."""
   problems = []
   if not dpo_cfg.beta > 0:
-    problems.append(f"dpo.beta={dpo_cfg.beta}: must be > 0 (DPO's usual range is 0.01 to 0.5)")
+    problems.append(f"dpo.beta={dpo_cfg.beta}: must be > 0 (TRL's default is 0.1)")
   if dpo_cfg.loss not in LOSSES:
     problems.append(f"dpo.loss={dpo_cfg.loss!r}: choose one of {LOSSES}")
   elif dpo_cfg.loss == "conservative" and not 0.0 < dpo_cfg.label_smoothing < 0.5:
@@ -106,10 +107,6 @@ def reply_tokens(batch, num_replies: int):
   return jnp.sum(batch["reply_index"][..., None] == jnp.arange(num_replies), axis=1).astype(jnp.float32)
 
 
-METRICS = ("reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen", "logp_rejected",
-           "ref_logp_chosen", "ref_logp_rejected")
-
-
 def make_loss_fn(model, dpo_cfg):
   """The DPO loss as a train-step loss_fn: (loss summed over pairs, pairs, {metric: sum over pairs}).
 
@@ -158,10 +155,10 @@ def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, loca
   R = 2 * pairs.pairs_per_row
   params = lora.combine(trainable, frozen)
   out = np.zeros((pairs.num_rows, pairs.pairs_per_row, 2), np.float32)
-  for first, local in zip(range(0, pairs.num_rows, batch_size),
+  for first, batch in zip(range(0, pairs.num_rows, batch_size),
                           preference.eval_batches(pairs, batch_size, process_index, process_count)):
-    local.pop("ref_logps", None)
-    logps = _forward_logps(model, params, sharding.global_batch(local, mesh), R)
+    batch.pop("ref_logps", None)
+    logps = _forward_logps(model, params, sharding.global_batch(batch, mesh), R)
     logps = sharding.fetch_to_host(logps).reshape(-1, pairs.pairs_per_row, 2)
     n = min(batch_size, pairs.num_rows - first)
     out[first:first + n] = logps[:n]
