@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from gpt2_lora_jax.errors import UserError
 
 
 # 2: base fingerprints independent of the storage dtype, and run settings recorded.
@@ -27,7 +28,7 @@ META_VERSION = 2
 ALLOW_FLAG = "--config.train.allow_changed_config=True"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
   """A checkpoint was written for another base model, adapter layout or run."""
 
 
@@ -142,6 +143,25 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, expect
     log(note)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"]
+
+
+def read_trainable(path: str) -> tuple[dict, dict, str]:
+  """(trainable leaves as saved, meta, where) of the latest checkpoint under `path`: a workdir, its
+  checkpoints/ directory, or one step's directory (checkpoints/<step>)."""
+  path = path.rstrip("/")
+  step = None
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  mngr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"{path!r} holds no checkpoint (expected a run's workdir, its checkpoints/ "
+                            "directory or checkpoints/<step>)")
+  meta = read_meta(mngr, step)
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["trainable"], meta, f"{mngr.directory}/{step}"
 
 
 def abstract_like(tree):

@@ -15,6 +15,7 @@ import ml_collections
 
 from gpt2_lora_jax import checkpoint, lora, optim, tokenizer as tokenizer_lib, weights
 from gpt2_lora_jax import model as gpt2_model
+from gpt2_lora_jax.errors import UserError, UserPathError
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int):
   if config.model.init not in ("pretrained", "random"):
     problems.append(f"model.init={config.model.init!r}: 'pretrained' or 'random'")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise UserError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def check_workdir(workdir: str):
@@ -68,12 +69,13 @@ def check_workdir(workdir: str):
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise OSError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
+    raise UserPathError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
 
 
 def load_base(config: ml_collections.ConfigDict, seed: int):
   """(GPT2Config, params, name): pretrained from model.name, or random of model.preset size."""
-  run_fields = dict(attention_impl=config.model.attention_impl, remat=config.model.remat)
+  run_fields = dict(attention_impl=config.model.attention_impl, remat=config.model.remat,
+                    max_segments_per_row=config.data.max_segments_per_row)
   if config.model.init == "pretrained":
     gpt2_config, params = weights.load_pretrained(config.model.name, dtype=config.model.base_param_dtype,
                                                   compute_dtype=config.model.dtype, **run_fields)
@@ -109,7 +111,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   validate(config, jax.device_count())
   gpt2_config, base, base_name = load_base(config, config.train.seed)
   if config.data.max_length > gpt2_config.n_positions:
-    raise ValueError(f"data.max_length={config.data.max_length} is longer than the model's "
+    raise UserError(f"data.max_length={config.data.max_length} is longer than the model's "
                      f"{gpt2_config.n_positions} positions; lower --config.data.max_length")
   lora_config = lora.LoraConfig.from_config(config.lora)
   adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)

@@ -27,6 +27,7 @@ import re
 
 import jax
 import optax
+from gpt2_lora_jax.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -36,13 +37,13 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   linear to 0 at total_steps, or constant lr. optim_cfg: config.default_config().optim."""
   lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
   if optim_cfg.schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: choose one of {SCHEDULES}")
+    raise UserError(f"optim.schedule={optim_cfg.schedule!r}: choose one of {SCHEDULES}")
   if total_steps < 1:
-    raise ValueError(f"total_steps={total_steps}: must be >= 1")
+    raise UserError(f"total_steps={total_steps}: must be >= 1")
   if not 0 <= warmup <= total_steps:
-    raise ValueError(f"optim.warmup_steps={warmup} must be in [0, total_steps={total_steps}]")
+    raise UserError(f"optim.warmup_steps={warmup} must be in [0, total_steps={total_steps}]")
   if not lr > 0:
-    raise ValueError(f"optim.lr={lr}: must be > 0")
+    raise UserError(f"optim.lr={lr}: must be > 0")
   decay_steps = max(total_steps - warmup, 1)
   if optim_cfg.schedule == "cosine":
     after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(optim_cfg.min_lr_ratio))

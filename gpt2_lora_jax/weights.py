@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from gpt2_lora_jax import hub
 from gpt2_lora_jax.model import GPT2Config, param_shapes
+from gpt2_lora_jax.errors import MissingPackageError, UserError
 
 # Buffers some checkpoints carry that are not parameters (causal-mask caches of old GPT-2 code).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -118,7 +119,7 @@ def _read_state(model_dir: str) -> dict:
     try:
       import torch
     except ImportError as e:
-      raise ImportError(f"{binary} is a PyTorch checkpoint: install torch (pip install "
+      raise MissingPackageError(f"{binary} is a PyTorch checkpoint: install torch (pip install "
                         "'gpt2-lora-jax[eval]') or convert it to model.safetensors") from e
     state = torch.load(binary, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
@@ -139,7 +140,7 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
   with open(os.path.join(model_dir, "config.json")) as f:
     hf_config = json.load(f)
   if hf_config.get("model_type", "gpt2") != "gpt2":
-    raise ValueError(f"{model_dir}/config.json is a {hf_config.get('model_type')!r} model, not GPT-2")
+    raise UserError(f"{model_dir}/config.json is a {hf_config.get('model_type')!r} model, not GPT-2")
   if compute_dtype is not None:
     config_overrides["dtype"] = jnp.dtype(compute_dtype).name
   config = GPT2Config.from_hf_dict(hf_config, param_dtype=jnp.dtype(dtype).name, **config_overrides)

@@ -289,7 +289,8 @@ def test_nan_gradients_stop_the_run_and_resume_refuses_changed_settings_unless_a
 
   workdir = str(tmp_path / "nan_grads")
   with pytest.raises(train.NonFiniteLoss, match=r"non-finite update at step 2 \(loss [0-9.]+, gradient norm nan\)"):
-    train.run(exp, workdir, loss_fn=loss_fn)
+    train.run(exp, workdir, objective=lambda e, cache: dataclasses.replace(
+        train.sft_objective(e, cache), loss_fn=loss_fn))
   saved = lambda: sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert saved() == [1]  # the good step's checkpoint is the latest; nothing from step 2
   assert sorted(train_losses(workdir)) == [1]
