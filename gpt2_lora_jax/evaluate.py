@@ -76,7 +76,8 @@ def restore_finetuned(exp, workdir: str, step: int = -1):
   state = checkpoint.restore(mngr, step, checkpoint.abstract_like(state), exp.meta)
   params = lora.combine(state["trainable"], frozen)
   if jax.process_count() > 1:  # leaves may span hosts; from here on each process works alone
-    params = sharding.fetch_to_host(params)
+    # ... and on its own first device, placed once (host arrays would be copied at every call).
+    params = jax.device_put(sharding.fetch_to_host(params), jax.local_devices()[0])
   return params, step
 
 
@@ -108,7 +109,8 @@ def run(config, workdir: str) -> str:
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   out = eval_dir(workdir, step)
   tuned_model = exp.model  # the module training used (module docstring, stage 1)
-  base_params = strip_adapters(exp.params)
+  # The same device arrays as the fine-tuned tree's frozen base: one copy of the base on the device.
+  base_params = strip_adapters(tuned_params)
   answer_and_write(config, exp, out, workdir, [(report.BASE, exp.base_model, base_params),
                                                (report.TUNED, tuned_model, tuned_params)], step)
   del tuned_params, base_params
@@ -179,12 +181,13 @@ def compare(config, workdir: str, runs: dict) -> str:
   prompts: held-out loss, held-out preference accuracy, answers, scores and one report in
   <workdir>/eval/step_<step of the last run>/. The runs share this config's base and adapter layout."""
   exp = experiment.build(config)
-  named, steps, frozen = [(report.BASE, exp.base_model, strip_adapters(exp.params))], {}, None
+  named, steps, frozen = [], {}, None
   for name, run_dir in runs.items():
     params, steps[name] = restore_finetuned(exp, run_dir, -1)
     trainable, run_frozen = lora.split(params, exp.labels)
-    frozen = run_frozen if frozen is None else frozen  # one copy of the base for every run
+    frozen = run_frozen if frozen is None else frozen  # one placed copy of the base for every model
     named.append((name, exp.model, lora.combine(trainable, frozen)))
+  named.insert(0, (report.BASE, exp.base_model, strip_adapters(named[0][2])))
   step = steps[list(runs)[-1]]
   out = eval_dir(workdir, step)
   run_info = {name: {"workdir": os.path.abspath(d), "step": int(steps[name])} for name, d in runs.items()}
@@ -205,7 +208,9 @@ def preference_accuracy(config, exp, named: list, workdir: str) -> dict:
   ecfg = config.eval
   pairs, _ = preference.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                               config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
-  mesh = sharding.make_mesh(-1, 1, devices=jax.local_devices())  # each process evaluates alone
+  # Where restore_finetuned placed the trees: the run's mesh, or this process's first device when
+  # there are several processes (each evaluates alone).
+  mesh = sharding.make_mesh(-1, 1, devices=jax.devices() if jax.process_count() == 1 else jax.local_devices()[:1])
   mask = pairs.pair_mask()
   logps = {name: dpo.reference_logps(model, {}, params, pairs, mesh, ecfg.batch_size, local=True)[mask]
            for name, model, params in named}  # (pairs, 2) each
