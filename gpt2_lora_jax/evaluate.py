@@ -210,7 +210,8 @@ def preference_accuracy(config, exp, named: list, workdir: str) -> dict:
                               config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   # Where restore_finetuned placed the trees: the run's mesh, or this process's first device when
   # there are several processes (each evaluates alone).
-  mesh = sharding.make_mesh(-1, 1, devices=jax.devices() if jax.process_count() == 1 else jax.local_devices()[:1])
+  devices = jax.devices() if jax.process_count() == 1 else jax.local_devices()[:1]
+  mesh = sharding.make_mesh(-1, 1, devices=devices)
   mask = pairs.pair_mask()
   logps = {name: dpo.reference_logps(model, {}, params, pairs, mesh, ecfg.batch_size, local=True)[mask]
            for name, model, params in named}  # (pairs, 2) each
