@@ -3,8 +3,8 @@
 Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alone:
   1. restore the Orbax checkpoint (latest or eval.step) onto the base. The fine-tuned model is the
      one training ran (lora.make_model: adapters applied factored, y = x W + s (x A) B, the base
-     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16 loses much of a
-     small update, so a merged model would be another model than the one trained;
+     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16
+     loses much of a small update, so a merged model would be another model than the one trained;
   2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
   3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
      "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
