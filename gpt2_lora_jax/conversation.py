@@ -143,10 +143,16 @@ def first_kept_turn(roles, turn_tokens, budget: int):
   tokens_from = [0] * (n + 1)  # tokens of turns i..n-1
   for i in reversed(range(n)):
     tokens_from[i] = tokens_from[i + 1] + turn_tokens[i]
+  return next((i for i in cut_points(roles) if tokens_from[i] <= budget), None)
+
+
+def cut_points(roles) -> list[int]:
+  """Turns a too-long conversation may start at, earliest first: the start, or any Human turn up to
+  the final exchange's, so a kept part opens like every real conversation (and sampling prompt) does."""
+  roles = np.asarray(roles).tolist()
   human = ROLE_CODE[HUMAN]
-  last_human = max((i for i in range(n) if roles[i] == human), default=0)
-  cut_points = [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
-  return next((i for i in cut_points if tokens_from[i] <= budget), None)
+  last_human = max((i for i in range(len(roles)) if roles[i] == human), default=0)
+  return [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
 
 
 def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_ids: np.ndarray,

@@ -145,9 +145,10 @@ def encode_pair(tokenizer, question: str, answer: str, max_length: int) -> tuple
 
 
 def score_pairs(model, tokenizer, questions, answers, *, max_length=512, batch_size=16,
-                device="cpu") -> list[dict]:
+                device="cpu", progress=None) -> list[dict]:
   """[{'reward', 'n_tokens', 'truncated', and the cut counts of encode_pair}] for each
-  (question, answer), in batches padded inside."""
+  (question, answer), in batches padded inside. progress: called with (pairs done, pairs in all)
+  after each batch."""
   import torch
   out = []
   for start in range(0, len(questions), batch_size):
@@ -159,6 +160,8 @@ def score_pairs(model, tokenizer, questions, answers, *, max_length=512, batch_s
       logits = model(**{k: v.to(device) for k, v in enc.items()}).logits  # (b, num_labels)
     for i, reward in enumerate(logits[:, 0].float().cpu().tolist()):
       out.append({"reward": reward, "n_tokens": int(n_tokens[i]), **cuts[i]})
+    if progress is not None:
+      progress(len(out), len(questions))
   return out
 
 
@@ -170,6 +173,9 @@ def write_text_atomic(path: str, text: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file gets the mode open() would give
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -192,7 +198,7 @@ def score_file(generations: str, out: str, reward_model: str, *, batch_size=16, 
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["prompt"]) - len(rows[i]["answer"]))
   scored = score_pairs(model, tokenizer, [question_from_prompt(rows[i]["prompt"]) for i in order],
                        [rows[i]["answer"].strip() for i in order], max_length=max_length,
-                       batch_size=batch_size, device=device)
+                       batch_size=batch_size, device=device, progress=_progress_printer())
   results = [None] * len(rows)
   for i, s in zip(order, scored):
     results[i] = {"id": rows[i]["id"], "model": rows[i]["model"], **s,
@@ -205,6 +211,22 @@ def score_file(generations: str, out: str, reward_model: str, *, batch_size=16, 
           "n_answer_cut": sum(r["answer_tokens_cut"] > 0 for r in results),
           "answer_share": ANSWER_SHARE, "reward_model": reward_model,
           "device": device, "dtype": dtype, "max_length": max_length, "seconds": time.time() - t0}
+
+
+PROGRESS_PREFIX = "scoring: "
+
+
+def _progress_printer(every_s: float = 10.0):
+  """A progress callback that prints 'scoring: done/total answers' to stderr at most every
+  `every_s` seconds, and at the end (run_scorer_subprocess passes these lines through)."""
+  last = [0.0]
+
+  def show(done, total):
+    now = time.time()
+    if done == total or now - last[0] >= every_s:
+      last[0] = now
+      print(f"{PROGRESS_PREFIX}{done}/{total} answers", file=sys.stderr, flush=True)
+  return show
 
 
 def run_scorer_subprocess(generations_path: str, out_path: str, reward_model: str = DEFAULT_REWARD_MODEL,
@@ -227,12 +249,28 @@ def run_scorer_subprocess(generations_path: str, out_path: str, reward_model: st
   # The package must import in the child even when it is not installed (run from a checkout).
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   child_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, child_env.get("PYTHONPATH")) if p)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=timeout)
+  # stderr is read as it comes: progress lines go through to ours, the rest is kept for errors.
+  with tempfile.TemporaryFile("w+") as stdout:
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=child_env)
+    err_lines = []
+    deadline = None if timeout is None else time.time() + timeout
+    for line in proc.stderr:
+      if line.startswith(PROGRESS_PREFIX):
+        print(line.rstrip(), file=sys.stderr, flush=True)
+      else:
+        err_lines.append(line)
+      if deadline is not None and time.time() > deadline:
+        proc.kill()
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 1))
+    proc.stderr.close()
+    stdout.seek(0)
+    out_text, err_text = stdout.read(), "".join(err_lines)
   if proc.returncode != 0:
-    tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+    tail = "\n".join(err_text.strip().splitlines()[-25:])
     raise ScorerError(f"reward scorer exited with code {proc.returncode} "
                       f"(command: {' '.join(cmd)}):\n{tail}")
-  lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
+  lines = [l for l in out_text.strip().splitlines() if l.startswith("{")]
   return json.loads(lines[-1]) if lines else {}
 
 

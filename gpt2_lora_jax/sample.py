@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_lora_jax.model import init_kv_cache
+from gpt2_lora_jax.errors import UserError
 
 EOT_ID = 50256  # GPT-2's end of text, also used as padding
 STOP_REASONS = ("stop_string", "eos", "max_new_tokens")
@@ -48,7 +49,7 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
+      raise UserError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
                        "0 < top_p <= 1")
 
 
@@ -184,7 +185,8 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
              temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
              stop_strings: Sequence[str] = ("\n\nHuman:",), seed: int = 0, batch_size: int = 32,
              eos_id: Optional[int] = EOT_ID, chunk_size: int = 32, min_bucket: int = 16,
-             encode: Optional[Callable[[str, int], tuple]] = None) -> list[dict]:
+             encode: Optional[Callable[[str, int], tuple]] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
   """Samples one answer per prompt, in the prompts' order.
 
   Each result: {'answer': text cut exactly before the first stop string (or at end-of-text),
@@ -196,11 +198,12 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
   encode(prompt, most tokens) -> (ids, tokens cut): tokenises and fits a prompt. Evaluation passes
   data.fit_prompt_token_ids, which tokenises exactly as training did and cuts whole turns from the
   left as training does. Default: the plain tokenizer, cut token by token from the left.
+  progress: called with (prompts done, prompts in all) after each batch.
   """
   n_positions = model.config.n_positions
   max_prompt = n_positions - max_new_tokens
   if max_prompt < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+    raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                      f"n_positions={n_positions}")
   stop_strings = tuple(s for s in stop_strings if s)
   if encode is None:
@@ -243,6 +246,8 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
       results[i] = _finish_row(out["tokens"][r], eos_id, stop_strings, decode_text, tokenizer)
       results[i].update(prompt_tokens=len(encoded[i]), prompt_tokens_cut=tokens_cut[i],
                         truncated=tokens_cut[i] > 0)
+    if progress is not None:
+      progress(start + len(idx), len(prompts))
   return results
 
 
