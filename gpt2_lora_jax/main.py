@@ -118,9 +118,17 @@ def main(argv):
     sys.exit(128 + e.signum)
   except (UserError, FileNotFoundError, hub.HubUnreachableError, train.NonFiniteLoss,
           reward.ScorerError) as e:
-    if created and not os.path.exists(os.path.join(workdir, "checkpoints")):
+    if created and not _holds_checkpoints(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # a start that failed leaves no empty workdir
     fail(str(e))
+
+
+def _holds_checkpoints(workdir: str) -> bool:
+  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages')."""
+  for root, dirs, _ in os.walk(workdir):
+    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return True
+  return False
 
 
 if __name__ == "__main__":
