@@ -109,8 +109,7 @@ def run(config, workdir: str) -> str:
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   out = eval_dir(workdir, step)
   tuned_model = exp.model  # the module training used (module docstring, stage 1)
-  # The same device arrays as the fine-tuned tree's frozen base: one copy of the base on the device.
-  base_params = strip_adapters(tuned_params)
+  base_params = base_tree(tuned_params, exp)
   is_main = jax.process_index() == 0
 
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
@@ -166,10 +165,20 @@ def write_eval_config(path: str, config, step: int, base_name: str):
 
 
 def strip_adapters(params: dict) -> dict:
-  """The base tree: every leaf except the LoRA adapters."""
+  """The tree without the LoRA adapters."""
   from flax import traverse_util
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in lora.ADAPTER_LEAVES})
+
+
+def base_tree(tuned_params: dict, exp) -> dict:
+  """The untrained model's tree: the fine-tuned tree's frozen leaves (the same device arrays, so the
+  base is on the device once) and, for the base leaves training changed (every leaf at rank 0,
+  lora.extra_trainable), their values before training (exp.params). No adapters."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(strip_adapters(tuned_params))
+  labels, before = traverse_util.flatten_dict(exp.labels), traverse_util.flatten_dict(exp.params)
+  return traverse_util.unflatten_dict({p: v if labels[p] == "frozen" else before[p] for p, v in flat.items()})
 
 
 def score_and_report(config, workdir: str, step: int | None = None) -> str:
