@@ -178,7 +178,8 @@ def base_tree(tuned_params: dict, exp) -> dict:
   from flax import traverse_util
   flat = traverse_util.flatten_dict(strip_adapters(tuned_params))
   labels, before = traverse_util.flatten_dict(exp.labels), traverse_util.flatten_dict(exp.params)
-  return traverse_util.unflatten_dict({p: v if labels[p] == "frozen" else before[p] for p, v in flat.items()})
+  return traverse_util.unflatten_dict({  # trained leaves placed once, as their fine-tuned values are
+      p: v if labels[p] == "frozen" else jax.device_put(before[p], v.sharding) for p, v in flat.items()})
 
 
 def score_and_report(config, workdir: str, step: int | None = None) -> str:
