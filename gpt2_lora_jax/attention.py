@@ -16,7 +16,8 @@ Four paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
 
 `select_path` picks one from plain inputs (backend, compute capability, cuDNN and jax version,
 dtype, head size, what the mask is), so the choice is testable anywhere; `platform()` reads them
-from the running process. Packed rows fall back cudnn_packed -> cudnn_mask -> xla, each fallback
+from the running process and, where the packed layout would be used, first checks it against XLA
+on a small batch. Packed rows fall back cudnn_packed -> cudnn_mask -> xla, each fallback
 logged once with its reason. Facts behind the rules (jax 0.10.2 / 0.11 source, cuDNN docs):
 cuDNN's fused attention takes bf16/fp16 only and needs compute capability 8.0+ (cuDNN frontend
 "Attention" support matrix); jax checks head size <= 128 (<= 256 on 9.0+) and a multiple of 8,
@@ -66,6 +67,7 @@ class Platform:
   cudnn_version: int = 0  # e.g. 90800 for 9.8.0; 0 when none is found
   jax_version: tuple = ()
   packed_api: bool = False  # the private packed entry point has the arguments used here
+  packed_problem: str = ""  # why the packed layout is unusable here, when a probe found out
 
 
 def _version_tuple(text: str) -> tuple:
@@ -83,14 +85,51 @@ def _packed_api_available() -> bool:
     return False
 
 
+def probe_packed_layout(path: str = "cudnn_packed") -> str:
+  """Runs `path` once on two small packed rows (forward and backward) against XLA with the dense
+  segment mask; '' when they agree, else what went wrong. A wrong mask changes outputs by O(1);
+  the bound, 0.05 (1 + |reference|), is bf16 rounding with room to spare."""
+  B, T, H, K = 2, 64, 2, 64
+  seg = np.zeros((B, T), np.int32)
+  seg[0, :20], seg[0, 20:50], seg[1, :] = 1, 2, 1  # two conversations + padding; one full row
+  dense = (seg[:, None, :, None] == seg[:, None, None, :]) & np.tril(np.ones((T, T), bool))
+  rng = np.random.default_rng(0)
+  try:
+    with jax.ensure_compile_time_eval():  # also when first called while a step is being traced
+      q, k, v, g = (jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.bfloat16) for _ in range(4))
+
+      def fwd_bwd(mask):
+        out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+        return (out, *vjp(g))
+
+      got = jax.jit(fwd_bwd)(build_mask(path, jnp.asarray(dense), jnp.asarray(seg), 2))
+      want = jax.jit(fwd_bwd)(Mask("xla", jnp.asarray(dense)))
+      for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if not np.all(np.abs(a - b) <= 0.05 * (1 + np.abs(b))):
+          return f"its {name} differs from XLA's by up to {np.max(np.abs(a - b)):.3g} on a test batch"
+  except Exception as e:  # a kernel this GPU, cuDNN or jax refuses
+    return f"it failed on a test batch: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  return ""
+
+
 @functools.lru_cache(maxsize=1)
 def platform() -> Platform:
-  """The running process's backend and, on NVIDIA GPUs, compute capability and cuDNN version."""
+  """The running process's backend and, on NVIDIA GPUs, compute capability and cuDNN version.
+
+  Where the packed layout would be chosen, it is first run once on a test batch and compared with
+  XLA (probe_packed_layout); if that fails, packed rows fall back as when it is unavailable.
+  """
   device = jax.devices()[0]
   jax_version = _version_tuple(jax.__version__)
   if device.platform != "gpu":
     return Platform(device.platform, jax_version=jax_version)
-  cuda = "cuda" in getattr(device.client, "platform_version", "").lower()
+  try:
+    from jax import extend as jax_extend  # (an `import jax.extend` here would make `jax` local)
+    platform_version = jax_extend.backend.get_backend().platform_version
+  except (ImportError, AttributeError):
+    platform_version = getattr(device.client, "platform_version", "")
+  cuda = "cuda" in platform_version.lower()
   capability = tuple(int(x) for x in str(getattr(device, "compute_capability", "0.0")).split("."))
   cudnn_version = 0
   if cuda:
@@ -99,15 +138,22 @@ def platform() -> Platform:
       cudnn_version = int(fas.check_cudnn_version())
     except (ImportError, RuntimeError, AttributeError):
       cudnn_version = 0
-  return Platform("gpu", cuda, capability, cudnn_version, jax_version, _packed_api_available())
+  plat = Platform("gpu", cuda, capability, cudnn_version, jax_version, _packed_api_available())
+  if plat.packed_api and cuda and capability >= (9, 0) and cudnn_version >= MIN_CUDNN_PACKED:
+    problem = probe_packed_layout()
+    if problem:
+      plat = dataclasses.replace(plat, packed_api=False, packed_problem=problem)
+  return plat
 
 
 def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_len: int,
-                log_fallbacks: bool = True) -> str:
+                segment_cap: int, log_fallbacks: bool = True) -> str:
   """The attention path for one call: see the module docstring. Pure apart from logging.
 
   impl: GPT2Config.attention_impl ('xla', 'cudnn', 'auto'); kind: one of MASK_KINDS;
-  seq_len: query length T (cuDNN refuses an odd T with a bias in training).
+  seq_len: query length T (cuDNN refuses an odd T with a bias in training); segment_cap: the
+  most segments a packed row holds (GPT2Config.max_segments_per_row; 0 = no cap, which leaves the
+  packed layout's table unsized).
   """
   if kind not in MASK_KINDS:
     raise ValueError(f"mask kind {kind!r}: choose one of {MASK_KINDS}")
@@ -136,8 +182,10 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   if kind == "causal":
     return "cudnn_causal"
   # Packed segments: the packed layout, else cuDNN with the dense mask, else XLA.
-  if not plat.packed_api:
-    why = "this jax has no packed-layout entry point with q/kv offsets"
+  if segment_cap < 1:
+    why = "no segment cap (data.max_segments_per_row=0) to size the packed layout's table"
+  elif not plat.packed_api:
+    why = plat.packed_problem or "this jax has no packed-layout entry point with q/kv offsets"
   elif plat.compute_capability < (9, 0):
     why = f"compute capability {plat.compute_capability} (the packed layout needs 9.0+)"
   elif plat.cudnn_version < MIN_CUDNN_PACKED:

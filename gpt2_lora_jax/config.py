@@ -46,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_length = 1024  # tokens per training row (GPT-2 allows 1024)
   c.data.packing = True  # pack several conversations per row (attention stays inside each)
   # At most this many conversations per packed row (a full row is closed, nothing is dropped); sizes
-  # cuDNN's packed attention layout. 32 costs 0.36% padding on HH-RLHF harmless-base (packing.py).
+  # cuDNN's packed attention layout (0: no cap, and no packed layout). 32 costs 0.36% padding on
+  # HH-RLHF harmless-base (packing.py).
   c.data.max_segments_per_row = 32
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
   c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
@@ -61,6 +62,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain.lr = 1e-3
   c.pretrain.field = ""  # text field to pre-train on ('' = data.field; the demo uses 'wrong')
 
+  # Preference tuning (dpo.py; configs/dpo_hh.py): DPO on the (chosen, rejected) pairs of the rows.
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.loss = "sigmoid"  # 'sigmoid' (DPO), 'conservative' (cDPO: label_smoothing > 0) or 'ipo'
+  c.dpo.beta = 0.1  # pull toward the reference, > 0 (TRL's DPOConfig default is 0.1)
+  c.dpo.label_smoothing = 0.0  # cDPO: the probability that a pair's labels are flipped
+  c.dpo.init_from = ""  # SFT workdir or checkpoint the policy's adapters start from ('' = fresh)
+  c.dpo.steps = 0  # DPO steps (0: train.steps); the SFT stage of --mode=preference_study uses train.steps
+  c.dpo.lr = 0.0  # DPO peak learning rate (0: optim.lr)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4  # peak learning rate
   c.optim.schedule = "cosine"  # 'cosine', 'linear' (to 0) or 'constant', after warmup
@@ -69,7 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable leaves
+  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable matmul weights (see no_decay)
+  # Regex on '/'-joined parameter paths that weight decay skips: biases, layer norms, embeddings
+  # (optim.py says whose practice this follows); '' decays every trainable leaf.
+  c.optim.no_decay = r".*/(bias|scale)|(wte|wpe)/embedding"
   c.optim.clip_norm = 1.0  # global-norm clipping (0 disables)
 
   c.train = ml_collections.ConfigDict()
@@ -83,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_ckpts = 3  # checkpoints kept
   c.train.plot_every = 200  # loss plot refresh cadence
   c.train.loss_avg_window = 100  # loss curve smoothing window (the original study used 1000)
+  # Resuming refuses a checkpoint whose optimizer, schedule, steps, batch size, seed or data
+  # settings differ from this run's (experiment.run_settings); True resumes with the new ones, e.g.
+  # to extend train.steps (the learning-rate schedule then follows the new length).
+  c.train.allow_changed_config = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)

@@ -32,7 +32,8 @@ from gpt2_lora_jax import hub
 from gpt2_lora_jax.errors import UserError
 from gpt2_lora_jax.conversation import (  # noqa: F401 (re-exported)
     ASSISTANT, HUMAN, LOSS_MASKS, MALFORMED_REASONS, MARKERS, ROLE_CODE, MalformedConversation, Turn,
-    assemble_conversation, marker_ids, parse_conversation, prompt_and_response, prompt_token_ids)
+    assemble_conversation, first_kept_turn, fit_prompt_token_ids, marker_ids, parse_conversation,
+    prompt_and_response, prompt_token_ids)
 from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
     PackedData, batch_for_step, batch_row_indices, eval_batches, pack, steps_per_epoch)
 

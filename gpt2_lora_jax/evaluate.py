@@ -76,7 +76,8 @@ def restore_finetuned(exp, workdir: str, step: int = -1):
   state = checkpoint.restore(mngr, step, checkpoint.abstract_like(state), exp.meta)
   params = lora.combine(state["trainable"], frozen)
   if jax.process_count() > 1:  # leaves may span hosts; from here on each process works alone
-    params = sharding.fetch_to_host(params)
+    # ... and on its own first device, placed once (host arrays would be copied at every call).
+    params = jax.device_put(sharding.fetch_to_host(params), jax.local_devices()[0])
   return params, step
 
 
@@ -108,7 +109,8 @@ def run(config, workdir: str) -> str:
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   out = eval_dir(workdir, step)
   tuned_model = exp.model  # the module training used (module docstring, stage 1)
-  base_params = strip_adapters(exp.params)
+  # The same device arrays as the fine-tuned tree's frozen base: one copy of the base on the device.
+  base_params = strip_adapters(tuned_params)
   is_main = jax.process_index() == 0
 
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
@@ -125,7 +127,7 @@ def run(config, workdir: str) -> str:
   kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
                 top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
                 batch_size=ecfg.batch_size,
-                encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
+                encode=lambda prompt, most: data.fit_prompt_token_ids(exp.tokenizer, prompt, most))
   rows = []
   for name, model, params in ((report.BASE, exp.base_model, base_params),
                               (report.TUNED, tuned_model, tuned_params)):

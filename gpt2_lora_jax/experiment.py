@@ -6,6 +6,7 @@ Everything here is checked before anything compiles, so a bad flag costs a secon
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 
@@ -86,6 +87,25 @@ def load_base(config: ml_collections.ConfigDict, seed: int):
   return gpt2_config, params, f"random:{config.model.preset}:seed{seed}"
 
 
+# Data settings that decide the training rows, by data.source (the ones every source reads first).
+_DATA_SETTINGS = ("source", "field", "loss_mask", "max_length", "packing")
+_SOURCE_SETTINGS = {"hub": ("hub_id", "subset", "train_split"), "files": ("train_files",),
+                    "tfds": ("tfds_dir", "train_split"), "demo": ("demo_rows",)}
+
+
+def run_settings(config: ml_collections.ConfigDict) -> dict:
+  """'section.key' -> value of every setting that shapes a run's trajectory: the optimizer and its
+  schedule (all of optim), train.steps (the schedule's length), batch size, seed (data order, init,
+  dropout) and what decides the training rows. A checkpoint records them; resuming with any changed
+  is refused unless train.allow_changed_config. Not among them: train.micro_batches (the same update,
+  split differently), the mesh, logging / evaluation / checkpoint cadences, evaluation-only data."""
+  d = config.data
+  keys = [f"optim.{k}" for k in config.optim] + ["train.steps", "train.batch_size", "train.seed"]
+  keys += [f"data.{k}" for k in _DATA_SETTINGS + _SOURCE_SETTINGS.get(d.source, ())]
+  settings = {k: config[k.split(".")[0]][k.split(".")[1]] for k in keys}
+  return json.loads(json.dumps(settings))  # tuples as lists: as the checkpoint's JSON gives it back
+
+
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Loads the base, adds adapters, labels every leaf; validates lengths against the model."""
   validate(config, jax.device_count())
@@ -96,15 +116,22 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   lora_config = lora.LoraConfig.from_config(config.lora)
   adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
   params = lora.add(base, lora_config, adapter_rng) if lora_config.rank > 0 else base
+  fingerprint = checkpoint.base_fingerprint(base)
+  # Host arrays until train.init_state places them sharded: a device copy kept here would be a
+  # whole second base on device 0 for the whole run, defeating fsdp.
+  params = jax.device_get(params)
+  del base
   labels = lora.labels(params, lora_config)
   trainable, frozen = lora.split(params, labels)
   meta = {
+      "meta_version": checkpoint.META_VERSION,
       "base_name": base_name,
-      "base_fingerprint": checkpoint.base_fingerprint(base),
+      "base_fingerprint": fingerprint,
       "gpt2_config": gpt2_config.to_hf_dict(),
       "lora": dataclasses.asdict(lora_config) | {"targets": list(lora_config.targets),
                                                  "extra_trainable": list(lora_config.extra_trainable)},
       "layout": checkpoint.layout(trainable),
+      "run": run_settings(config),
   }
   return Experiment(
       config=config, gpt2_config=gpt2_config, lora_config=lora_config,

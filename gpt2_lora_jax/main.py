@@ -5,7 +5,9 @@ r"""Entry point: parses flags and calls library code.
 
 Modes: train, eval (restore the latest checkpoint, sample, score, report), train_and_eval,
 score (score existing eval/step_<N>/generations.jsonl again and rewrite the report), show_config
-(print every config key with its value and what it means, then exit; --workdir is not needed).
+(print every config key with its value and what it means, then exit; --workdir is not needed),
+dpo (DPO from --config.dpo.init_from), preference_study (SFT -> DPO -> base vs SFT vs DPO report in
+<workdir>/sft, <workdir>/dpo, <workdir>/eval; see study.py).
 Multi-host: jax.distributed is initialised on Cloud TPU pods and SLURM automatically, or with
 --coordinator_address/--num_processes/--process_id.
 
@@ -25,7 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           "--mode=show_config lists them.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots, reports.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval",
-                          ["train", "eval", "train_and_eval", "score", "show_config"],
+                          ["train", "eval", "train_and_eval", "score", "show_config", "dpo",
+                           "preference_study"],
                           "What to run (show_config: print every config key, its value and comment).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
@@ -85,13 +88,13 @@ def main(argv):
     fail("--workdir is required (the directory for checkpoints, metrics, plots and reports)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  if _MODE.value in ("eval", "train_and_eval"):
+  if _MODE.value in ("eval", "train_and_eval", "preference_study"):
     # The reward scorer (PyTorch, another process) needs GPU memory: JAX must not preallocate
     # 75% of the GPU; without preallocation it holds only what it used. Set before jax starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt2_lora_jax import evaluate, experiment, hub, pretrain, reward, train
+  from gpt2_lora_jax import evaluate, experiment, hub, pretrain, reward, study, train
   from gpt2_lora_jax.errors import UserError
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
@@ -104,6 +107,10 @@ def main(argv):
       train.run(experiment.build(config), workdir)
     if mode in ("eval", "train_and_eval"):
       evaluate.run(config, workdir)
+    if mode == "dpo":  # DPO in workdir from --config.dpo.init_from (an SFT run, or '' for fresh adapters)
+      study.train_dpo(config, workdir)
+    if mode == "preference_study":  # <workdir>/sft, then <workdir>/dpo, then <workdir>/eval (study.py)
+      study.run(config, workdir)
     if mode == "score":
       evaluate.score_and_report(config, workdir)
   except train.Preempted as e:
@@ -111,9 +118,17 @@ def main(argv):
     sys.exit(128 + e.signum)
   except (UserError, FileNotFoundError, hub.HubUnreachableError, train.NonFiniteLoss,
           reward.ScorerError) as e:
-    if created and not os.path.exists(os.path.join(workdir, "checkpoints")):
+    if created and not _holds_checkpoints(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # a start that failed leaves no empty workdir
     fail(str(e))
+
+
+def _holds_checkpoints(workdir: str) -> bool:
+  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages')."""
+  for root, dirs, _ in os.walk(workdir):
+    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return True
+  return False
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class GPT2Config:
   # through its packed layout) or 'auto' (cuDNN where it applies); see attention.py.
   attention_impl: str = "xla"
   # Segments (conversations) a packed row may hold: sizes cuDNN's packed layout; the packer
-  # enforces it (data.max_segments_per_row).
+  # enforces it (data.max_segments_per_row). 0: no cap (packed rows then never use that layout).
   max_segments_per_row: int = 32
   remat: str = "none"  # rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs)
 
@@ -69,8 +69,9 @@ class GPT2Config:
       raise UserError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
-    if self.max_segments_per_row < 1:
-      raise ValueError(f"max_segments_per_row={self.max_segments_per_row}: must be >= 1")
+    if self.max_segments_per_row < 0:
+      raise ValueError(f"max_segments_per_row={self.max_segments_per_row}: must be >= 0 "
+                       "(--config.data.max_segments_per_row sets it)")
 
   @property
   def head_dim(self) -> int:
@@ -285,7 +286,7 @@ def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_
   """
   kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset)
   path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
-                               config.head_dim, T)
+                               config.head_dim, T, config.max_segments_per_row)
   dense = None
   if path in ("xla", "cudnn_mask"):
     dense = make_attention_mask(T, S, attention_mask, segment_ids, query_offset)

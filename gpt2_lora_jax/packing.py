@@ -133,21 +133,27 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int, max_items: int = 
 
 def pack(token_ids: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray],
          source_rows: Sequence[int], max_length: int, packing: bool = True,
-         max_segments: int = 0) -> PackedData:
+         max_segments: int = 0, groups: Sequence[Sequence[int]] | None = None) -> PackedData:
   """Packs conversations into fixed-shape rows.
 
   token_ids[i]: (L_i + 1,) the conversation's ids, so inputs = ids[:-1] and targets = ids[1:];
   loss_masks[i]: (L_i,) bool over its targets; source_rows[i]: the row it came from.
   packing=False puts one conversation per row (in order), for comparison and debugging.
   max_segments > 0: at most that many conversations per row (see the module docstring).
+  groups: conversations that must share a row, as consecutive segments in the given order (a
+  preference pair's chosen and rejected); the groups are what is bin-packed. Default: each alone.
   """
   if max_segments < 0:
     raise ValueError(f"max_segments={max_segments}: must be >= 0 (0: no cap)")
   lengths = [len(ids) - 1 for ids in token_ids]
+  groups = [[i] for i in range(len(lengths))] if groups is None else [list(g) for g in groups]
+  group_lengths = [sum(lengths[i] for i in g) for g in groups]
   if packing:
-    bins = best_fit_decreasing(lengths, max_length, max_segments)
+    group_cap = max(1, max_segments // max(map(len, groups), default=1)) if max_segments else 0
+    bins = [[i for g in b for i in groups[g]]
+            for b in best_fit_decreasing(group_lengths, max_length, group_cap)]
   else:
-    bins = [[i] for i in range(len(lengths))]
+    bins = groups
   n_rows, n_conv = len(bins), len(lengths)
   most_segments = max((len(b) for b in bins), default=0)
   max_id = max(PAD_ID, max((int(ids.max(initial=0)) for ids in token_ids), default=0))

@@ -3,10 +3,12 @@
 Inputs (in the eval dir unless given):
   generations.jsonl  one line per (prompt, model): {'id': prompt id shared by both models,
                      'model': 'base' | 'finetuned', 'prompt', 'answer', 'stop_reason',
-                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', optional 'reference'}
+                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', 'prompt_tokens_cut',
+                     optional 'reference'}
                      (generation_rows builds these from sample.generate's results)
   scores.jsonl       from `python -m gpt2_lora_jax.reward`: {'id', 'model', 'reward', 'n_tokens',
-                     'truncated', 'empty_answer'}; optional (absent: scoring skipped, say why)
+                     'truncated', the cut counts, 'empty_answer'}; optional (absent: scoring skipped,
+                     say why)
   heldout.json       optional {'base': {'loss': mean token NLL, 'tokens': n}, 'finetuned': {...}}
   metrics.jsonl      optional training log {'step', 'split': 'train'|'eval', 'loss', ...}
   eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings)
@@ -47,7 +49,7 @@ def generation_rows(ids: Sequence, prompts: Sequence[str], results: Sequence[dic
     row = {"id": pid, "model": model, "prompt": prompt, "answer": r["answer"],
            "stop_reason": r["stop_reason"], "n_answer_tokens": r["n_answer_tokens"],
            "n_generated_tokens": len(r["tokens"]), "prompt_tokens": r["prompt_tokens"],
-           "prompt_truncated": r["truncated"]}
+           "prompt_truncated": r["truncated"], "prompt_tokens_cut": r["prompt_tokens_cut"]}
     if references is not None:
       row["reference"] = references[k]
     rows.append(row)

@@ -65,7 +65,8 @@ def path_to_hf_key(path: tuple) -> str:
 
 
 def hf_state_to_params(state: dict, config: GPT2Config, source: str = "checkpoint") -> dict:
-  """Maps a Hugging Face state dict (name -> array) onto the Flax tree; one error lists every problem."""
+  """Maps a Hugging Face state dict (name -> array) onto a Flax tree of host (numpy) arrays in
+  config.param_dtype; one error lists every problem."""
   expected = traverse_util.flatten_dict(param_shapes(config))
   dtype = jnp.dtype(config.param_dtype)
   found, unexpected, misshaped = {}, [], []
@@ -84,7 +85,7 @@ def hf_state_to_params(state: dict, config: GPT2Config, source: str = "checkpoin
     if value.shape != expected[path].shape:
       misshaped.append(f"{key}: checkpoint {tuple(value.shape)}, config needs {expected[path].shape}")
       continue
-    found[path] = jnp.asarray(value, dtype)
+    found[path] = value.astype(dtype)  # host memory: train.init_state places it, sharded
   missing = [path_to_hf_key(p) for p in expected if p not in found]
   problems = []
   if missing:
@@ -131,7 +132,8 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
   dtype: the dtype the parameters are stored in (e.g. 'bfloat16' for a frozen base on GPU).
   compute_dtype: GPT2Config.dtype, the dtype of activations and matmuls (default float32).
   config_overrides: other run-time fields of GPT2Config (attention_impl, remat).
-  Returns (GPT2Config, params).
+  Returns (GPT2Config, params), params as host numpy arrays: no device holds a copy until they are
+  placed (train.init_state shards them over the mesh; jax.device_put for one device).
   """
   model_dir = hub.resolve(name_or_path, ["config.json", "model.safetensors"],
                           what="GPT-2 model", flag="--config.model.name")

@@ -63,13 +63,44 @@ def test_eval_mode_reruns_on_a_chosen_step_and_score_mode_rescoring(trained, tin
   assert len(read_jsonl(os.path.join(out, "scores.jsonl"))) == 16
 
 
-def test_scorer_failure_keeps_generations_and_fails_clearly(trained, tmp_path):
+def test_scorer_failure_keeps_generations_and_scores_and_fails_clearly(trained, tmp_path, tiny_reward_dir):
+  out = os.path.join(trained, "eval", "step_24")  # --mode=score takes the newest evaluated step
+  scores_path = os.path.join(out, "scores.jsonl")
+  if not os.path.exists(scores_path):  # run alone, after a test that left the run unscored
+    assert run_main(trained, "--mode=score", f"--config.eval.reward_model={tiny_reward_dir}").returncode == 0
+  scores = open(scores_path).read()
+  assert len(scores.splitlines()) == 16
   result = run_main(trained, "--mode=score", f"--config.eval.reward_model={tmp_path}/no_such_model")
   assert result.returncode == 1
   assert "--mode=score" in result.stderr and "no_such_model" in result.stderr
-  out = os.path.join(trained, "eval", "step_24")  # --mode=score takes the newest evaluated step
   assert len(read_jsonl(os.path.join(out, "generations.jsonl"))) == 16
-  assert "reward scorer failed" in open(os.path.join(out, "report.md")).read()
+  assert open(scores_path).read() == scores  # a failed rescoring keeps the valid scores
+  assert not [f for f in os.listdir(out) if f.startswith(".tmp") or f.endswith(".partial")]
+  assert "scores already in scores.jsonl are kept" in open(os.path.join(out, "scoring_skipped.txt")).read()
+
+
+def test_bf16_base_evaluates_the_model_training_evaluated(tmp_path):
+  """On a bf16 base the report's fine-tuned held-out loss is the training loop's at that step."""
+  import importlib.util
+  from conftest import TINY_CONFIG
+  from gpt2_lora_jax import evaluate, experiment, train
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.base_param_dtype = "bfloat16"
+  config.train.steps = config.train.eval_every = config.train.ckpt_every = 4
+  config.data.max_eval_rows = 16
+  config.eval.num_prompts = 0  # sampling is not under test here
+  workdir = str(tmp_path)
+  train.run(experiment.build(config), workdir)
+  evaluate.run(config, workdir)
+  trained = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "eval"]
+  assert trained[-1]["step"] == 4
+  heldout = json.load(open(os.path.join(workdir, "eval", "step_4", "heldout.json")))
+  assert heldout["finetuned"]["tokens"] == trained[-1]["loss_tokens"]  # the same rows
+  assert heldout["finetuned"]["loss"] == pytest.approx(trained[-1]["loss"], rel=0, abs=2e-6)
+  assert heldout["base"]["loss"] == pytest.approx(trained[0]["loss"], rel=0, abs=2e-6)  # step 0 = base
 
 
 def test_eval_without_checkpoints_and_missing_step(trained, tmp_path):
