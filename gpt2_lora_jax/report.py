@@ -260,8 +260,9 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
 
   if "correct_paired" in summary:
     p = summary["correct_paired"]
-    lines += ["## Correct answers", "", "Each task has one right reply (the reference); an answer is "
-              "correct when it is exactly that reply.", "",
+    lines += ["## Correct answers", "", "Each task has one right reply (the reference shown with the "
+              "samples); an answer is correct when it states that reply's key fact (the data set's "
+              "grader; for the demo, demo_data.is_correct).", "",
               "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
     for m in (m for m in summary["model_order"] if "n_graded" in models[m]):
       s = models[m]
@@ -342,7 +343,7 @@ def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
   top = "greedy" if not cfg.get("temperature") else (
       f"temperature {cfg['temperature']}, top_k {cfg.get('top_k', 0)}, top_p {cfg.get('top_p', 1.0)}")
   lines += [f"- Checkpoint: step **{cfg.get('checkpoint_step')}** (fine-tuned = the base with this "
-            "checkpoint's adapters merged).",
+            "checkpoint's trained parameters).",
             f"- Base model: `{cfg.get('base')}`.",
             f"- Data: {data_text}.",
             f"- Prompts: {cfg.get('num_prompts')} held-out prompts drawn with seed {cfg.get('seed')}; "
