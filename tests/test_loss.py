@@ -42,8 +42,8 @@ def test_fused_loss_equals_optax_in_value_and_gradient(dtype, tied):
   fused = lambda h, head: loss_lib.head_nll_sum(h, head, targets, mask, spec)
   ref = lambda h, head: _reference(h, head, targets, mask, tied, dtype)
   # Gradients w.r.t. h and every head leaf (the weight trains: an untied or fully trained head).
-  got, (gh, ghead) = jax.value_and_grad(fused, argnums=(0, 1))(h, head)
-  want, (wh, whead) = jax.value_and_grad(ref, argnums=(0, 1))(h.astype(jnp.float32), head)
+  got, (gh, ghead) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, head)
+  want, (wh, whead) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(h.astype(jnp.float32), head)
   # fp32: float rounding only. bf16: the logits' gradient is rounded to bf16 before its matmuls
   # (as autodiff of a bf16 head does), ~2^-8 relative.
   tol = 2e-6 if dtype == "float32" else 1e-2
@@ -56,7 +56,7 @@ def test_fused_loss_equals_optax_in_value_and_gradient(dtype, tied):
   # Masked positions get no gradient at all.
   assert np.all(np.asarray(gh, np.float32)[np.asarray(mask) == 0] == 0)
   # Without gradients (evaluation) the value is the same.
-  np.testing.assert_allclose(fused(h, head), got, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fused)(h, head), got, rtol=1e-6)
 
 
 def test_frozen_tied_head_gets_no_weight_gradient_matmul():
@@ -85,8 +85,8 @@ def test_head_adapter_dropout_gradients_match_autodiff():
   salted = jax.random.fold_in(key, loss_lib._DROPOUT_SALT)
   plain = lambda h, lo: loss_lib._loss_only(spec, h, {**lo, "w": head["w"]}, targets, mask, salted)
   lo = {k: head[k] for k in ("lora_a", "lora_b")}
-  got, got_g = jax.value_and_grad(fused, argnums=(0, 1))(h, lo)
-  want, want_g = jax.value_and_grad(plain, argnums=(0, 1))(h, lo)
+  got, got_g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, lo)
+  want, want_g = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(h, lo)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
