@@ -5,6 +5,7 @@ Extras:
   tpu   JAX for Cloud TPU VMs.
   eval  PyTorch + transformers for the reward-model scorer (bring your own torch build on GPU).
   tfds  tensorflow-datasets source for data staged on pods.
+  tensorboard  TensorBoard, to view DIR/tensorboard (the event files are written without it).
   test  everything the test suite needs; torch pinned to a CPU build.
 """
 from setuptools import find_packages, setup
@@ -32,6 +33,7 @@ EXTRAS = {
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "eval": ["torch>=2.4", "transformers>=4.50", "sentencepiece", "protobuf"],
+    "tensorboard": ["tensorboard"],
     "tfds": ["tensorflow-datasets>=4.9", "importlib_resources", "array_record", "gcsfs"],
     "test": [
         # A CPU wheel that installs in seconds; GPU users install their own torch.

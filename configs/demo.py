@@ -3,11 +3,17 @@ r"""The offline demo: the whole pipeline on a CPU in a few minutes, with nothing
   python -m gpt2_lora_jax.main --config=configs/demo.py --workdir=/tmp/gpt2_lora_demo
 
 A small GPT-2 (4 layers, width 128, GPT-2's real tokenizer, bundled) starts from random weights and
-is first pre-trained briefly on the demo conversations (full fine-tuning, loss on every token); that
-model is saved as a Hugging Face checkpoint and loaded back as the frozen base, which LoRA then
-fine-tunes with the loss on the Assistant replies only. The conversations are written by this project
-(gpt2_lora_jax/demo_data.py): small arithmetic, comparison and spelling tasks a tiny model can learn.
-The workdir gets metrics.jsonl, loss.png, TensorBoard files, checkpoints and an evaluation report.
+is first pre-trained briefly (full fine-tuning, loss on every token) on the demo dialogues with every
+Assistant reply WRONG (demo_data.py's "wrong" field): the base learns the dialogue format and the
+tasks' wording, with wrong answers. That model is saved as a Hugging Face checkpoint and loaded back
+as the frozen base, which LoRA then fine-tunes on the right replies ("chosen"), loss on the Assistant
+replies only. Every demo task (arithmetic, comparisons, spelling, counting letters, repeating,
+courtesies) has one right reply, so the report grades each answer and gives the share of correct
+answers of base and fine-tuned, with intervals: the change LoRA made is measured, not assumed.
+A demo scorer (demo_scorer.py: a tiny classifier trained in seconds on the right vs wrong replies,
+needs PyTorch) scores the answers through the ordinary reward-model path, so the report's reward
+section appears offline; it is labelled as a demo scorer and says nothing about answer quality.
+The workdir gets metrics.jsonl, loss.png, TensorBoard files, checkpoints and eval/step_150/report.md.
 """
 from gpt2_lora_jax.config import default_config
 
@@ -26,6 +32,7 @@ def get_config():
   # 128), so the demo keeps steps few and batches small to finish in a few minutes on 2 CPU cores.
   c.pretrain.steps = 150  # full fine-tuning from random init before the LoRA run
   c.pretrain.lr = 3e-3
+  c.pretrain.field = "wrong"  # the base learns the format with wrong replies (see the docstring)
 
   c.lora.rank = 8
   c.lora.alpha = 16.0
@@ -38,11 +45,11 @@ def get_config():
   c.data.max_length = 128  # demo conversations average ~40 tokens
   c.data.max_eval_rows = 200  # held-out loss on 200 test conversations
 
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 20
+  c.optim.lr = 8e-3  # adapters only; at 3e-3 over 100 steps 8 of 48 answers came out right
+  c.optim.warmup_steps = 15
 
   c.train.batch_size = 4
-  c.train.steps = 100
+  c.train.steps = 150
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.ckpt_every = 50
@@ -53,5 +60,7 @@ def get_config():
   c.eval.max_new_tokens = 32
   c.eval.temperature = 0.0  # greedy: the demo's answers are deterministic
   c.eval.batch_size = 16
-  c.eval.reward_model = ""  # no reward model offline: the report says scoring was skipped
+  c.eval.reward_model = ""  # no reward model offline ...
+  c.eval.demo_scorer = True  # ... so a demo scorer is trained on the demo data and used instead
+  c.eval.reward_max_length = 64  # the demo scorer's positions (demo_scorer.py)
   return c

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import flops, lora, optim, sample, sharding, train
+from gpt2_lora_jax import attention_check, flops, lora, optim, sample, sharding, train
 from gpt2_lora_jax.bench_report import to_markdown, write_results
 from gpt2_lora_jax import model as gpt2_model
 
@@ -69,9 +69,12 @@ class BenchConfig:
   lora_alpha: float = _flag(16.0, "LoRA alpha (scale = alpha / rank)")
   lora_targets: tuple = _flag(("c_attn", "c_proj", "c_fc"), "LoRA target modules, comma-separated")
   remat: str = _flag("none", "rematerialisation: none, full, dots")
-  attention: str = _flag("xla", "attention implementation: xla, cudnn")
-  segment_ids: bool = _flag(True, "pass one-segment-per-row segment ids as packed training does "
-                            "(--no_segment_ids: plain causal attention, cuDNN's flash path)")
+  attention: str = _flag("xla", "attention implementation: xla, cudnn, auto (see attention.py)")
+  segment_ids: bool = _flag(True, "pass segment ids as packed training does (--no_segment_ids: "
+                            "plain causal attention over whole rows)")
+  segments: str = _flag("one", "segments per row: 'one' (one conversation per row) or 'hh' "
+                        "(HH-RLHF-like conversations packed by the project's packer)")
+  max_segments: int = _flag(32, "conversations per packed row at most (data.max_segments_per_row)")
   dtype: str = _flag("auto", "compute dtype: auto = bfloat16 on accelerators, float32 on CPU")
   param_dtype: str = _flag("auto", "frozen base dtype: auto = bfloat16 on accelerators with LoRA, "
                            "else float32 (full fine-tuning keeps trained weights in float32)")
@@ -96,6 +99,7 @@ class BenchConfig:
   seed: int = _flag(0, "seed of weights and synthetic data")
   out_dir: str = _flag("benchmarks/results", "where the JSON and Markdown go ('' = write nothing)")
   tag: str = _flag("", "free text stored with the results (e.g. 'baseline')")
+  run_id: str = _flag("", "groups the files of one gpu_check.sh run (bench_report --summarize)")
 
   def __post_init__(self):
     for name in ("lora_targets", "parts", "decode_batch_sizes"):
@@ -106,6 +110,8 @@ class BenchConfig:
       raise ValueError(f"parts={self.parts}: choose from {PARTS}")
     if self.compare not in ("", "peft"):
       raise ValueError(f"compare={self.compare!r}: '' or 'peft'")
+    if self.segments not in ("one", "hh"):
+      raise ValueError(f"segments={self.segments!r}: 'one' or 'hh'")
 
 
 def _on_accelerator() -> bool:
@@ -123,7 +129,8 @@ def gpt2_config(cfg: BenchConfig) -> gpt2_model.GPT2Config:
     raise ValueError(f"unknown GPT-2 size {cfg.preset!r}: choose one of {sorted(gpt2_model.PRESETS)}")
   shape = {k: getattr(cfg, k) or v for k, v in gpt2_model.PRESETS[cfg.preset].items()}
   config = gpt2_model.GPT2Config(vocab_size=cfg.vocab_size, dtype=dtype, param_dtype=param_dtype,
-                                 attention_impl=cfg.attention, remat=cfg.remat, **shape)
+                                 attention_impl=cfg.attention, remat=cfg.remat,
+                                 max_segments_per_row=cfg.max_segments, **shape)
   if cfg.seq_len > config.n_positions:
     raise ValueError(f"seq_len={cfg.seq_len} is longer than GPT-2's {config.n_positions} positions")
   return config
@@ -137,7 +144,8 @@ def model_name(cfg: BenchConfig) -> str:
 def device_info() -> dict:
   d = jax.devices()[0]
   return {"platform": d.platform, "device_kind": d.device_kind, "num_devices": jax.device_count(),
-          "jax_version": jax.__version__, "python": platform.python_version(), "host": platform.node()}
+          "jax_version": jax.__version__, "python": platform.python_version(), "host": platform.node(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def time_matmul(n: int, dtype: str, repeats: int = 10) -> dict:
@@ -155,14 +163,24 @@ def time_matmul(n: int, dtype: str, repeats: int = 10) -> dict:
 
 
 def synthetic_batch(cfg: BenchConfig, vocab_size: int) -> dict:
-  """Random ids and targets, every token a loss token, one segment per row; numpy (B, T)."""
+  """Random ids and targets; numpy (B, T). segments='one': one segment per row, every token a
+  loss token; 'hh': HH-like packed rows (attention_check.hh_like_segment_ids), positions restarting
+  per conversation, padding (segment 0) outside the loss."""
   rng = np.random.default_rng(cfg.seed)
   shape = (cfg.batch_size, cfg.seq_len)
+  segment_ids = np.ones(shape, np.int32)
+  positions = np.broadcast_to(np.arange(cfg.seq_len, dtype=np.int32), shape).copy()
+  if cfg.segments == "hh":
+    segment_ids = attention_check.hh_like_segment_ids(cfg.seed, cfg.batch_size, cfg.seq_len, cfg.max_segments)
+    for b in range(cfg.batch_size):  # positions restart at each conversation's first token
+      starts = np.r_[True, segment_ids[b, 1:] != segment_ids[b, :-1]]
+      first = np.maximum.accumulate(np.where(starts, np.arange(cfg.seq_len), 0))
+      positions[b] = np.arange(cfg.seq_len) - first
   batch = {"inputs": rng.integers(0, vocab_size, shape, dtype=np.int32),
            "targets": rng.integers(0, vocab_size, shape, dtype=np.int32),
-           "positions": np.broadcast_to(np.arange(cfg.seq_len, dtype=np.int32), shape).copy(),
-           "loss_mask": np.ones(shape, np.int32),
-           "segment_ids": np.ones(shape, np.int32)}
+           "positions": positions,
+           "loss_mask": (segment_ids > 0).astype(np.int32),
+           "segment_ids": segment_ids}
   if not cfg.segment_ids:
     batch["segment_ids"] = None  # the model then builds no mask: plain causal attention
   return batch
@@ -225,6 +243,8 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
       times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   tokens = cfg.batch_size * cfg.seq_len
+  seg = synthetic_batch(cfg, config.vocab_size)["segment_ids"]
+  path = gpt2_model.layer_mask(config, cfg.seq_len, cfg.seq_len, None, seg).path
   per_token = flops.train_flops_per_token(params, labels, config.n_layer, config.n_embd, cfg.seq_len)
   achieved = per_token["total"] * tokens / step_s / len(devices)  # FLOP/s per device
   peak = flops.peak_flops(devices[0])
@@ -232,6 +252,7 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   flat_labels = traverse_util.flatten_dict(labels)
   result = {
       "impl": "jax", "model": model_name(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,
+      "attention_path": path, "padding_fraction": float(np.mean(seg == 0)),
       "step_time_s": step_s, "step_times_s": times, "tokens_per_s": tokens / step_s,
       "flops_per_token": per_token, "flops_per_step": per_token["total"] * tokens,
       # cost_analysis describes the per-device (SPMD-partitioned) program: x devices for the step.
@@ -326,7 +347,7 @@ def run_benchmark(**settings) -> dict:
   if "score" in cfg.parts:
     torch_results["score"] = run_torch_part("score", cfg, shape)
 
-  result = {"schema_version": 1, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+  result = {"schema_version": 1, "run_id": cfg.run_id, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "device": device_info(), "model": model_name(cfg), "config": dataclasses.asdict(cfg)}
   dtype = gpt2_config(cfg).dtype
   n = cfg.matmul_n or (8192 if _on_accelerator() else 1024)

@@ -3,36 +3,49 @@
 A checkpoint in <workdir>/checkpoints/<step>/ holds two items:
   state: {'trainable': params that train, 'opt_state': optimizer state, 'step', 'rng'}
   meta:  JSON naming the base it needs (name and a content fingerprint), the LoRA layout
-         (config and the path/shape of every trainable leaf) and the GPT-2 config.
-Restoring checks `meta` against the run first and refuses another base or layout by name.
+         (config and the path/shape of every trainable leaf), the GPT-2 config, and the settings
+         that shape the training trajectory (experiment.run_settings: optimizer, schedule, steps,
+         batch size, seed, data).
+Restoring checks `meta` against the run first and refuses another base or layout by name; resuming
+training also refuses changed run settings, unless the run accepts them deliberately.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from gpt2_lora_jax.errors import UserError
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint was written for another base model or another adapter layout."""
+# 2: base fingerprints independent of the storage dtype, and run settings recorded.
+META_VERSION = 2
+ALLOW_FLAG = "--config.train.allow_changed_config=True"
+
+
+class CheckpointMismatchError(UserError):
+  """A checkpoint was written for another base model, adapter layout or run."""
 
 
 def base_fingerprint(frozen_params) -> str:
-  """A content hash of the frozen base: every leaf's path, shape, dtype and a strided sample.
+  """A content hash of the frozen base: every leaf's path, shape and a strided sample of values.
 
   Sampling (at most 65,536 values a leaf) keeps it to milliseconds for gpt2-xl while any real
-  change of base (another checkpoint, another seed, another size) changes it.
+  change of base (another checkpoint, another seed, another size) changes it. The samples are
+  rounded to bfloat16 and the dtype is left out, so a float32 and a bfloat16 copy of the same base
+  (model.base_param_dtype) are the same base: a run trained on one may be evaluated on the other.
   """
   h = hashlib.sha256()
   for path, leaf in sorted(traverse_util.flatten_dict(frozen_params, sep="/").items()):
-    arr = np.asarray(jax.device_get(leaf)).astype(np.float32).ravel()
-    stride = max(1, arr.size // 65536)
-    h.update(f"{path}:{leaf.shape}:{leaf.dtype};".encode())
-    h.update(np.ascontiguousarray(arr[::stride]).tobytes())
+    flat = np.asarray(jax.device_get(leaf)).reshape(-1)
+    sample = flat[::max(1, flat.size // 65536)].astype(np.float32).astype(jnp.bfloat16)
+    h.update(f"{path}:{tuple(leaf.shape)};".encode())
+    h.update(np.ascontiguousarray(sample).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -59,10 +72,17 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_meta(saved: dict, expected: dict, where: str):
-  """Refuses a checkpoint written for another base, GPT-2 config or adapter layout."""
-  problems = []
-  if saved.get("base_fingerprint") != expected["base_fingerprint"]:
+def check_meta(saved: dict, expected: dict, where: str) -> list[str]:
+  """Refuses a checkpoint written for another base, GPT-2 config or adapter layout; returns notes
+  on what could not be checked."""
+  problems, notes = [], []
+  if saved.get("meta_version", 1) < 2:  # its fingerprint hashed the storage dtype: compare names
+    notes.append(f"checkpoint {where} predates dtype-independent base fingerprints: its base is "
+                 f"checked by name ({saved.get('base_name')!r}), GPT-2 config and layout, not by content")
+    if saved.get("base_name") != expected["base_name"]:
+      problems.append(f"it was trained on base {saved.get('base_name')!r}, this run loads "
+                      f"{expected['base_name']!r}")
+  elif saved.get("base_fingerprint") != expected["base_fingerprint"]:
     problems.append(f"it was trained on base {saved.get('base_name')!r} (fingerprint "
                     f"{saved.get('base_fingerprint')}), this run loads {expected['base_name']!r} "
                     f"(fingerprint {expected['base_fingerprint']})")
@@ -82,13 +102,70 @@ def check_meta(saved: dict, expected: dict, where: str):
     raise CheckpointMismatchError(
         f"checkpoint {where} does not belong to this run: " + "; ".join(problems) +
         ". Use a fresh --workdir, or the base model and LoRA settings the checkpoint was made with.")
+  return notes
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, expected_meta: dict) -> dict:
-  """Restores `state` for `step` into the shardings of `abstract_state` after checking its meta."""
-  check_meta(read_meta(mngr, step), expected_meta, f"{mngr.directory}/{step}")
+def check_run(saved: dict, expected: dict, where: str, allow_changed: bool) -> list[str]:
+  """Refuses to resume a checkpoint whose run settings (meta['run']) differ from this run's, with
+  one error naming every change (old -> new) and the flag that accepts them; with allow_changed,
+  returns them as notes instead."""
+  old, new = saved.get("run"), expected["run"]
+  if old is None:
+    what = (f"checkpoint {where} records no run settings (it predates them), so resuming cannot check "
+            "that this run has its optimizer, schedule, steps, batch size, seed and data")
+    if not allow_changed:
+      raise CheckpointMismatchError(f"{what}. Pass {ALLOW_FLAG} to resume it with this run's settings, "
+                                    "or use a fresh --workdir.")
+    return [f"{what}; resuming with this run's settings (train.allow_changed_config)"]
+  show = lambda d, k: json.dumps(d[k]) if k in d else "(not recorded)"
+  changed = [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(set(old) | set(new))
+             if old.get(k, KeyError) != new.get(k, KeyError)]
+  if not changed:
+    return []
+  if not allow_changed:
+    raise CheckpointMismatchError(
+        f"checkpoint {where} was trained with other settings: " + "; ".join(changed) + ". Resuming "
+        "would change its learning-rate curve, updates or data stream. Rerun with its settings, use a "
+        f"fresh --workdir, or pass {ALLOW_FLAG} to continue with the new ones (e.g. more train.steps).")
+  return [f"resuming {where} with changed settings (train.allow_changed_config): " + "; ".join(changed)]
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, expected_meta: dict,
+            allow_changed_run: bool | None = None, log=print) -> dict:
+  """Restores `state` for `step` into the shardings of `abstract_state` after checking its meta.
+
+  allow_changed_run: None checks only base and layout (evaluation); False also refuses changed run
+  settings (resuming training); True accepts them with a note. Notes go to `log` (None: dropped,
+  for processes other than the first).
+  """
+  where = f"{mngr.directory}/{step}"
+  saved = read_meta(mngr, step)
+  notes = check_meta(saved, expected_meta, where)
+  if allow_changed_run is not None:
+    notes += check_run(saved, expected_meta, where, allow_changed_run)
+  for note in notes if log else ():
+    log(note)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"]
+
+
+def read_trainable(path: str) -> tuple[dict, dict, str]:
+  """(trainable leaves as saved, meta, where) of the latest checkpoint under `path`: a workdir, its
+  checkpoints/ directory, or one step's directory (checkpoints/<step>)."""
+  path = path.rstrip("/")
+  step = None
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  mngr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"{path!r} holds no checkpoint (expected a run's workdir, its checkpoints/ "
+                            "directory or checkpoints/<step>)")
+  meta = read_meta(mngr, step)
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["trainable"], meta, f"{mngr.directory}/{step}"
 
 
 def abstract_like(tree):

@@ -19,7 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tokenizer = "gpt2"  # hub id, local dir, or 'offline' (GPT-2's BPE shipped with the package)
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' on GPU/TPU
   c.model.base_param_dtype = "float32"  # storage of the frozen base; 'bfloat16' halves its memory
-  c.model.attention_impl = "xla"  # 'xla' everywhere, 'cudnn' for flash attention on NVIDIA GPUs
+  # 'xla' (the reference, every backend), 'cudnn' (NVIDIA GPUs: packed rows through cuDNN's packed
+  # layout, no dense mask; falls back to XLA elsewhere) or 'auto' (cuDNN where it applies); attention.py
+  c.model.attention_impl = "xla"
   c.model.remat = "none"  # 'none', 'full' or 'dots': trade compute for activation memory
   # Run the blocks under nn.scan over stacked layer parameters: compile time stops growing with
   # depth (gpt2-xl train step on CPU: BUILD.md). Checkpoints of a scanned run hold stacked leaves;
@@ -47,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.loss_mask = "assistant"  # 'all' tokens, every 'assistant' reply, or the 'final' reply only
   c.data.max_length = 1024  # tokens per training row (GPT-2 allows 1024)
   c.data.packing = True  # pack several conversations per row (attention stays inside each)
+  # At most this many conversations per packed row (a full row is closed, nothing is dropped); sizes
+  # cuDNN's packed attention layout (0: no cap, and no packed layout). 32 costs 0.36% padding on
+  # HH-RLHF harmless-base (packing.py).
+  c.data.max_segments_per_row = 32
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
   c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
   c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)
@@ -58,6 +64,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.steps = 0  # 0: no pre-training stage
   c.pretrain.lr = 1e-3
+  c.pretrain.field = ""  # text field to pre-train on ('' = data.field; the demo uses 'wrong')
+
+  # Preference tuning (dpo.py; configs/dpo_hh.py): DPO on the (chosen, rejected) pairs of the rows.
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.loss = "sigmoid"  # 'sigmoid' (DPO), 'conservative' (cDPO: label_smoothing > 0) or 'ipo'
+  c.dpo.beta = 0.1  # pull toward the reference, > 0 (TRL's DPOConfig default is 0.1)
+  c.dpo.label_smoothing = 0.0  # cDPO: the probability that a pair's labels are flipped
+  c.dpo.init_from = ""  # SFT workdir or checkpoint the policy's adapters start from ('' = fresh)
+  c.dpo.steps = 0  # DPO steps (0: train.steps); the SFT stage of --mode=preference_study uses train.steps
+  c.dpo.lr = 0.0  # DPO peak learning rate (0: optim.lr)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4  # peak learning rate
@@ -67,7 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable leaves
+  c.optim.weight_decay = 0.0  # AdamW decoupled decay on trainable matmul weights (see no_decay)
+  # Regex on '/'-joined parameter paths that weight decay skips: biases, layer norms, embeddings
+  # (optim.py says whose practice this follows); '' decays every trainable leaf.
+  c.optim.no_decay = r".*/(bias|scale)|(wte|wpe)/embedding"
   c.optim.clip_norm = 1.0  # global-norm clipping (0 disables)
 
   c.train = ml_collections.ConfigDict()
@@ -75,12 +94,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 16  # global rows per step
   c.train.micro_batches = 1  # gradient accumulation: batch_size / micro_batches rows per pass
   c.train.seed = 0  # data order, adapter init and dropout all derive from it
-  c.train.log_every = 10  # metrics.jsonl / TensorBoard / progress bar cadence
+  c.train.log_every = 10  # progress line / bar cadence (metrics.jsonl and TensorBoard get every step)
   c.train.eval_every = 200  # held-out loss cadence (0 disables)
   c.train.ckpt_every = 200  # checkpoint cadence
   c.train.keep_ckpts = 3  # checkpoints kept
   c.train.plot_every = 200  # loss plot refresh cadence
   c.train.loss_avg_window = 100  # loss curve smoothing window (the original study used 1000)
+  # Resuming refuses a checkpoint whose optimizer, schedule, steps, batch size, seed or data
+  # settings differ from this run's (experiment.run_settings); True resumes with the new ones, e.g.
+  # to extend train.steps (the learning-rate schedule then follows the new length).
+  c.train.allow_changed_config = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
@@ -97,6 +120,46 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 32
   c.eval.step = -1  # checkpoint step to evaluate (-1: latest)
   c.eval.reward_model = "OpenAssistant/reward-model-deberta-v3-large-v2"  # '' skips scoring
+  # Offline demo only: with no reward_model, train a tiny classifier on the demo data's right vs wrong
+  # replies (demo_scorer.py, seconds) and score with it, labelled "demo scorer" in the report.
+  c.eval.demo_scorer = False
   c.eval.reward_batch_size = 16
   c.eval.reward_max_length = 512
   return c
+
+
+def comments() -> dict[str, str]:
+  """{'train.steps': its comment} read from this file's source: the comments are the documentation."""
+  import re
+  out, above = {}, []  # above: a comment block right above an assignment that has none of its own
+  with open(__file__) as f:
+    for line in f:
+      if line.strip().startswith("#"):
+        above.append(line.strip()[1:].strip())
+        continue
+      m = re.match(r"\s*c\.([\w.]+) = .*?(?:  # (.*))?$", line.rstrip("\n"))
+      if m and (m.group(2) or above):
+        out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+      above = []
+  return out
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every key of `config` with its value and its comment from default_config(), one per line."""
+  notes = comments()
+  flat = {}
+
+  def walk(d, prefix):
+    for k in sorted(d.keys()):
+      v = d[k]
+      if isinstance(v, ml_collections.ConfigDict) and (v.keys() or prefix + k not in notes):
+        if not v.keys():
+          flat[prefix + k] = "{}"
+        walk(v, f"{prefix}{k}.")
+      else:
+        flat[prefix + k] = repr(v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
+
+  walk(config, "")
+  width = max(len(f"{k} = {v}") for k, v in flat.items())
+  return "\n".join((f"{k} = {v}".ljust(width) + f"  # {notes[k]}") if k in notes else f"{k} = {v}"
+                   for k, v in flat.items())

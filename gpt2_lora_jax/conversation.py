@@ -18,7 +18,9 @@ How a text becomes tokens, and why:
 - Leading whitespace of a text and trailing whitespace of its final reply are dropped; a row whose
   final reply is then empty is skipped (it would teach the model to answer nothing).
 - Too long for max_length: whole turns are cut from the left so that the kept part starts at a
-  Human turn and keeps the final exchange; a row whose final exchange alone does not fit is skipped.
+  Human turn and keeps the final exchange (first_kept_turn); a row whose final exchange alone does
+  not fit is skipped. A sampling prompt too long for the model is cut the same way
+  (fit_prompt_token_ids); when its final Human turn alone does not fit, that turn loses its start.
 """
 from __future__ import annotations
 
@@ -97,14 +99,60 @@ def prompt_token_ids(tokenizer, text: str) -> list[int]:
 
   `text` may be a whole conversation or a prompt from prompt_and_response (ending in "Assistant:").
   """
+  return fit_prompt_token_ids(tokenizer, text, 0)[0]
+
+
+def fit_prompt_token_ids(tokenizer, text: str, max_length: int) -> tuple[list[int], int]:
+  """(prompt_token_ids cut to at most max_length tokens (0: no limit), tokens cut).
+
+  Cut as training cuts a long conversation (first_kept_turn): whole turns from the left, so the
+  kept part starts at a Human turn; the leading end-of-text and the final "\n\nAssistant:" stay.
+  When the final Human turn alone does not fit, tokens are cut from its start (it keeps its end,
+  the request being answered).
+  """
   turns = parse_conversation(text)[:-1]
   markers = marker_ids(tokenizer)
   contents = tokenizer([t.text for t in turns] or [""], add_special_tokens=False,
                        return_attention_mask=False, verbose=False)["input_ids"]
-  ids = [EOT_ID]
-  for turn, content in zip(turns, contents):
-    ids += markers[ROLE_CODE[turn.role]].tolist() + list(content)
-  return ids + markers[ROLE_CODE[ASSISTANT]].tolist()
+  pieces = [markers[ROLE_CODE[t.role]].tolist() + list(c) for t, c in zip(turns, contents)]
+  cue = markers[ROLE_CODE[ASSISTANT]].tolist()
+  total = 1 + sum(map(len, pieces)) + len(cue)
+  if max_length <= 0 or total <= max_length:
+    return [EOT_ID] + [i for p in pieces for i in p] + cue, 0
+  budget = max_length - 1 - len(cue)  # tokens left for the turns
+  roles = [ROLE_CODE[t.role] for t in turns]
+  first = first_kept_turn(roles, [len(p) for p in pieces], budget)
+  if first is None:  # the final Human turn alone is too long: keep its end
+    last_human = max(i for i, r in enumerate(roles) if r == ROLE_CODE[HUMAN])
+    tail = [i for p in pieces[last_human:] for i in p]
+    kept = tail[len(tail) - budget:] if budget > 0 else []
+  else:
+    kept = [i for p in pieces[first:] for i in p]
+  ids = [EOT_ID] + kept + cue
+  return ids, total - len(ids)
+
+
+def first_kept_turn(roles, turn_tokens, budget: int):
+  """The first turn kept when whole turns are cut from the left so that turn_tokens[first:] sums to
+  at most `budget`: turn 0 or a Human turn up to the last one, so a kept part opens like every real
+  conversation (and every sampling prompt) does. None when even the last Human turn on does not fit.
+
+  roles: role codes (ROLE_CODE) per turn; turn_tokens: each turn's tokens, marker included.
+  """
+  n = len(roles)
+  tokens_from = [0] * (n + 1)  # tokens of turns i..n-1
+  for i in reversed(range(n)):
+    tokens_from[i] = tokens_from[i + 1] + turn_tokens[i]
+  return next((i for i in cut_points(roles) if tokens_from[i] <= budget), None)
+
+
+def cut_points(roles) -> list[int]:
+  """Turns a too-long conversation may start at, earliest first: the start, or any Human turn up to
+  the final exchange's, so a kept part opens like every real conversation (and sampling prompt) does."""
+  roles = np.asarray(roles).tolist()
+  human = ROLE_CODE[HUMAN]
+  last_human = max((i for i in range(len(roles)) if roles[i] == human), default=0)
+  return [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
 
 
 def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_ids: np.ndarray,
@@ -118,16 +166,10 @@ def assemble_conversation(roles: np.ndarray, turn_lengths: np.ndarray, content_i
   # Per-turn bookkeeping in Python ints: a conversation has ~10 turns, too few for numpy to pay off.
   roles, turn_lengths = np.asarray(roles).tolist(), np.asarray(turn_lengths).tolist()
   n = len(roles)
-  human, assistant = ROLE_CODE[HUMAN], ROLE_CODE[ASSISTANT]
+  assistant = ROLE_CODE[ASSISTANT]
   marker_lengths = [len(marker_ids[r]) for r in roles]
-  tokens_from = [0] * (n + 1)  # tokens of turns i..n-1
-  for i in reversed(range(n)):
-    tokens_from[i] = tokens_from[i + 1] + marker_lengths[i] + turn_lengths[i]
-  last_human = max(i for i in range(n) if roles[i] == human)
-  # Cut points: the start, or any Human turn up to the final exchange's, so a kept part opens
-  # like every real conversation (and every sampling prompt) does.
-  cut_points = [0] + [i for i in range(1, last_human + 1) if roles[i] == human]
-  first = next((i for i in cut_points if 1 + tokens_from[i] <= max_length), None)  # + leading EOT
+  # The leading end-of-text takes one of max_length input positions.
+  first = first_kept_turn(roles, [m + c for m, c in zip(marker_lengths, turn_lengths)], max_length - 1)
   if first is None:
     return None
   pieces = [np.asarray([EOT_ID], np.int32)]

@@ -29,9 +29,11 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from gpt2_lora_jax import hub
+from gpt2_lora_jax.errors import UserError
 from gpt2_lora_jax.conversation import (  # noqa: F401 (re-exported)
     ASSISTANT, HUMAN, LOSS_MASKS, MALFORMED_REASONS, MARKERS, ROLE_CODE, MalformedConversation, Turn,
-    assemble_conversation, marker_ids, parse_conversation, prompt_and_response, prompt_token_ids)
+    assemble_conversation, first_kept_turn, fit_prompt_token_ids, marker_ids, parse_conversation,
+    prompt_and_response, prompt_token_ids)
 from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
     PackedData, batch_for_step, batch_row_indices, eval_batches, pack, steps_per_epoch)
 
@@ -100,7 +102,7 @@ def read_file(path: str, field: str) -> list[tuple[Optional[str], Optional[str]]
     except ValueError:  # not one JSON document: read it as JSON lines
       return _json_lines(content.splitlines(), field)
     if not isinstance(obj, list):
-      raise ValueError(f"{path}: expected a JSON array of rows or JSON lines, found a "
+      raise UserError(f"{path}: expected a JSON array of rows or JSON lines, found a "
                        f"{type(obj).__name__}")
     return [_field_of(row, field) for row in obj]
   if path.endswith(".parquet"):
@@ -109,7 +111,7 @@ def read_file(path: str, field: str) -> list[tuple[Optional[str], Optional[str]]
     if field not in table.column_names:
       return [(None, "missing_field")] * len(table)
     return [_field_of({field: text}, field) for text in table[field]]
-  raise ValueError(f"data file {path!r} has an unknown type: use one of {', '.join(FILE_SUFFIXES)}")
+  raise UserError(f"data file {path!r} has an unknown type: use one of {', '.join(FILE_SUFFIXES)}")
 
 
 def read_hub(hub_id: str, subset: str, split_name: str, field: str):
@@ -127,7 +129,7 @@ def read_hub(hub_id: str, subset: str, split_name: str, field: str):
         "--config.data.eval_files=path/test.jsonl.gz (.jsonl, .jsonl.gz, .json or .parquet rows "
         f"with a {field!r} field).") from e
   if field not in table.column_names:
-    raise ValueError(f"{hub_id!r} has no field {field!r} (data.field); its fields: {table.column_names}")
+    raise UserError(f"{hub_id!r} has no field {field!r} (data.field); its fields: {table.column_names}")
   return [_field_of({field: text}, field) for text in table[field]]
 
 
@@ -136,13 +138,13 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
   if split not in SPLITS:
     raise ValueError(f"split {split!r}: choose one of {SPLITS}")
   if data_cfg.loss_mask not in LOSS_MASKS:
-    raise ValueError(f"data.loss_mask={data_cfg.loss_mask!r}: choose one of {LOSS_MASKS}")
+    raise UserError(f"data.loss_mask={data_cfg.loss_mask!r}: choose one of {LOSS_MASKS}")
   if data_cfg.max_length < 2:
-    raise ValueError(f"data.max_length={data_cfg.max_length} must be at least 2")
+    raise UserError(f"data.max_length={data_cfg.max_length} must be at least 2")
   field = data_cfg.field
   if data_cfg.source == "hub":
     if data_cfg.subset not in SUBSET_CHOICES:
-      raise ValueError(f"unknown HH-RLHF subset {data_cfg.subset!r} (data.subset): choose one of "
+      raise UserError(f"unknown HH-RLHF subset {data_cfg.subset!r} (data.subset): choose one of "
                        f"{', '.join(SUBSET_CHOICES)}")
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
     name = f"{data_cfg.hub_id} (subset {data_cfg.subset}, split {split_name})"
@@ -150,12 +152,15 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
   if data_cfg.source == "files":
     flag = "data.train_files" if split == "train" else "data.eval_files"
     files = data_cfg.train_files if split == "train" else data_cfg.eval_files
-    files = (files,) if isinstance(files, str) else tuple(files)
+    # A comma-separated string works too: --config.data.train_files=a.jsonl.gz,b.jsonl arrives as
+    # the one-element tuple ('a.jsonl.gz,b.jsonl',).
+    files = tuple(p.strip() for f in ((files,) if isinstance(files, str) else files)
+                  for p in str(f).split(",") if p.strip())
     if not files:
-      raise ValueError(f"data.source='files' needs {flag}: --config.{flag}=path/rows.jsonl.gz")
+      raise UserError(f"data.source='files' needs {flag}: --config.{flag}=path/rows.jsonl.gz")
     for path in files:
       if not path.endswith(FILE_SUFFIXES):
-        raise ValueError(f"data file {path!r} ({flag}) has an unknown type: use one of "
+        raise UserError(f"data file {path!r} ({flag}) has an unknown type: use one of "
                          f"{', '.join(FILE_SUFFIXES)}")
       if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} ({flag}) does not exist")
@@ -169,7 +174,7 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
     demo_split = "train" if split == "train" else "test"
     read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows)]
     return [(f"demo conversations ({demo_split})", read)]
-  raise ValueError(f"data.source={data_cfg.source!r} is not supported here: choose one of {SOURCES}")
+  raise UserError(f"data.source={data_cfg.source!r} is not supported here: choose one of {SOURCES}")
 
 
 class SplitRows(NamedTuple):
@@ -306,7 +311,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       turns.append([t.text for t in conversation])
   names, rows_read = split_rows.names, split_rows.rows_read
   if not rows:
-    raise ValueError(f"no usable rows in {names}: {dict((r, len(ix)) for r, ix in skipped.items())}")
+    raise UserError(f"no usable rows in {names}: {dict((r, len(ix)) for r, ix in skipped.items())}")
 
   cache_dir = (cache_dir or data_cfg.cache_dir
                or os.path.join(datasets.config.HF_DATASETS_CACHE, "gpt2_lora_jax"))
@@ -337,7 +342,9 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
     token_ids.append(ids)
     loss_masks.append(mask)
     used.append(int(row))
-  packed = pack(token_ids, loss_masks, used, data_cfg.max_length, data_cfg.packing)
+  cap = data_cfg.max_segments_per_row
+  packed = pack(token_ids, loss_masks, used, data_cfg.max_length, data_cfg.packing, cap)
+  per_row = packed.segments_per_row
 
   assert rows_read == len(used) + sum(len(ix) for ix in skipped.values())  # nothing lost silently
   summary = {
@@ -360,6 +367,11 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "padding_fraction": packed.padding_fraction,
       "conversations": len(used),
       "packed_rows": packed.num_rows,
+      # A row at the cap was closed with room left; the conversations that did not join it went
+      # to other rows (none is dropped).
+      "segments_per_row": {"cap": cap, "mean": float(per_row.mean()) if per_row.size else 0.0,
+                           "max": int(per_row.max(initial=0)),
+                           "rows_at_cap": int((per_row == cap).sum()) if cap else 0},
       "examples_per_epoch": packed.num_rows,
       "batch_size": batch_size,
       "steps_per_epoch": steps_per_epoch(packed, batch_size),
@@ -401,6 +413,9 @@ def format_summary(s: dict) -> str:
             f"{loss_share:.1%}; {s['tokens_cut_by_truncation']:,} cut by truncation)",
             f"  packed rows       {s['packed_rows']:>10,}  x {s['max_length']} "
             f"({s['conversations']:,} conversations), padding {s['padding_fraction']:.2%}",
+            f"  segments per row  {s['segments_per_row']['mean']:>10.2f}  mean, max "
+            f"{s['segments_per_row']['max']} (cap {s['segments_per_row']['cap'] or 'none'}; "
+            f"{s['segments_per_row']['rows_at_cap']:,} rows at the cap)",
             f"  epoch             {s['examples_per_epoch']:>10,}  rows = {s['steps_per_epoch']:,.2f} "
             f"steps at batch size {s['batch_size']}",
             f"  token cache       {'read' if s['token_cache']['from_cache'] else 'written'} "

@@ -4,14 +4,19 @@ Each row is {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."
 exchanges of small tasks whose answers follow from the question (arithmetic, comparing numbers,
 reversing and spelling words, counting letters, repeating a phrase, a few fixed courtesies). A tiny
 GPT-2 can learn them in minutes on a CPU, so the demo shows a loss that falls and answers that
-change, with no download. The "rejected" reply is a wrong answer, for preference methods later.
-Train and test rows come from disjoint questions (split by a hash of the question).
+change, with no download. The "rejected" reply is a wrong answer (for preference methods and the
+demo scorer); "wrong" is the same dialogue with every Assistant reply wrong, the text the demo's
+base is pre-trained on, so that its habits differ from what LoRA then teaches and the change is
+visible. Each task has exactly one right reply (the "chosen" one), so `is_correct` can grade an
+answer against a prompt's reference reply by the task's key fact. Train and test rows come from disjoint questions (split
+by a hash of the question).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+import re
 
 WORDS = ("apple", "river", "planet", "garden", "window", "silver", "candle", "forest", "pencil",
          "rocket", "yellow", "bridge", "castle", "dragon", "island", "jacket", "lemon", "mirror",
@@ -36,7 +41,7 @@ def _exchange(rng: random.Random):
     a, b = rng.randrange(100), rng.randrange(100)
     return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {a + b + rng.choice((-2, 1, 3))}."
   if kind == 1:
-    a, b = rng.randrange(10, 100), rng.randrange(10)
+    a, b = rng.randrange(10, 100), rng.randrange(1, 10)  # b > 0: the wrong reply (a + b) differs
     return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", f"{a} minus {b} is {a + b}."
   if kind == 2:
     a, b = rng.sample(range(1000), 2)
@@ -82,8 +87,27 @@ def rows(split: str, n: int, seed: int = 0) -> list[dict]:
     if _split_of(q) != split:
       continue  # the final (scored) question must belong to this split
     out.append({"chosen": f"{prefix}\n\nHuman: {q}\n\nAssistant: {a}",
-                "rejected": f"{prefix}\n\nHuman: {q}\n\nAssistant: {wrong}"})
+                "rejected": f"{prefix}\n\nHuman: {q}\n\nAssistant: {wrong}",
+                "wrong": "".join(f"\n\nHuman: {q}\n\nAssistant: {w}" for q, _, w in exchanges)})
   return out
+
+
+def is_correct(answer: str, reference: str) -> bool:
+  """Whether a demo answer states the key fact of the task's one right reply (the reference, the
+  row's "chosen" reply): the sum or difference ('... is 72'), the larger number first ('710 is
+  larger ...'), the reversed word ('... is elppa'), the letter count ('has 6 letters'); spelled
+  letters, repeated phrases and courtesies must be the reference itself (case and the final period
+  aside). Every wrong reply of the demo data fails this check (tests/test_demo.py)."""
+  a, r = answer.strip(), reference.strip()
+  if m := re.fullmatch(r"\d+ (?:plus|minus) \d+ is (-?\d+)\.", r):
+    return re.search(rf"\bis {m.group(1)}\b", a) is not None
+  if m := re.fullmatch(r"(\d+) is larger than \d+\.", r):
+    return a.startswith(f"{m.group(1)} is larger")
+  if m := re.fullmatch(r"\w+ backwards is (\w+)\.", r):
+    return re.search(rf"\bis {m.group(1)}\b", a) is not None
+  if m := re.fullmatch(r"The word \w+ has (\d+) letters\.", r):
+    return f"has {m.group(1)} letters" in a
+  return a.lower().rstrip(".") == r.lower().rstrip(".")
 
 
 def write_jsonl(path: str, split: str, n: int, seed: int = 0) -> str:

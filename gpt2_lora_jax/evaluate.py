@@ -1,7 +1,11 @@
 """Evaluation: base vs fine-tuned answers, held-out loss, reward scores (separate process), report.
 
-Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alone:
-  1. restore the Orbax checkpoint (latest or eval.step) onto the base and merge the adapters;
+Stages, each leaving plain files in <workdir>/eval/step_<N>/ (N: the evaluated checkpoint's step,
+so evaluating another step never overwrites one) so any one can be rerun alone:
+  1. restore the Orbax checkpoint (latest or eval.step) onto the base. The fine-tuned model is the
+     one training ran (lora.make_model: adapters applied factored, y = x W + s (x A) B, the base
+     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16 loses much of a
+     small update, so a merged model would be another model than the one trained;
   2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
   3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
      "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
@@ -9,7 +13,9 @@ Stages, each leaving plain files in <workdir>/eval/ so any one can be rerun alon
      (skipped, with the reason written down, when no reward model is configured or it fails);
   5. report.md + summary.json + PNGs from those files (report.py).
 Generations are written before scoring starts, so a scorer failure never loses them:
-`--mode=score` picks them up again.
+`--mode=score` picks them up again (from eval.step's directory; -1: the highest evaluated step).
+eval_config.json records what was evaluated (step, base, data and sampling settings) for the report;
+demo rows are graded (demo_data.is_correct) into each generation's 'correct'.
 
 Multi-host: every process restores (a collective read), gathers the fine-tuned tree to host memory
 and evaluates it on its own devices; only process 0 writes files and runs the scorer. The workdir
@@ -17,23 +23,39 @@ must be a local (or mounted) path: these stages write with plain file calls.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 
-from gpt2_lora_jax import checkpoint, data, experiment, lora, report, reward, sample, sharding, train
+from gpt2_lora_jax import checkpoint, data, demo_scorer, experiment, lora, report, reward, sample, sharding, train
+from gpt2_lora_jax.errors import UserError
 
 EVAL_DIR = "eval"
+DEMO_SCORER_DIR = "demo_scorer"  # eval.demo_scorer builds it here (demo_scorer.py)
+DEMO_SCORER_LABEL = ("demo scorer (a tiny classifier trained on the demo's right vs wrong replies; "
+                     "not a reward model of answer quality)")
 
 
-def eval_dir(workdir: str) -> str:
+def eval_dir(workdir: str, step: int | None = None) -> str:
+  """<workdir>/eval/step_<step>/: each evaluated checkpoint keeps its own files. step None (or < 0):
+  the newest step directory that holds generations (what --mode=score rescores)."""
   if "://" in workdir:
-    raise ValueError(f"--workdir={workdir} is a bucket, and evaluation writes local files: mount the "
+    raise UserError(f"--workdir={workdir} is a bucket, and evaluation writes local files: mount the "
                      "bucket (e.g. gcsfuse) and pass the mounted path, or copy the run's checkpoints/ "
                      "and metrics.jsonl to a local directory and pass that")
-  path = os.path.join(workdir, EVAL_DIR)
+  root = os.path.join(workdir, EVAL_DIR)
+  if step is None or step < 0:
+    done = sorted(int(d[5:]) for d in (os.listdir(root) if os.path.isdir(root) else ())
+                  if d.startswith("step_") and d[5:].isdigit()
+                  and os.path.exists(os.path.join(root, d, "generations.jsonl")))
+    if not done:
+      raise FileNotFoundError(f"{root} holds no evaluated step (no step_<N>/generations.jsonl): "
+                              "run --mode=eval first")
+    step = done[-1]
+  path = os.path.join(root, f"step_{step}")
   os.makedirs(path, exist_ok=True)
   return path
 
@@ -54,7 +76,8 @@ def restore_finetuned(exp, workdir: str, step: int = -1):
   state = checkpoint.restore(mngr, step, checkpoint.abstract_like(state), exp.meta)
   params = lora.combine(state["trainable"], frozen)
   if jax.process_count() > 1:  # leaves may span hosts; from here on each process works alone
-    params = sharding.fetch_to_host(params)
+    # ... and on its own first device, placed once (host arrays would be copied at every call).
+    params = jax.device_put(sharding.fetch_to_host(params), jax.local_devices()[0])
   return params, step
 
 
@@ -79,20 +102,21 @@ def choose_prompts(texts: list[str], num_prompts: int, seed: int) -> list[tuple[
 
 def run(config, workdir: str) -> str:
   """Stages 1-5 of the module docstring; returns the path of report.md."""
-  out = eval_dir(workdir)  # first: a bucket workdir fails here, before anything is loaded
+  if "://" in workdir:
+    eval_dir(workdir)  # first: a bucket workdir fails here, before anything is loaded
   exp = experiment.build(config)
   ecfg = config.eval
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
-  merged, merged_config = lora.merge(tuned_params, exp.lora_config, exp.gpt2_config) \
-      if exp.lora_config.rank > 0 else (tuned_params, exp.gpt2_config)
-  tuned_model = type(exp.base_model)(merged_config)
-  base_params = strip_adapters(exp.params)
+  out = eval_dir(workdir, step)
+  tuned_model = exp.model  # the module training used (module docstring, stage 1)
+  # The same device arrays as the fine-tuned tree's frozen base: one copy of the base on the device.
+  base_params = strip_adapters(tuned_params)
   is_main = jax.process_index() == 0
 
   eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                             config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {report.BASE: heldout_loss(exp.base_model, base_params, eval_data, ecfg.batch_size),
-             report.TUNED: heldout_loss(tuned_model, merged, eval_data, ecfg.batch_size)}
+             report.TUNED: heldout_loss(tuned_model, tuned_params, eval_data, ecfg.batch_size)}
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
@@ -103,21 +127,42 @@ def run(config, workdir: str) -> str:
   kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
                 top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
                 batch_size=ecfg.batch_size,
-                encode=lambda prompt: data.prompt_token_ids(exp.tokenizer, prompt))
+                encode=lambda prompt, most: data.fit_prompt_token_ids(exp.tokenizer, prompt, most))
   rows = []
   for name, model, params in ((report.BASE, exp.base_model, base_params),
-                              (report.TUNED, tuned_model, merged)):
-    results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs)
+                              (report.TUNED, tuned_model, tuned_params)):
+    log = (lambda done, total, name=name: print(f"sampling {name}: {done}/{total} prompts", flush=True)) \
+        if is_main else None
+    results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs, progress=log)
     rows += report.generation_rows(ids, prompts, results, name, references)
+  if config.data.source == "demo":  # demo tasks have one right reply each: grade every answer
+    from gpt2_lora_jax import demo_data
+    for row in rows:
+      row["correct"] = demo_data.is_correct(row["answer"], row["reference"])
   generations = os.path.join(out, "generations.jsonl")
   if is_main:
+    # Scores of earlier generations do not score these answers: they go before the new ones land.
+    for stale in (os.path.join(out, "scores.jsonl"), os.path.join(out, report.SKIP_REASON_FILE)):
+      if os.path.exists(stale):
+        os.remove(stale)
     reward.write_jsonl_atomic(generations, rows)
-    with open(os.path.join(out, "eval_config.json"), "w") as f:
-      json.dump({"checkpoint_step": step, "base": exp.base_name, **ecfg.to_dict()}, f, indent=2,
-                default=list)
-  del tuned_params, merged, base_params
+    write_eval_config(os.path.join(out, report.EVAL_CONFIG_FILE), config, step, exp.base_name)
+  del tuned_params, base_params
   jax.clear_caches()
-  return score_and_report(config, workdir) if is_main else ""
+  return score_and_report(config, workdir, step) if is_main else ""
+
+
+def write_eval_config(path: str, config, step: int, base_name: str):
+  """What was evaluated, for the report: the checkpoint step, the base, the data and sampling settings."""
+  d = config.data
+  data_desc = {"source": d.source, "field": d.field, "eval_split": d.eval_split,
+               "max_eval_rows": d.max_eval_rows}
+  data_desc.update({"hub": {"hub_id": d.hub_id, "subset": d.subset},
+                    "files": {"eval_files": list(d.eval_files)}, "tfds": {"tfds_dir": d.tfds_dir},
+                    "demo": {"demo_rows": d.demo_rows}}.get(d.source, {}))
+  with open(path, "w") as f:
+    json.dump({"checkpoint_step": int(step), "base": base_name, "data": data_desc,
+               **config.eval.to_dict()}, f, indent=2, default=list)
 
 
 def strip_adapters(params: dict) -> dict:
@@ -127,34 +172,56 @@ def strip_adapters(params: dict) -> dict:
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in lora.ADAPTER_LEAVES})
 
 
-def score_and_report(config, workdir: str) -> str:
-  """Stages 4-5: scores eval/generations.jsonl in a child process (or records why not), then the report."""
+def score_and_report(config, workdir: str, step: int | None = None) -> str:
+  """Stages 4-5: scores eval/step_<step>/generations.jsonl (step None: eval.step, -1 the newest
+  evaluated step) in a child process (or records why not), then the report.
+
+  scores.jsonl and the skip-reason file are replaced only when a new one is complete: the scorer
+  writes to a temporary name that is renamed on success, so a failed rescoring (--mode=score)
+  keeps the scores already there, and the report is built from them.
+  """
   ecfg = config.eval
-  out = eval_dir(workdir)
+  out = eval_dir(workdir, ecfg.step if step is None else step)
   generations = os.path.join(out, "generations.jsonl")
   if not os.path.exists(generations):
     raise FileNotFoundError(f"{generations} does not exist: run --mode=eval first")
   scores = os.path.join(out, "scores.jsonl")
   skip_file = os.path.join(out, report.SKIP_REASON_FILE)
-  for stale in (scores, skip_file):
-    if os.path.exists(stale):
-      os.remove(stale)
+  new_scores = scores + ".partial"  # renamed to scores.jsonl only once the scorer has succeeded
   reason, failure = None, None
-  if not ecfg.reward_model:
+  reward_model, scorer_label = ecfg.reward_model, ""
+  if ecfg.demo_scorer and not reward_model:
+    reward_model, scorer_label = os.path.join(workdir, DEMO_SCORER_DIR), DEMO_SCORER_LABEL
+  if reward_model and importlib.util.find_spec("torch") is None:
+    reason = ("PyTorch is not installed, and the reward scorer needs it: pip install 'torch==2.13.0' "
+              "(or this package's eval extra: pip install -e '.[eval]'), then rerun with --mode=score")
+  elif not reward_model:
     reason = ("no reward model configured (eval.reward_model is empty); score later with "
               "--mode=score --config.eval.reward_model=<hub id or local dir>")
   else:
     try:
-      reward.run_scorer_subprocess(generations, scores, ecfg.reward_model,
+      if scorer_label:
+        info = demo_scorer.ensure(reward_model)
+        scorer_label += (f"; it ranks {info['test_pairwise_accuracy']:.1%} of {info['test_pairs']} "
+                         "held-out right/wrong reply pairs correctly")
+      reward.run_scorer_subprocess(generations, new_scores, reward_model,
                                    batch_size=ecfg.reward_batch_size, max_length=ecfg.reward_max_length)
-    except reward.ScorerError as e:
+      os.replace(new_scores, scores)
+      if os.path.exists(skip_file):
+        os.remove(skip_file)
+    except (reward.ScorerError, demo_scorer.BuildError) as e:
       failure = e
-      reason = f"the reward scorer failed; generations are kept, rerun scoring with --mode=score. {e}"
+      kept = " (the scores already in scores.jsonl are kept)" if os.path.exists(scores) else ""
+      reason = (f"the reward scorer failed; generations are kept{kept}, rerun scoring with "
+                f"--mode=score. {e}")
+    finally:
+      if os.path.exists(new_scores):
+        os.remove(new_scores)
   if reason is not None:
-    with open(skip_file, "w") as f:
-      f.write(reason + "\n")
+    reward.write_text_atomic(skip_file, reason + "\n")
   path = report.write_report(out, metrics_path=os.path.join(workdir, "metrics.jsonl"),
-                             skip_reason=reason, reward_model=ecfg.reward_model,
+                             skip_reason=reason,
+                             reward_model=f"{reward_model}: {scorer_label}" if scorer_label else reward_model,
                              loss_window=config.train.loss_avg_window)
   print(f"evaluation report: {path}", flush=True)
   if failure is not None:  # the report (without rewards) is written; still a failed run

@@ -6,6 +6,7 @@ Everything here is checked before anything compiles, so a bad flag costs a secon
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 
@@ -14,6 +15,7 @@ import ml_collections
 
 from gpt2_lora_jax import checkpoint, lora, optim, stacking, tokenizer as tokenizer_lib, weights
 from gpt2_lora_jax import model as gpt2_model
+from gpt2_lora_jax.errors import UserError, UserPathError
 
 
 @dataclasses.dataclass
@@ -54,7 +56,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int):
   if config.model.init not in ("pretrained", "random"):
     problems.append(f"model.init={config.model.init!r}: 'pretrained' or 'random'")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise UserError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def check_workdir(workdir: str):
@@ -68,12 +70,13 @@ def check_workdir(workdir: str):
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise OSError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
+    raise UserPathError(f"workdir {workdir!r} is not writable ({e}); pass a writable --workdir") from e
 
 
 def load_base(config: ml_collections.ConfigDict, seed: int):
   """(GPT2Config, params, name): pretrained from model.name, or random of model.preset size."""
   run_fields = dict(attention_impl=config.model.attention_impl, remat=config.model.remat,
+                    max_segments_per_row=config.data.max_segments_per_row,
                     scan_layers=bool(config.model.get("scan_layers", False)))
   if config.model.init == "pretrained":
     gpt2_config, params = weights.load_pretrained(config.model.name, dtype=config.model.base_param_dtype,
@@ -86,27 +89,53 @@ def load_base(config: ml_collections.ConfigDict, seed: int):
   return gpt2_config, params, f"random:{config.model.preset}:seed{seed}"
 
 
+# Data settings that decide the training rows, by data.source (the ones every source reads first).
+_DATA_SETTINGS = ("source", "field", "loss_mask", "max_length", "packing")
+_SOURCE_SETTINGS = {"hub": ("hub_id", "subset", "train_split"), "files": ("train_files",),
+                    "tfds": ("tfds_dir", "train_split"), "demo": ("demo_rows",)}
+
+
+def run_settings(config: ml_collections.ConfigDict) -> dict:
+  """'section.key' -> value of every setting that shapes a run's trajectory: the optimizer and its
+  schedule (all of optim), train.steps (the schedule's length), batch size, seed (data order, init,
+  dropout) and what decides the training rows. A checkpoint records them; resuming with any changed
+  is refused unless train.allow_changed_config. Not among them: train.micro_batches (the same update,
+  split differently), the mesh, logging / evaluation / checkpoint cadences, evaluation-only data."""
+  d = config.data
+  keys = [f"optim.{k}" for k in config.optim] + ["train.steps", "train.batch_size", "train.seed"]
+  keys += [f"data.{k}" for k in _DATA_SETTINGS + _SOURCE_SETTINGS.get(d.source, ())]
+  settings = {k: config[k.split(".")[0]][k.split(".")[1]] for k in keys}
+  return json.loads(json.dumps(settings))  # tuples as lists: as the checkpoint's JSON gives it back
+
+
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Loads the base, adds adapters, labels every leaf; validates lengths against the model."""
   validate(config, jax.device_count())
   gpt2_config, base, base_name = load_base(config, config.train.seed)
   if config.data.max_length > gpt2_config.n_positions:
-    raise ValueError(f"data.max_length={config.data.max_length} is longer than the model's "
+    raise UserError(f"data.max_length={config.data.max_length} is longer than the model's "
                      f"{gpt2_config.n_positions} positions; lower --config.data.max_length")
   lora_config = lora.LoraConfig.from_config(config.lora)
   adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
   params = lora.add(base, lora_config, adapter_rng) if lora_config.rank > 0 else base
+  fingerprint = checkpoint.base_fingerprint(base)
+  # Host arrays until train.init_state places them sharded: a device copy kept here would be a
+  # whole second base on device 0 for the whole run, defeating fsdp.
+  params = jax.device_get(params)
+  del base
   labels = lora.labels(params, lora_config)
   if gpt2_config.scan_layers:  # the run holds the blocks stacked; exports unstack (stacking.py)
     params, labels = stacking.stack_layers(params), stacking.stack_layers(labels)
   trainable, frozen = lora.split(params, labels)
   meta = {
+      "meta_version": checkpoint.META_VERSION,
       "base_name": base_name,
-      "base_fingerprint": checkpoint.base_fingerprint(base),
+      "base_fingerprint": fingerprint,
       "gpt2_config": gpt2_config.to_hf_dict(),
       "lora": dataclasses.asdict(lora_config) | {"targets": list(lora_config.targets),
                                                  "extra_trainable": list(lora_config.extra_trainable)},
       "layout": checkpoint.layout(trainable),
+      "run": run_settings(config),
   }
   return Experiment(
       config=config, gpt2_config=gpt2_config, lora_config=lora_config,

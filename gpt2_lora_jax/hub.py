@@ -19,14 +19,33 @@ def resolve(name_or_path: str, files: list[str], what: str, flag: str) -> str:
   if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]:
     raise FileNotFoundError(f"{what} directory {name_or_path!r} does not exist; pass an existing "
                             f"directory or a Hugging Face hub id with {flag}")
+  offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
   try:
-    from huggingface_hub import snapshot_download
-    # Weights may come as safetensors or a PyTorch pickle; take whichever the repo has.
-    patterns = list(files) + ["pytorch_model.bin"] * ("model.safetensors" in files)
+    from huggingface_hub import HfApi, snapshot_download
+    # Offline, only the cache is read, so asking for both weight formats costs nothing.
+    patterns = (list(files) + ["pytorch_model.bin"] * ("model.safetensors" in files) if offline
+                else weight_patterns(files, HfApi().list_repo_files(name_or_path)))
+    if not offline:  # huggingface_hub draws a progress bar per file
+      print(f"fetching {what} {name_or_path!r} from the Hugging Face hub: {', '.join(patterns)}",
+            flush=True)
     return snapshot_download(name_or_path, allow_patterns=patterns)
   except Exception as e:  # connection errors, unknown repos, gated repos: one clear message
+    cached = ("HF_HUB_OFFLINE is set, so only the Hugging Face cache was searched: fetch it once on a "
+              "machine that is online, or point " + flag + " at a local directory (for example one "
+              "written by save_pretrained)") if offline else (
+              f"If this machine is offline, point {flag} at a local directory (for example one written "
+              "by save_pretrained), or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face "
+              "cache")
     raise HubUnreachableError(
         f"could not fetch {what} {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, point {flag} at a "
-        "local directory (for example one written by save_pretrained), or set HF_HUB_OFFLINE=1 to "
-        "use a copy already in the Hugging Face cache.") from e
+        f"{str(e).splitlines()[0] if str(e) else ''}). {cached}.") from e
+
+
+def weight_patterns(files: list[str], repo_files: list[str]) -> list[str]:
+  """The files to download: `files`, where model.safetensors stands for the model's weights in the
+  one format the repository has, safetensors when it has them (GPT-2's repos hold both; fetching
+  both would download the weights twice), else pytorch_model.bin."""
+  if "model.safetensors" in files and "model.safetensors" not in repo_files \
+      and "pytorch_model.bin" in repo_files:
+    return [f for f in files if f != "model.safetensors"] + ["pytorch_model.bin"]
+  return list(files)

@@ -4,7 +4,7 @@
                                 kernel; no base path changes, so a pretrained checkpoint loads as-is
     labels(params, cfg)         'trainable' / 'frozen' per leaf, for optim.make_optimizer
     split / combine             trainable and frozen halves of the tree and back
-    merge(params, cfg, config)  a plain GPT-2 tree (kernel + s A B) for weights.save_pretrained
+    merge(params, cfg, config)  a plain GPT-2 tree (kernel + s A B, in fp32) for weights.save_pretrained
     save_peft / load_peft       Hugging Face PEFT's adapter_config.json + adapter_model.safetensors
     summary(params, labels)     PEFT's "trainable params: N || all params: M || trainable%: P" line
 
@@ -37,6 +37,7 @@ from flax import traverse_util
 
 from gpt2_lora_jax import model as gpt2_model
 from gpt2_lora_jax import stacking, weights
+from gpt2_lora_jax.errors import UserError
 
 INITS = ("kaiming_uniform", "gaussian")
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -66,20 +67,20 @@ class LoraConfig:
     object.__setattr__(self, "targets", _as_tuple(self.targets))
     object.__setattr__(self, "extra_trainable", _as_tuple(self.extra_trainable))
     if not isinstance(self.rank, (int, np.integer)) or self.rank < 0:
-      raise ValueError(f"LoRA rank={self.rank!r}: must be an integer >= 0 (0 = full fine-tuning)")
+      raise UserError(f"LoRA rank={self.rank!r}: must be an integer >= 0 (0 = full fine-tuning)")
     if self.rank > 0 and not self.alpha > 0:
-      raise ValueError(f"LoRA alpha={self.alpha!r}: must be > 0")
+      raise UserError(f"LoRA alpha={self.alpha!r}: must be > 0")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoRA dropout={self.dropout!r}: must be in [0, 1)")
+      raise UserError(f"LoRA dropout={self.dropout!r}: must be in [0, 1)")
     if self.init not in INITS:
-      raise ValueError(f"LoRA init={self.init!r}: choose one of {INITS}")
+      raise UserError(f"LoRA init={self.init!r}: choose one of {INITS}")
     if self.rank > 0 and not self.targets:
-      raise ValueError("LoRA targets are empty: name modules such as ('c_attn', 'c_proj', 'c_fc')")
+      raise UserError("LoRA targets are empty: name modules such as ('c_attn', 'c_proj', 'c_fc')")
     for pattern in self.targets + self.extra_trainable:
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ValueError(f"LoRA pattern {pattern!r} is not a valid regex: {e}") from e
+        raise UserError(f"LoRA pattern {pattern!r} is not a valid regex: {e}") from e
 
   @classmethod
   def from_config(cls, section) -> "LoraConfig":
@@ -145,7 +146,7 @@ def target_modules(params: dict, cfg: LoraConfig) -> list:
   for pattern in cfg.targets:
     hits = {p for p in candidates if _selects_module(pattern, _join(p))}
     if not hits:
-      raise ValueError(f"LoRA target {pattern!r} matches no module; module paths here: "
+      raise UserError(f"LoRA target {pattern!r} matches no module; module paths here: "
                        f"{_describe_modules(candidates)}")
     selected |= hits
   return sorted(selected)
@@ -177,7 +178,7 @@ def add(params: dict, cfg: LoraConfig, rng) -> dict:
   modules = target_modules(params, cfg)
   for path in modules:
     if cfg.rank > min(shapes[path]):
-      raise ValueError(f"LoRA rank={cfg.rank} is larger than the smaller side of {_join(path)} "
+      raise UserError(f"LoRA rank={cfg.rank} is larger than the smaller side of {_join(path)} "
                        f"{shapes[path]}: choose rank <= {min(shapes[path])} or drop that target")
   for path, key in zip(modules, jax.random.split(rng, len(modules))):
     d_in, d_out = shapes[path]
@@ -224,7 +225,7 @@ def labels(params: dict, cfg: LoraConfig) -> dict:
   unused = [name for name, count in matches.items() if name.startswith("extra_trainable") and count == 0]
   if unused:
     leaves = sorted(_join(p) for p in flat if not re.match(r"h_[1-9]", p[0]))  # block 0 stands for all
-    raise ValueError(f"LoRA {unused[0]} matches no parameter; parameters here (block h_0 shown for "
+    raise UserError(f"LoRA {unused[0]} matches no parameter; parameters here (block h_0 shown for "
                      f"every block): {', '.join(leaves)}")
   return traverse_util.unflatten_dict(out)
 
@@ -251,10 +252,14 @@ def combine(trainable: dict, frozen: dict) -> dict:
 
 
 def merge(params: dict, cfg: LoraConfig, gpt2_config: gpt2_model.GPT2Config) -> tuple:
-  """(plain GPT-2 params, config): each kernel += s A B and the adapters removed.
+  """(plain GPT-2 params, config): each adapted kernel becomes W + s A B in float32, adapters removed.
 
+  The merged kernels are float32 whatever the base's storage dtype: on a bf16 base, W + s A B rounded
+  back to bf16 loses much of a small update (bf16 values near 0.1 are 4.9e-4 apart: a smaller change
+  to such a weight rounds to half that step or to nothing), so a bf16 merge would be another model than the one trained. Leaves without an adapter keep
+  their dtype. weights.save_pretrained writes every tensor as float32.
   An adapter on a tied lm_head unties it: the returned config has tie_word_embeddings=False and the
-  tree gains lm_head/kernel (D, V) = wte^T + s A B. Everything else keeps its path and dtype.
+  tree gains lm_head/kernel (D, V) = wte^T + s A B.
   Stacked blocks (stacking.py) are merged per layer and come back stacked.
   """
   if stacking.is_stacked(params):
@@ -278,7 +283,7 @@ def merge(params: dict, cfg: LoraConfig, gpt2_config: gpt2_model.GPT2Config) -> 
     else:  # the tied head: untie it
       base = flat[("wte", "embedding")].T  # (D, V)
       gpt2_config = gpt2_config.replace(tie_word_embeddings=False)
-    flat[path + ("kernel",)] = (base.astype(jnp.float32) + delta).astype(base.dtype)
+    flat[path + ("kernel",)] = base.astype(jnp.float32) + delta  # float32 (docstring)
   return traverse_util.unflatten_dict(flat), gpt2_config
 
 
@@ -345,7 +350,7 @@ def _check_peft_config(pc: dict, source: str):
                for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices")
                if pc.get(field)]
   if problems:
-    raise ValueError(f"{source}: unsupported PEFT adapter: " + "; ".join(problems))
+    raise UserError(f"{source}: unsupported PEFT adapter: " + "; ".join(problems))
 
 
 def load_peft(params: dict, adapter_dir: str) -> tuple:
@@ -405,7 +410,7 @@ def load_peft(params: dict, adapter_dir: str) -> tuple:
   if not found and not problems:
     problems.append(f"{weights_file} holds no lora_A/lora_B tensors")
   if problems:
-    raise ValueError(f"PEFT adapter {adapter_dir} does not fit these params:\n  " + "\n  ".join(problems))
+    raise UserError(f"PEFT adapter {adapter_dir} does not fit these params:\n  " + "\n  ".join(problems))
   flat.update(found)
   modules = _adapter_modules(found)
   cfg = LoraConfig(rank=rank, alpha=float(pc.get("lora_alpha", 8)),

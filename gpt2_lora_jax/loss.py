@@ -237,3 +237,25 @@ def head_nll_sum(h_BTD, head: dict, targets_BT, mask_BT, spec: HeadSpec, key=Non
     raise ValueError(f"the head holds {sorted(head)}: lora_a and lora_b come as a pair")
   key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, _DROPOUT_SALT)
   return _head_nll_sum(spec, h_BTD, head, targets_BT, mask_BT, key)
+
+
+def token_logps(h_BTD, head: dict, targets_BT, spec: HeadSpec, key=None):
+  """(B, T) fp32 log softmax(head(h))[target] at every position: the same chunked, fp32-accumulated
+  head as head_nll_sum, for sums over arbitrary token sets (DPO's per-reply log-probs).
+
+  Plain autodiff: each chunk runs under jax.checkpoint, so the backward recomputes one chunk's
+  logits at a time and the (B, T, V) logits never exist; the frozen tied embedding gets no weight
+  gradient because JAX differentiates only what the caller's trainable leaves reach.
+  """
+  head = {k: v for k, v in head.items() if k in ("w", "lora_a", "lora_b")}
+  key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, _DROPOUT_SALT)
+  B, T = targets_BT.shape
+  n, C, h, t, _ = _by_chunk(spec, h_BTD, targets_BT, jnp.ones_like(targets_BT))
+
+  @jax.checkpoint
+  def chunk_logps(head, h_BCD, t_BC, i):
+    logits, _, _ = _chunk_logits(spec, _prepared(spec, head), h_BCD, _keep(spec, key, i, h_BCD.shape))
+    return -_nll(logits, t_BC)[1]
+
+  out = jax.lax.map(lambda xs: chunk_logps(head, *xs), (h, t, jnp.arange(n)))  # (n, B, C)
+  return jnp.swapaxes(out, 0, 1).reshape(B, n * C)[:, :T]

@@ -4,41 +4,101 @@ r"""Entry point: parses flags and calls library code.
       [--config.train.steps=500 --config.lora.rank=4 ...]
 
 Modes: train, eval (restore the latest checkpoint, sample, score, report), train_and_eval,
-score (score existing eval/generations.jsonl again and rewrite the report).
+score (score existing eval/step_<N>/generations.jsonl again and rewrite the report), show_config
+(print every config key with its value and what it means, then exit; --workdir is not needed),
+dpo (DPO from --config.dpo.init_from), preference_study (SFT -> DPO -> base vs SFT vs DPO report in
+<workdir>/sft, <workdir>/dpo, <workdir>/eval; see study.py).
 Multi-host: jax.distributed is initialised on Cloud TPU pods and SLURM automatically, or with
 --coordinator_address/--num_processes/--process_id.
+
+Exit codes: 0 done (also when the run was already trained to train.steps: it says so), 1 a user
+error (one line, `error: ...`, no traceback) or a failed scorer, 128 + N stopped by signal N
+after saving a checkpoint (rerun to resume). Anything else is a bug and prints its traceback.
 """
 import os
+import shutil
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]). "
+                                          "Every key can be overridden with --config.a.b=value; "
+                                          "--mode=show_config lists them.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots, reports.")
-_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval", "score"],
-                          "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train_and_eval",
+                          ["train", "eval", "train_and_eval", "score", "show_config", "dpo",
+                           "preference_study"],
+                          "What to run (show_config: print every config key, its value and comment).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flag_as_required("config")
+
+
+def fail(message: str):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def _config_path(argv) -> str:
+  """The file part of --config=FILE[:arg] as given on the command line ('' when absent)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":", 1)[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return ""
+
+
+def parse_flags(argv):
+  """absl's parsing, with a user's mistake printed as one line instead of a traceback."""
+  path = _config_path(argv)
+  if path and not os.path.isfile(path):
+    fail(f"config file {path!r} (--config) does not exist; the configs are in configs/ "
+         "(demo.py, gpt2_hh.py, seed_study.py, tiny.py)")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad flag value, or get_config(arg) rejected its argument
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    head = lines[0].rstrip(":").replace(": Error whilst parsing config file", "")
+    last = lines[-1]
+    reason = last.split(": ", 1)[1] if "Traceback" in str(e) and ": " in last else " ".join(lines[1:])
+    fail(f"{head}: {reason}" if reason else head)
+  except (AttributeError, KeyError) as e:  # a --config.a.b override naming no key of the config
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError(text))
+      cause = cause.args[0]
+    text = str(cause.args[0]) if cause.args else str(cause)
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\" ")
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
+    fail(f"no config key {key!r}" + (f" (in {given[0]})" if given else "") + (f". {hint}" if hint else "")
+         + "; --mode=show_config lists every key")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MODE.value == "show_config":
+    from gpt2_lora_jax import config as config_lib
+    print(config_lib.describe(_CONFIG.value))
+    return
+  if not _WORKDIR.value:
+    fail("--workdir is required (the directory for checkpoints, metrics, plots and reports)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  if _MODE.value in ("eval", "train_and_eval"):
+  if _MODE.value in ("eval", "train_and_eval", "preference_study"):
     # The reward scorer (PyTorch, another process) needs GPU memory: JAX must not preallocate
     # 75% of the GPU; without preallocation it holds only what it used. Set before jax starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt2_lora_jax import evaluate, experiment, pretrain, reward, train
+  from gpt2_lora_jax import evaluate, experiment, hub, pretrain, reward, study, train
+  from gpt2_lora_jax.errors import UserError
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  created = "://" not in workdir and not os.path.exists(workdir)
   try:
     experiment.check_workdir(workdir)
     if mode != "score":  # scoring reads files only; no model is loaded
@@ -47,15 +107,29 @@ def main(argv):
       train.run(experiment.build(config), workdir)
     if mode in ("eval", "train_and_eval"):
       evaluate.run(config, workdir)
+    if mode == "dpo":  # DPO in workdir from --config.dpo.init_from (an SFT run, or '' for fresh adapters)
+      study.train_dpo(config, workdir)
+    if mode == "preference_study":  # <workdir>/sft, then <workdir>/dpo, then <workdir>/eval (study.py)
+      study.run(config, workdir)
     if mode == "score":
       evaluate.score_and_report(config, workdir)
   except train.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except (ValueError, OSError, FloatingPointError, ImportError, reward.ScorerError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  except (UserError, FileNotFoundError, hub.HubUnreachableError, train.NonFiniteLoss,
+          reward.ScorerError) as e:
+    if created and not _holds_checkpoints(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)  # a start that failed leaves no empty workdir
+    fail(str(e))
+
+
+def _holds_checkpoints(workdir: str) -> bool:
+  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages')."""
+  for root, dirs, _ in os.walk(workdir):
+    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return True
+  return False
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

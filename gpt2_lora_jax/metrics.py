@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -67,6 +68,8 @@ class MetricsWriter:
         raise
       print(f"no TensorBoard files in {workdir}: {e}", file=sys.stderr, flush=True)
       self._tb = None
+    self.total_steps = total_steps
+    self._first_logged = None  # (time, step) of the first progress line: the ETA's rate excludes compiling
     if sys.stderr.isatty():
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -88,6 +91,23 @@ class MetricsWriter:
       self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
                             tok_s=f"{values.get('tokens_per_s', 0):.0f}", refresh=False)
       self._bar.refresh()
+    elif progress:  # no terminal (nohup, SLURM, a pipe): one plain line per log_every steps
+      print(self.progress_line(int(step), values, time.monotonic()), file=sys.stderr, flush=True)
+
+  def progress_line(self, step: int, values: dict, now: float) -> str:
+    """'step 20/100 (20%) | loss 2.3456 | 5,120 tokens/s | ETA 1m04s'; the ETA extrapolates the
+    rate between the first progress line and this one (so compiling does not count)."""
+    parts = [f"step {step}/{self.total_steps} ({100 * step // max(self.total_steps, 1)}%)",
+             f"loss {values.get('loss', float('nan')):.4f}"]
+    if "tokens_per_s" in values:
+      parts.append(f"{values['tokens_per_s']:,.0f} tokens/s")
+    if self._first_logged is None:
+      self._first_logged = (now, step)
+    elif step > self._first_logged[1]:
+      t0, s0 = self._first_logged
+      eta = (now - t0) / (step - s0) * (self.total_steps - step)
+      parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+    return " | ".join(parts)
 
   def flush(self):
     """Brings a bucket's metrics.jsonl up to date (local files are appended to as records come)."""
@@ -136,13 +156,15 @@ def window_means(steps, values, window: int):
   return np.asarray(centers), np.asarray(means)
 
 
-def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT) -> str | None:
+def plot_loss(workdir: str, window: int, out_name: str = LOSS_PLOT,
+              title: str = "Training loss") -> str | None:
   """<workdir>/loss.png from <workdir>/metrics.jsonl (see plot_loss_records)."""
   return plot_loss_records(read(os.path.join(workdir, METRICS_FILE)), os.path.join(workdir, out_name),
-                           window)
+                           window, title)
 
 
-def plot_loss_records(records: list[dict], path: str, window: int) -> str | None:
+def plot_loss_records(records: list[dict], path: str, window: int,
+                      title: str = "Training loss") -> str | None:
   """Training loss per logged step and averaged per `window` steps, held-out loss on the same axes."""
   train = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
   held_out = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
@@ -162,6 +184,7 @@ def plot_loss_records(records: list[dict], path: str, window: int) -> str | None
     ax.plot(s, l, lw=2, marker="s", color="tab:red", label="held-out loss")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats per loss token)")
+  ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()

@@ -30,6 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt2_lora_jax import attention
+from gpt2_lora_jax.errors import UserError
+
 # Width, depth and heads of the four released GPT-2 sizes.
 PRESETS = {
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
@@ -55,7 +58,12 @@ class GPT2Config:
   # How to run it (not part of a checkpoint):
   dtype: str = "float32"  # compute dtype: float32 on CPU tests, bfloat16 on accelerators
   param_dtype: str = "float32"  # dtype of freshly initialised parameters
-  attention_impl: str = "xla"  # 'xla', 'cudnn' (GPU flash attention) or 'auto' (JAX picks)
+  # 'xla' (the reference; always on CPU/TPU), 'cudnn' (cuDNN kernels on NVIDIA GPUs: packed rows
+  # through its packed layout) or 'auto' (cuDNN where it applies); see attention.py.
+  attention_impl: str = "xla"
+  # Segments (conversations) a packed row may hold: sizes cuDNN's packed layout; the packer
+  # enforces it (data.max_segments_per_row). 0: no cap (packed rows then never use that layout).
+  max_segments_per_row: int = 32
   remat: str = "none"  # rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs)
   # Run the blocks as one nn.scan over stacked layer parameters (tree key 'h', leaves (L, ...)):
   # compile time stops growing with depth. Checkpoint formats stay per layer (stacking.py).
@@ -63,11 +71,14 @@ class GPT2Config:
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
-      raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+      raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
+      raise UserError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
+      raise UserError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
+    if self.max_segments_per_row < 0:
+      raise ValueError(f"max_segments_per_row={self.max_segments_per_row}: must be >= 0 "
+                       "(--config.data.max_segments_per_row sets it)")
 
   @property
   def head_dim(self) -> int:
@@ -79,7 +90,7 @@ class GPT2Config:
   @classmethod
   def preset(cls, name: str, **kw) -> "GPT2Config":
     if name not in PRESETS:
-      raise ValueError(f"unknown GPT-2 size {name!r}: choose one of {sorted(PRESETS)}")
+      raise UserError(f"unknown GPT-2 size {name!r}: choose one of {sorted(PRESETS)}")
     return cls(**{**PRESETS[name], **kw})
 
   # --- Hugging Face config.json -------------------------------------------------------------
@@ -98,7 +109,7 @@ class GPT2Config:
     if d.get("n_inner") not in (None, 4 * d.get("n_embd", 768)):
       unsupported.append(f"n_inner={d['n_inner']} (only 4 * n_embd)")
     if unsupported:
-      raise ValueError("unsupported GPT-2 config: " + "; ".join(unsupported))
+      raise UserError("unsupported GPT-2 config: " + "; ".join(unsupported))
     return cls(
         vocab_size=d.get("vocab_size", 50257),
         n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
@@ -202,7 +213,7 @@ class Attention(nn.Module):
   lora_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS, kv_cache=None, cache_index=None, deterministic=True):
+  def __call__(self, x_BTD, mask: attention.Mask, kv_cache=None, cache_index=None, deterministic=True):
     cfg = self.config
     dense = lambda n, name: Linear(n, _dtype(cfg.dtype), _dtype(cfg.param_dtype), self.lora_scale,
                                    self.lora_dropout, name=name)
@@ -215,11 +226,7 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-    if mask_B1TS is None:  # plain causal attention: lets cuDNN use its flash kernel
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask_B1TS, implementation=impl)
+    out = attention.attend(q, k, v, mask)  # the kernel chosen once per forward pass (layer_mask)
     out = dense(D, "c_proj")(out.reshape(B, T, D), deterministic)
     return out, new_cache
 
@@ -277,6 +284,22 @@ def make_attention_mask(T: int, S: int, attention_mask=None, segment_ids=None, q
   return mask | (k_pos == q_pos)[None, None]
 
 
+def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,
+               query_offset=0) -> attention.Mask:
+  """What every layer's attention gets: the kernel for this call and the mask in its form.
+
+  The dense mask of make_attention_mask (XLA, the reference) or, for packed rows on cuDNN's packed
+  layout, per-row segment lengths and offsets instead (attention.py chooses and explains).
+  """
+  kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset)
+  path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
+                               config.head_dim, T, config.max_segments_per_row)
+  dense = None
+  if path in ("xla", "cudnn_mask"):
+    dense = make_attention_mask(T, S, attention_mask, segment_ids, query_offset)
+  return attention.build_mask(path, dense, segment_ids, config.max_segments_per_row)
+
+
 class GPT2(nn.Module):
   """GPT2LMHeadModel. apply({'params': p}, input_ids) -> logits (B, T, V).
 
@@ -321,10 +344,10 @@ class GPT2(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(T) + (0 if cache_index is None else cache_index), (B, T))
     if kv_cache is None:
-      mask = make_attention_mask(T, T, attention_mask, segment_ids)
+      mask = layer_mask(self.config, T, T, attention_mask, segment_ids)
     else:
       S = (kv_cache["k"].shape[2] if self.config.scan_layers else kv_cache[0]["k"].shape[1])
-      mask = make_attention_mask(T, S, attention_mask, segment_ids, query_offset=cache_index)
+      mask = layer_mask(self.config, T, S, attention_mask, segment_ids, query_offset=cache_index)
     x = self.wte(input_ids) + self.wpe(position_ids)
     if self.config.scan_layers:
       x, new_cache = self.h(x, mask, kv_cache, cache_index, deterministic)

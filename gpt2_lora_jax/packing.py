@@ -8,6 +8,15 @@ segment_ids and position_ids computes for every conversation exactly what it wou
 conversation alone. Inputs and targets are shifted per conversation before packing, so no target
 crosses into the next conversation.
 
+Segments per row. A row holds at most `max_segments` conversations (a full row is closed and
+the next conversation starts or joins another row; nothing is dropped). Without the cap,
+best-fit decreasing piles the shortest conversations into the last rows: on HH-RLHF's
+harmless-base test split (2,308 conversations, 1024 tokens) rows held 6.2 on average and up to 40;
+a cap of 32 (the default) gives 376 rows instead of 375 and 0.36% padding instead of 0.09% (16:
+385 rows, 2.7%). cuDNN's packed attention sizes its per-row segment table by the cap (attention.py). Every row's
+conversations sit at its start and its padding (segment 0) after them, one trailing run, so the
+segments plus the padding run tile the row.
+
 Order. The packed rows are read as a stream: epoch 0's permutation, then epoch 1's, and so on; the
 global batch of step k is stream[k B : (k + 1) B]. A permutation is an argsort of a counter-based
 hash of (seed, epoch, row), so the batch of a step is a pure function of (seed, step) (resuming
@@ -66,6 +75,11 @@ class PackedData:
     return int(self.loss_mask.sum())
 
   @property
+  def segments_per_row(self) -> np.ndarray:
+    """(N,) conversations in each packed row."""
+    return np.bincount(self.conversation_packed_row, minlength=self.num_rows)
+
+  @property
   def padding_fraction(self) -> float:
     total = self.inputs.size
     return (total - self.num_tokens) / total if total else 0.0
@@ -91,10 +105,11 @@ class PackedData:
     return batch
 
 
-def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: Sequence[int], capacity: int, max_items: int = 0) -> list[list[int]]:
   """Groups item indices into bins of `capacity`: longest first, each into the fullest bin it fits.
 
-  Deterministic (ties broken by index). O(n log n) searches plus list moves; ~1 s for 160k items.
+  max_items > 0 closes a bin once it holds that many items. Deterministic (ties broken by
+  index). O(n log n) searches plus list moves; ~1 s for 160k items.
   """
   order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
   open_bins: list[tuple[int, int]] = []  # (free space, bin id), kept sorted
@@ -111,29 +126,39 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
       space, bin_id = open_bins.pop(j)
       bins[bin_id].append(i)
       free = space - need
-    if free > 0:
+    if free > 0 and not (max_items and len(bins[bin_id]) >= max_items):
       bisect.insort(open_bins, (free, bin_id))
   return bins
 
 
 def pack(token_ids: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray],
-         source_rows: Sequence[int], max_length: int, packing: bool = True) -> PackedData:
+         source_rows: Sequence[int], max_length: int, packing: bool = True,
+         max_segments: int = 0, groups: Sequence[Sequence[int]] | None = None) -> PackedData:
   """Packs conversations into fixed-shape rows.
 
   token_ids[i]: (L_i + 1,) the conversation's ids, so inputs = ids[:-1] and targets = ids[1:];
   loss_masks[i]: (L_i,) bool over its targets; source_rows[i]: the row it came from.
   packing=False puts one conversation per row (in order), for comparison and debugging.
+  max_segments > 0: at most that many conversations per row (see the module docstring).
+  groups: conversations that must share a row, as consecutive segments in the given order (a
+  preference pair's chosen and rejected); the groups are what is bin-packed. Default: each alone.
   """
+  if max_segments < 0:
+    raise ValueError(f"max_segments={max_segments}: must be >= 0 (0: no cap)")
   lengths = [len(ids) - 1 for ids in token_ids]
+  groups = [[i] for i in range(len(lengths))] if groups is None else [list(g) for g in groups]
+  group_lengths = [sum(lengths[i] for i in g) for g in groups]
   if packing:
-    bins = best_fit_decreasing(lengths, max_length)
+    group_cap = max(1, max_segments // max(map(len, groups), default=1)) if max_segments else 0
+    bins = [[i for g in b for i in groups[g]]
+            for b in best_fit_decreasing(group_lengths, max_length, group_cap)]
   else:
-    bins = [[i] for i in range(len(lengths))]
+    bins = groups
   n_rows, n_conv = len(bins), len(lengths)
-  max_segments = max((len(b) for b in bins), default=0)
+  most_segments = max((len(b) for b in bins), default=0)
   max_id = max(PAD_ID, max((int(ids.max(initial=0)) for ids in token_ids), default=0))
   id_dtype = np.uint16 if max_id < 2**16 else np.int32  # GPT-2's 50257 ids fit in 16 bits
-  index_dtype = np.uint16 if max(max_length, max_segments) < 2**16 else np.int32
+  index_dtype = np.uint16 if max(max_length, most_segments) < 2**16 else np.int32
   inputs = np.full((n_rows, max_length), PAD_ID, id_dtype)
   targets = np.full((n_rows, max_length), PAD_ID, id_dtype)
   loss_mask = np.zeros((n_rows, max_length), bool)

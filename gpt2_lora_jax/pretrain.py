@@ -12,6 +12,7 @@ import os
 import jax
 
 from gpt2_lora_jax import experiment, metrics, sharding, train, weights
+from gpt2_lora_jax.errors import UserError
 
 BASE_DIR = "pretrained_base"
 
@@ -22,7 +23,7 @@ def maybe_pretrain(config, workdir: str, train_if_missing: bool = True):
   if config.pretrain.steps <= 0:
     return config
   if config.model.init != "random":
-    raise ValueError("pretrain.steps > 0 needs model.init='random' (a pretrained base needs no pre-training)")
+    raise UserError("pretrain.steps > 0 needs model.init='random' (a pretrained base needs no pre-training)")
   base_dir = os.path.join(workdir, BASE_DIR)
   if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
     if not train_if_missing:
@@ -32,11 +33,12 @@ def maybe_pretrain(config, workdir: str, train_if_missing: bool = True):
     stage.lora.rank = 0  # full training of every parameter
     stage.lora.extra_trainable = ()
     stage.data.loss_mask = "all"
+    stage.data.field = config.pretrain.field or config.data.field
     stage.optim.lr = config.pretrain.lr
     stage.optim.schedule = "cosine"
     stage.optim.warmup_steps = min(config.optim.warmup_steps, config.pretrain.steps)
     stage.train.steps = config.pretrain.steps
-    stage.train.eval_every = 0
+    stage.train.eval_every = max(config.pretrain.steps // 3, 1)  # a held-out curve for the stage
     stage.train.ckpt_every = config.pretrain.steps
     if not stage.data.cache_dir and not metrics.is_remote(workdir):
       stage.data.cache_dir = os.path.join(workdir, "cache")  # shared with the LoRA stage's rows
@@ -47,6 +49,9 @@ def maybe_pretrain(config, workdir: str, train_if_missing: bool = True):
     result = train.run(exp, os.path.join(workdir, "pretrain"))
     params = sharding.fetch_to_host(result["params"])  # every process takes part in the gather
     if jax.process_index() == 0:
+      metrics.plot_loss(os.path.join(workdir, "pretrain"), config.train.loss_avg_window,
+                        title=f"Pre-training loss (every parameter, loss on every token of "
+                              f"{stage.data.field!r})")
       weights.save_pretrained(params, exp.gpt2_config.replace(param_dtype="float32"), base_dir)
     sharding.barrier("pretrained base saved")  # nobody loads it before it is written
   main = config.copy_and_resolve_references()

@@ -3,17 +3,22 @@
 Inputs (in the eval dir unless given):
   generations.jsonl  one line per (prompt, model): {'id': prompt id shared by both models,
                      'model': 'base' | 'finetuned', 'prompt', 'answer', 'stop_reason',
-                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', optional 'reference'}
+                     'n_answer_tokens', 'prompt_tokens', 'prompt_truncated', 'prompt_tokens_cut',
+                     optional 'reference'}
                      (generation_rows builds these from sample.generate's results)
   scores.jsonl       from `python -m gpt2_lora_jax.reward`: {'id', 'model', 'reward', 'n_tokens',
-                     'truncated', 'empty_answer'}; optional (absent: scoring skipped, say why)
+                     'truncated', the cut counts, 'empty_answer'}; optional (absent: scoring skipped,
+                     say why)
   heldout.json       optional {'base': {'loss': mean token NLL, 'tokens': n}, 'finetuned': {...}}
   metrics.jsonl      optional training log {'step', 'split': 'train'|'eval', 'loss', ...}
+  eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings)
+Generations may carry 'correct' (bool): tasks with one right answer (the offline demo's) are graded,
+and the report gives each model's share of correct answers with an interval.
 Outputs: report.md, summary.json (every number in the report), reward_hist.png, loss_curve.png.
 
 Statistics: percentile bootstrap (seeded) 95% intervals for each model's mean reward, for the
 paired mean difference (fine-tuned minus base over prompts both models answered) and for the win
-rate (fine-tuned reward > base; a tie counts as half a win).
+rate (fine-tuned reward > base; a tie counts as half a win), and for the share of correct answers.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from gpt2_lora_jax import metrics as metrics_lib
 
 BASE, TUNED = "base", "finetuned"
 SKIP_REASON_FILE = "scoring_skipped.txt"  # evaluate.py writes why scoring was skipped here
+EVAL_CONFIG_FILE = "eval_config.json"  # evaluate.py writes what it evaluated here
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -43,7 +49,7 @@ def generation_rows(ids: Sequence, prompts: Sequence[str], results: Sequence[dic
     row = {"id": pid, "model": model, "prompt": prompt, "answer": r["answer"],
            "stop_reason": r["stop_reason"], "n_answer_tokens": r["n_answer_tokens"],
            "n_generated_tokens": len(r["tokens"]), "prompt_tokens": r["prompt_tokens"],
-           "prompt_truncated": r["truncated"]}
+           "prompt_truncated": r["truncated"], "prompt_tokens_cut": r["prompt_tokens_cut"]}
     if references is not None:
       row["reference"] = references[k]
     rows.append(row)
@@ -105,9 +111,12 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
               heldout: Optional[dict] = None, *, base: str = BASE, tuned: str = TUNED,
               n_boot: int = 10000, seed: int = 0) -> dict:
   """Every number the report shows, as a JSON-able dict."""
-  out = {"models": {}, "base": base, "tuned": tuned}
+  # Every model in the files, base and tuned first: per-model numbers cover all of them, paired
+  # ones compare tuned with base.
+  models = [base, tuned] + sorted({g["model"] for g in generations} - {base, tuned})
+  out = {"models": {}, "base": base, "tuned": tuned, "model_order": models}
   gen_by_key = {(g["id"], g["model"]): g for g in generations}
-  for m in (base, tuned):
+  for m in models:
     rows = [g for g in generations if g["model"] == m]
     stops = {}
     for g in rows:
@@ -117,8 +126,19 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
         "n_prompts_truncated": sum(bool(g.get("prompt_truncated")) for g in rows),
         "n_empty_answers": sum(not g["answer"].strip() for g in rows),
         "answer_tokens": length_stats([g["n_answer_tokens"] for g in rows])}
+    graded = [bool(g["correct"]) for g in rows if "correct" in g]
+    if graded:
+      share, low, high = bootstrap_ci(graded, n_boot=n_boot, seed=seed)
+      out["models"][m].update(n_graded=len(graded), n_correct=int(sum(graded)), correct_share=share,
+                              correct_ci=[low, high])
+  if all("n_graded" in out["models"][m] for m in (base, tuned)):
+    right = {(g["id"], g["model"]): float(bool(g["correct"])) for g in generations if "correct" in g}
+    ids = sorted({i for i, m in right if m == base and (i, tuned) in right}, key=str)
+    diff, low, high = bootstrap_ci([right[(i, tuned)] - right[(i, base)] for i in ids], n_boot=n_boot,
+                                   seed=seed)
+    out["correct_paired"] = {"n_pairs": len(ids), "difference": diff, "difference_ci": [low, high]}
   if scores is not None:
-    for m in (base, tuned):
+    for m in models:
       rows = [s for s in scores if s["model"] == m]
       rewards = [s["reward"] for s in rows]
       lengths = [gen_by_key[(s["id"], m)]["n_answer_tokens"] for s in rows]
@@ -139,7 +159,8 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
   if heldout:
     out["heldout"] = {m: {"loss": float(v["loss"]),
                           "perplexity": float(v.get("perplexity", math.exp(float(v["loss"])))),
-                          "tokens": v.get("tokens")} for m, v in heldout.items()}
+                          "tokens": None if v.get("tokens") is None else int(v["tokens"])}
+                      for m, v in heldout.items()}
   return out
 
 
@@ -151,7 +172,8 @@ def _pyplot():
   return plt
 
 
-def plot_reward_histogram(scores: list[dict], models: Sequence[str], path: str) -> str:
+def plot_reward_histogram(scores: list[dict], models: Sequence[str], path: str,
+                          title: str = "Reward of the answers, per model") -> str:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   rewards = {m: [s["reward"] for s in scores if s["model"] == m] for m in models}
@@ -161,6 +183,7 @@ def plot_reward_histogram(scores: list[dict], models: Sequence[str], path: str) 
     ax.hist(r, bins=bins, alpha=0.5, label=f"{m} (mean {np.mean(r):.3f}, n={len(r)})" if r else m)
   ax.set_xlabel("reward")
   ax.set_ylabel("answers")
+  ax.set_title(title)
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -201,6 +224,11 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     with open(heldout_path) as f:
       heldout = json.load(f)
   metrics = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+  eval_config_path = os.path.join(eval_dir, EVAL_CONFIG_FILE)
+  eval_config = None
+  if os.path.exists(eval_config_path):
+    with open(eval_config_path) as f:
+      eval_config = json.load(f)
   if scores is None and skip_reason is None:
     reason_file = os.path.join(eval_dir, SKIP_REASON_FILE)
     skip_reason = (open(reason_file).read().strip() if os.path.exists(reason_file)
@@ -210,7 +238,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
                        "heldout": heldout_path if heldout else None,
                        "metrics": metrics_path if metrics else None, "reward_model": reward_model,
                        "scoring_skipped": None if scores is not None else skip_reason,
-                       "n_boot": n_boot, "seed": seed}
+                       "n_boot": n_boot, "seed": seed, "evaluated": eval_config}
   os.makedirs(eval_dir, exist_ok=True)
   models = summary["models"]
   lines = ["# Evaluation: base vs fine-tuned GPT-2", "",
@@ -218,16 +246,31 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
            + (f", `{heldout_path}`" if heldout else "") + (f", `{metrics_path}`" if metrics else "")
            + f". Every number is also in `summary.json`. Intervals: 95% percentile bootstrap, "
            f"{n_boot} resamples, seed {seed}.", ""]
+  lines += _evaluated(eval_config, reward_model)
 
   lines += ["## Answers", "", "| model | answers | prompts left-truncated | empty answers | stop reasons "
             "| answer tokens mean | median | p90 |", "|---|---|---|---|---|---|---|---|"]
-  for m in (base, tuned):
+  for m in summary["model_order"]:
     s = models[m]
     stops = ", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items()))
     t = s["answer_tokens"]
     lines.append(f"| {m} | {s['n_answers']} | {s['n_prompts_truncated']} | {s['n_empty_answers']} | "
                  f"{stops} | {fmt(t['mean'], 1)} | {fmt(t['median'], 1)} | {fmt(t['p90'], 1)} |")
   lines.append("")
+
+  if "correct_paired" in summary:
+    p = summary["correct_paired"]
+    lines += ["## Correct answers", "", "Each task has one right reply (the reference); an answer is "
+              "correct when it is exactly that reply.", "",
+              "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
+    for m in (m for m in summary["model_order"] if "n_graded" in models[m]):
+      s = models[m]
+      lo, hi = s["correct_ci"]
+      lines.append(f"| {m} | {s['n_graded']} | {s['n_correct']} | **{fmt(s['correct_share'], 3)}** | "
+                   f"[{fmt(lo, 3)}, {fmt(hi, 3)}] |")
+    lo, hi = p["difference_ci"]
+    lines += ["", f"- Paired difference in share correct ({tuned} minus {base}, over {p['n_pairs']} "
+              f"prompts): **{fmt(p['difference'], 3)}**, 95% CI [{fmt(lo, 3)}, {fmt(hi, 3)}].", ""]
 
   lines += ["## Reward", ""]
   if scores is None:
@@ -238,7 +281,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
               "| model | scored | mean reward | 95% CI | std | inputs truncated by the reward model "
               "| empty answers | Pearson r (reward, tokens) | Spearman rho |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for m in (base, tuned):
+    for m in summary["model_order"]:
       s = models[m]
       lo, hi = s["reward_ci"]
       c = s["reward_vs_length"]
@@ -252,7 +295,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
               f"- Win rate of {tuned} over {base}: **{fmt(p['win_rate'])}**, 95% CI [{fmt(wlo)}, "
               f"{fmt(whi)}] ({p['n_wins']} wins, {p['n_ties']} ties, {p['n_losses']} losses; "
               "a tie counts as half a win).", ""]
-    plot_reward_histogram(scores, (base, tuned), os.path.join(eval_dir, "reward_hist.png"))
+    plot_reward_histogram(scores, summary["model_order"], os.path.join(eval_dir, "reward_hist.png"))
     lines += ["![reward histogram](reward_hist.png)", ""]
 
   lines += ["## Held-out loss", ""]
@@ -267,7 +310,8 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   lines += ["## Training loss", ""]
   train = [r for r in metrics if r.get("split", "train") == "train" and "loss" in r]
   if metrics:
-    metrics_lib.plot_loss_records(metrics, os.path.join(eval_dir, "loss_curve.png"), loss_window)
+    metrics_lib.plot_loss_records(metrics, os.path.join(eval_dir, "loss_curve.png"), loss_window,
+                                  title="Fine-tuning loss (the run this report evaluates)")
     summary["training"] = {"logged_steps": len(train), "last_step": train[-1]["step"] if train else None,
                            "last_train_loss": train[-1]["loss"] if train else None}
     if train:
@@ -288,20 +332,49 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   return path
 
 
+def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
+  """The 'What was evaluated' section from eval_config.json (evaluate.write_eval_config)."""
+  lines = ["## What was evaluated", ""]
+  if not cfg:
+    return lines + [f"Not recorded (no `{EVAL_CONFIG_FILE}`).", ""]
+  data = cfg.get("data", {})
+  data_text = ", ".join(f"{k} {v!r}" for k, v in data.items() if not isinstance(v, dict))
+  top = "greedy" if not cfg.get("temperature") else (
+      f"temperature {cfg['temperature']}, top_k {cfg.get('top_k', 0)}, top_p {cfg.get('top_p', 1.0)}")
+  lines += [f"- Checkpoint: step **{cfg.get('checkpoint_step')}** (fine-tuned = the base with this "
+            "checkpoint's adapters merged).",
+            f"- Base model: `{cfg.get('base')}`.",
+            f"- Data: {data_text}.",
+            f"- Prompts: {cfg.get('num_prompts')} held-out prompts drawn with seed {cfg.get('seed')}; "
+            f"sampling {top}, at most {cfg.get('max_new_tokens')} new tokens, stop at "
+            f"{cfg.get('stop_strings')} or end-of-text, sampling seed {cfg.get('seed')}.",
+            f"- Reward model: `{reward_model or cfg.get('reward_model') or 'none'}`.", ""]
+  return lines
+
+
 def _samples(generations, scores, base, tuned, n, seed) -> list[str]:
-  """A few prompts (seeded choice) with both answers side by side, and their rewards if scored."""
+  """A few prompts (seeded choice, pairs whose answers differ first) with both answers side by side,
+  the reference reply, and rewards and grades when there are any."""
   by_key = {(g["id"], g["model"]): g for g in generations}
   reward = {(s["id"], s["model"]): s["reward"] for s in scores or []}
   ids = sorted({g["id"] for g in generations if (g["id"], base) in by_key and (g["id"], tuned) in by_key},
                key=str)
-  chosen = np.random.default_rng(seed).permutation(len(ids))[:n]
-  lines = ["## Samples", ""]
-  for k in sorted(chosen):
+  differ = lambda pid: by_key[(pid, base)]["answer"].strip() != by_key[(pid, tuned)]["answer"].strip()
+  order = np.random.default_rng(seed).permutation(len(ids))
+  picked = ([k for k in order if differ(ids[k])] + [k for k in order if not differ(ids[k])])[:n]
+  n_differ = sum(differ(i) for i in ids)
+  lines = ["## Samples", "", f"{n_differ} of {len(ids)} prompts got different answers from the two "
+           f"models; {len(picked)} are shown (seed {seed}, prompts with different answers first).", ""]
+  for k in sorted(picked):
     pid = ids[k]
     lines += [f"### Prompt {pid}", "", _fence(by_key[(pid, base)]["prompt"]), ""]
+    if by_key[(pid, base)].get("reference") is not None:
+      lines += ["**reference reply** (from the data set):", "", _fence(by_key[(pid, base)]["reference"]), ""]
     for m in (base, tuned):
       r = reward.get((pid, m))
+      grade = by_key[(pid, m)].get("correct")
       lines += [f"**{m}**" + (f" (reward {fmt(r)})" if r is not None else "")
+                + ("" if grade is None else (", correct" if grade else ", wrong"))
                 + f", stopped by {by_key[(pid, m)].get('stop_reason', '?')}:", "",
                 _fence(by_key[(pid, m)]["answer"]), ""]
   return lines

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_lora_jax.model import init_kv_cache
+from gpt2_lora_jax.errors import UserError
 
 EOT_ID = 50256  # GPT-2's end of text, also used as padding
 STOP_REASONS = ("stop_string", "eos", "max_new_tokens")
@@ -48,7 +49,7 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
+      raise UserError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
                        "0 < top_p <= 1")
 
 
@@ -184,32 +185,34 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
              temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
              stop_strings: Sequence[str] = ("\n\nHuman:",), seed: int = 0, batch_size: int = 32,
              eos_id: Optional[int] = EOT_ID, chunk_size: int = 32, min_bucket: int = 16,
-             encode: Optional[Callable[[str], list]] = None) -> list[dict]:
+             encode: Optional[Callable[[str, int], tuple]] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
   """Samples one answer per prompt, in the prompts' order.
 
   Each result: {'answer': text cut exactly before the first stop string (or at end-of-text),
   'tokens': generated ids the answer came from (up to the one completing the stop string;
   end-of-text excluded), 'n_answer_tokens': GPT-2 tokens in `answer` (re-encoded),
   'stop_reason': 'stop_string' | 'eos' | 'max_new_tokens', 'prompt_tokens': prompt tokens fed,
-  'truncated': whether the prompt was left-truncated to fit n_positions - max_new_tokens}.
-  sum(r['truncated'] for r in results) is the count to report.
-  encode: prompt text -> ids, to tokenise exactly as training did (data.prompt_token_ids, which
-  starts with end-of-text); default: the plain tokenizer. A leading end-of-text survives truncation.
+  'prompt_tokens_cut': tokens cut from the prompt's start to fit n_positions - max_new_tokens,
+  'truncated': whether any were}. sum(r['truncated'] for r in results) is the count to report.
+  encode(prompt, most tokens) -> (ids, tokens cut): tokenises and fits a prompt. Evaluation passes
+  data.fit_prompt_token_ids, which tokenises exactly as training did and cuts whole turns from the
+  left as training does. Default: the plain tokenizer, cut token by token from the left.
+  progress: called with (prompts done, prompts in all) after each batch.
   """
   n_positions = model.config.n_positions
   max_prompt = n_positions - max_new_tokens
   if max_prompt < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+    raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                      f"n_positions={n_positions}")
   stop_strings = tuple(s for s in stop_strings if s)
   if encode is None:
-    encode = lambda p: tokenizer(p, add_special_tokens=False)["input_ids"]
-  encoded = [list(encode(p)) for p in prompts]
-  truncated = [len(ids) > max_prompt for ids in encoded]
-  # Left-truncate: keep the end of the dialogue (and a leading end-of-text, the start marker).
-  encoded = [ids if len(ids) <= max_prompt else
-             (ids[:1] + ids[len(ids) - max_prompt + 1:] if ids[0] == EOT_ID else ids[-max_prompt:])
-             for ids in encoded]
+    def encode(prompt, most):
+      ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+      return ids[max(0, len(ids) - most):], max(0, len(ids) - most)  # keep the end of the dialogue
+  encoded, tokens_cut = map(list, zip(*(encode(p, max_prompt) for p in prompts))) if prompts else ([], [])
+  if any(len(ids) > max_prompt for ids in encoded):
+    raise AssertionError(f"encode returned a prompt longer than {max_prompt} tokens")
   if any(len(ids) == 0 for ids in encoded):
     empty = [i for i, ids in enumerate(encoded) if not ids]
     raise ValueError(f"prompts {empty[:10]} are empty; every prompt needs at least one token")
@@ -241,7 +244,10 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
                           chunk_size=chunk_size, should_stop=should_stop if stop_strings else None)
     for r, i in enumerate(idx):
       results[i] = _finish_row(out["tokens"][r], eos_id, stop_strings, decode_text, tokenizer)
-      results[i].update(prompt_tokens=len(encoded[i]), truncated=truncated[i])
+      results[i].update(prompt_tokens=len(encoded[i]), prompt_tokens_cut=tokens_cut[i],
+                        truncated=tokens_cut[i] > 0)
+    if progress is not None:
+      progress(start + len(idx), len(prompts))
   return results
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from gpt2_lora_jax.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -73,12 +74,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   n = len(devices)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices; set --config.mesh.fsdp to a "
+    raise UserError(f"mesh.fsdp={fsdp} must divide the {n} devices; set --config.mesh.fsdp to a "
                      f"divisor of {n}")
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp}, but there are {n} devices; "
+    raise UserError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp}, but there are {n} devices; "
                      "set mesh.data=-1 to use all of them")
   return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
@@ -107,7 +108,7 @@ def param_specs(params, mesh: Mesh) -> dict:
       specs[path] = P()
     elif split is None:
       if np.prod(shape) > MAX_REPLICATED_ELEMENTS:
-        raise ValueError(f"mesh.fsdp={fsdp} divides no splittable dimension of {path} {shape} "
+        raise UserError(f"mesh.fsdp={fsdp} divides no splittable dimension of {path} {shape} "
                          f"(dimensions {dims}); choose an fsdp that divides {[shape[d] for d in dims]}")
       specs[path] = P()  # small (e.g. a LoRA leaf of odd rank): a copy per device costs little
     else:
@@ -140,9 +141,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_divides(batch_size: int, micro_batches: int, mesh: Mesh):
   devices = mesh.size
   if batch_size % micro_batches:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by train.micro_batches={micro_batches}")
+    raise UserError(f"train.batch_size={batch_size} is not divisible by train.micro_batches={micro_batches}")
   if (batch_size // micro_batches) % devices:
-    raise ValueError(f"each micro-batch has {batch_size // micro_batches} rows, not divisible by the "
+    raise UserError(f"each micro-batch has {batch_size // micro_batches} rows, not divisible by the "
                      f"{devices} devices of the mesh; change train.batch_size or train.micro_batches")
 
 
@@ -261,6 +262,7 @@ def memory_table(presets, ranks=(16, 0), fsdp_sizes=(1,), **kw) -> str:
   gib = lambda b: f"{b / 2**30:.2f}"
   lines = ["| model | params | mode | fsdp | state + batch (GiB) | temporaries (GiB) | peak / device (GiB) |",
            "|---|---|---|---|---|---|---|"]
+  print("\n".join(lines), flush=True)  # rows follow as each compiles (a large model takes minutes)
   for preset in presets:
     for rank in ranks:
       for fsdp in fsdp_sizes:

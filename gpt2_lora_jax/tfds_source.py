@@ -46,6 +46,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from gpt2_lora_jax import data
+from gpt2_lora_jax.errors import MissingPackageError, UserError
 
 NAME = "hh_rlhf_rows"  # the builder's name: datasets live in <data_dir>/hh_rlhf_rows/<DATASET_VERSION>/
 DATASET_VERSION = "1.0.0"
@@ -71,7 +72,7 @@ def _tfds():
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError(f"data.source='tfds' needs tensorflow-datasets ({e}); {INSTALL_HINT}") from e
+    raise MissingPackageError(f"data.source='tfds' needs tensorflow-datasets ({e}); {INSTALL_HINT}") from e
   return tfds
 
 
@@ -189,7 +190,7 @@ def _filesystem(data_dir: str):
   try:
     return fsspec.core.url_to_fs(url)
   except (ImportError, ValueError) as e:  # gs:// without gcsfs, an unknown protocol
-    raise ImportError(f"cannot open {url}: {e}; for gs:// {INSTALL_HINT} (it brings gcsfs)") from e
+    raise MissingPackageError(f"cannot open {url}: {e}; for gs:// {INSTALL_HINT} (it brings gcsfs)") from e
 
 
 def stored_inputs(data_dir: str) -> Optional[dict]:
@@ -309,10 +310,10 @@ def _reader(data_dir: str, cache_dir: Optional[str] = None):
 
 def _check_split_and_field(builder, data_dir: str, split: str, field: str):
   if field not in FIELDS:
-    raise ValueError(f"data.field={field!r}: a tfds dataset stores only {FIELDS}")
+    raise UserError(f"data.field={field!r}: a tfds dataset stores only {FIELDS}")
   splits = sorted(builder.info.splits.keys())
   if split not in splits:
-    raise ValueError(f"the tfds dataset at {data_dir} has no split {split!r} (data.train_split / "
+    raise UserError(f"the tfds dataset at {data_dir} has no split {split!r} (data.train_split / "
                      f"data.eval_split); it has {splits}")
 
 
@@ -335,7 +336,7 @@ def input_for(data_dir: str, split: str, field: str,
               cache_dir: Optional[str] = None) -> tuple[str, Callable[[], list]]:
   """(name, read) for data._inputs; checks the dataset, split and field now, before any work."""
   if not data_dir:
-    raise ValueError("data.source='tfds' needs data.tfds_dir: --config.data.tfds_dir=gs://bucket/tfds "
+    raise UserError("data.source='tfds' needs data.tfds_dir: --config.data.tfds_dir=gs://bucket/tfds "
                      "(a directory prepared by python -m gpt2_lora_jax.tfds_source)")
   _check_split_and_field(_reader(data_dir, cache_dir), data_dir, split, field)
   return (f"tfds {dataset_dir(data_dir)} (split {split})",

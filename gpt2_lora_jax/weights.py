@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from gpt2_lora_jax import hub
 from gpt2_lora_jax.model import GPT2Config, param_shapes
+from gpt2_lora_jax.errors import MissingPackageError, UserError
 
 # Buffers some checkpoints carry that are not parameters (causal-mask caches of old GPT-2 code).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -64,7 +65,8 @@ def path_to_hf_key(path: tuple) -> str:
 
 
 def hf_state_to_params(state: dict, config: GPT2Config, source: str = "checkpoint") -> dict:
-  """Maps a Hugging Face state dict (name -> array) onto the Flax tree; one error lists every problem."""
+  """Maps a Hugging Face state dict (name -> array) onto a Flax tree of host (numpy) arrays in
+  config.param_dtype; one error lists every problem."""
   expected = traverse_util.flatten_dict(param_shapes(config))
   dtype = jnp.dtype(config.param_dtype)
   found, unexpected, misshaped = {}, [], []
@@ -83,7 +85,7 @@ def hf_state_to_params(state: dict, config: GPT2Config, source: str = "checkpoin
     if value.shape != expected[path].shape:
       misshaped.append(f"{key}: checkpoint {tuple(value.shape)}, config needs {expected[path].shape}")
       continue
-    found[path] = jnp.asarray(value, dtype)
+    found[path] = value.astype(dtype)  # host memory: train.init_state places it, sharded
   missing = [path_to_hf_key(p) for p in expected if p not in found]
   problems = []
   if missing:
@@ -117,7 +119,7 @@ def _read_state(model_dir: str) -> dict:
     try:
       import torch
     except ImportError as e:
-      raise ImportError(f"{binary} is a PyTorch checkpoint: install torch (pip install "
+      raise MissingPackageError(f"{binary} is a PyTorch checkpoint: install torch (pip install "
                         "'gpt2-lora-jax[eval]') or convert it to model.safetensors") from e
     state = torch.load(binary, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
@@ -130,14 +132,15 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
   dtype: the dtype the parameters are stored in (e.g. 'bfloat16' for a frozen base on GPU).
   compute_dtype: GPT2Config.dtype, the dtype of activations and matmuls (default float32).
   config_overrides: other run-time fields of GPT2Config (attention_impl, remat).
-  Returns (GPT2Config, params).
+  Returns (GPT2Config, params), params as host numpy arrays: no device holds a copy until they are
+  placed (train.init_state shards them over the mesh; jax.device_put for one device).
   """
   model_dir = hub.resolve(name_or_path, ["config.json", "model.safetensors"],
                           what="GPT-2 model", flag="--config.model.name")
   with open(os.path.join(model_dir, "config.json")) as f:
     hf_config = json.load(f)
   if hf_config.get("model_type", "gpt2") != "gpt2":
-    raise ValueError(f"{model_dir}/config.json is a {hf_config.get('model_type')!r} model, not GPT-2")
+    raise UserError(f"{model_dir}/config.json is a {hf_config.get('model_type')!r} model, not GPT-2")
   if compute_dtype is not None:
     config_overrides["dtype"] = jnp.dtype(compute_dtype).name
   config = GPT2Config.from_hf_dict(hf_config, param_dtype=jnp.dtype(dtype).name, **config_overrides)

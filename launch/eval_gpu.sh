@@ -11,7 +11,7 @@
 # What each runs:
 #   eval    $PYTHON -m gpt2_lora_jax.main --mode=eval ...   restore the latest (or eval.step)
 #           checkpoint, sample base and fine-tuned answers, score them, write the report
-#   score   $PYTHON -m gpt2_lora_jax.main --mode=score ...  score eval/generations.jsonl again
+#   score   $PYTHON -m gpt2_lora_jax.main --mode=score ...  score eval/step_N/generations.jsonl again
 #           (e.g. after a scorer failure, or with --config.eval.reward_model=other) and rewrite
 #           the report
 #   reward  $PYTHON -m gpt2_lora_jax.reward --device=cuda ...  the scorer alone (flags

@@ -21,13 +21,37 @@ HH_TEST_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "
 TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128)
 
 
+def randomize_all_params(model, seed=0):
+  """Every parameter of a torch model drawn at random, in place; returns the model.
+
+  transformers' init leaves LayerNorm scales at 1 and every bias at 0, so a parity test on it
+  cannot see a swapped ln_1/ln_2 or a dropped bias. Here LayerNorm scales are 1 + N(0, 0.2^2),
+  LayerNorm shifts and biases N(0, 0.1^2), weights and embeddings N(0, 0.02^2) (GPT-2's init
+  scale, so activations stay in the range a trained model sees).
+  """
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+      is_norm = p.ndim == 1 and (".ln_" in name or name.startswith("ln_") or "LayerNorm" in name)
+      if is_norm and name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * noise)
+      elif p.ndim == 1:  # LayerNorm shifts and linear biases
+        p.copy_(0.1 * noise)
+      else:
+        p.copy_(0.02 * noise)
+  return model
+
+
 def make_hf_gpt2(out_dir, vocab_size=50257, seed=0, **kw):
-  """A random-weight transformers GPT2LMHeadModel saved with save_pretrained; returns the model."""
+  """A transformers GPT2LMHeadModel with every parameter random (randomize_all_params), saved with
+  save_pretrained; returns the model."""
   import torch
   import transformers
   torch.manual_seed(seed)
   cfg = transformers.GPT2Config(vocab_size=vocab_size, **{**TINY, **kw})
-  model = transformers.GPT2LMHeadModel(cfg).eval()
+  model = randomize_all_params(transformers.GPT2LMHeadModel(cfg), seed).eval()
   model.save_pretrained(out_dir)
   return model
 

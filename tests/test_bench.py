@@ -153,3 +153,54 @@ def test_cli_flags_parse():
   assert cfg.torch_compile is False and cfg.segment_ids is False
   with pytest.raises(ValueError, match="parts"):
     bench.BenchConfig(parts=("train", "speed"))
+
+
+def test_gpu_check_script_cpu_smoke(tmp_path):
+  """benchmarks/gpu_check.sh --cpu_smoke: the attention check and one XLA-flag bench stage at tiny
+  shapes, then the run's summary (JSON + Markdown, the device in the name)."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STAGES": "attention,xla_no_command_buffer",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--cpu_smoke", str(tmp_path)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+  summaries = list(tmp_path.glob("gpu_check_cpu_*.json"))
+  assert len(summaries) == 1 and summaries[0].with_suffix(".md").exists()
+  summary = json.loads(summaries[0].read_text())
+  assert [(s["stage"], s["status"]) for s in summary["stages"]] == [("attention", "ok"),
+                                                                   ("xla_no_command_buffer", "ok")]
+  paths = summary["attention_check"][0]["paths"]
+  assert set(paths) == {"xla", "layout_xla"} and all(p["ok"] for p in paths.values())
+  # The layout rebuilt into a mask gives the segment mask's results (same kernel, same mask).
+  assert paths["layout_xla"]["max_abs_diff_vs_fp32"] == paths["xla"]["max_abs_diff_vs_fp32"]
+  (train,) = summary["train"]
+  assert "--xla_gpu_enable_command_buffer=" in train["xla_flags"] and train["jax_tokens_per_s"] > 0
+  assert train["attention_path"] == "xla"
+
+
+def test_gpu_check_modules_import_neither_ml_collections_nor_datasets():
+  """The GPU machine has neither package: the script's modules must not import them at import time."""
+  import subprocess
+  import sys
+  code = ("import sys; import gpt2_lora_jax.bench, gpt2_lora_jax.bench_peft, gpt2_lora_jax.bench_report, "
+          "gpt2_lora_jax.attention_check, gpt2_lora_jax.reward; "
+          "bad = {'ml_collections', 'datasets'} & set(sys.modules); assert not bad, bad")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_hh_like_rows_follow_the_packer_and_the_quantiles():
+  from gpt2_lora_jax import attention_check
+  lengths = attention_check.hh_like_lengths(np.random.default_rng(0), 20000, 1024)
+  assert abs(np.median(lengths) - 133) <= 3 and abs(np.percentile(lengths, 90) - 340) <= 8
+  seg = attention_check.hh_like_segment_ids(0, 16, 1024, 32)
+  assert seg.shape == (16, 1024) and seg.max() <= 32
+  for row in seg:  # ids 1..n from the start, then padding 0 at the end only
+    runs = row[np.r_[True, row[1:] != row[:-1]]]
+    n = row.max()
+    np.testing.assert_array_equal(runs[:n], np.arange(1, n + 1))
+    assert list(runs[n:]) in ([], [0])

@@ -146,16 +146,23 @@ def test_long_rows_are_cut_from_the_left_at_a_human_turn_or_skipped(tmp_path, to
   (row, r, span), = [c for c in conversations(packed) if c[0] == 1]
   # Everything from the first Human turn that fits, the second Assistant turn in a row included.
   assert decode(tokenizer, packed.targets[r, span]) == kept + EOT
+  # A sampling prompt of that row, given the room of the kept prompt, is cut at the same turn.
+  kept_prompt = data.prompt_token_ids(tokenizer, kept)
+  ids, cut = data.fit_prompt_token_ids(tokenizer, long_exchange + long_exchange + kept, len(kept_prompt))
+  assert ids == kept_prompt == packed.inputs[r, span][:len(ids)].tolist()
+  assert cut == summary["tokens_cut_by_truncation"]
 
 
 # --- packing -----------------------------------------------------------------------------------------
 
-def test_padding_is_under_15_percent_on_real_rows(real_builds):
+def test_padding_is_near_its_measured_share_on_real_rows(real_builds):
   packed, summary = real_builds["assistant"]
   print(f"\npadding fraction on the real rows at max_length 1024: {summary['padding_fraction']:.4%} "
         f"({summary['packed_rows']} rows for {summary['conversations']} conversations)")
   assert packed.max_length == 1024
-  assert summary["padding_fraction"] < 0.15
+  # Measured: 0.356% (376 rows for 2,308 conversations, harmless-base test, loss mask 'assistant',
+  # at most 32 conversations per row; 0.0904% and 375 rows without the cap).
+  assert summary["padding_fraction"] < 0.0045
   pad = packed.segment_ids == 0
   assert not packed.loss_mask[pad].any() and summary["padding_tokens"] == pad.sum()
 
@@ -166,6 +173,41 @@ def test_segments_have_their_own_ids_and_positions(real_builds):
     segment = packed.segment_ids[r, span]
     assert segment[0] > 0 and (segment == segment[0]).all()
     np.testing.assert_array_equal(packed.positions[r, span], np.arange(span.stop - span.start))
+
+
+def test_the_segment_cap_holds_on_real_rows_and_is_counted(real_builds):
+  packed, summary = real_builds["assistant"]
+  per_row = np.bincount(packed.conversation_packed_row, minlength=packed.num_rows)
+  counted = summary["segments_per_row"]
+  assert counted["cap"] == 32 and counted["max"] == per_row.max() <= 32
+  assert counted["rows_at_cap"] == (per_row == 32).sum()
+  assert counted["mean"] * summary["packed_rows"] == pytest.approx(summary["conversations"])
+  assert "segments per row" in data.format_summary(summary)
+  # Segment ids run 1..n from the row's start, then one trailing padding run (id 0).
+  for r in range(packed.num_rows):
+    n = per_row[r]
+    seg = packed.segment_ids[r]
+    runs = seg[np.r_[True, seg[1:] != seg[:-1]]]
+    np.testing.assert_array_equal(runs[:n], np.arange(1, n + 1))
+    assert list(runs[n:]) in ([], [0])
+
+
+def test_the_cap_moves_conversations_to_new_rows_and_drops_none():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 40, size=80)  # short conversations: the uncapped packer piles them up
+  ids = [rng.integers(0, 50000, size=n + 1).astype(np.int32) for n in lengths]
+  masks = [rng.random(n) < 0.5 for n in lengths]
+  free = data.pack(ids, masks, list(range(80)), max_length=256)
+  capped = data.pack(ids, masks, list(range(80)), max_length=256, max_segments=5)
+  assert free.segments_per_row.max() > 5 and capped.segments_per_row.max() == 5
+  assert capped.num_rows > free.num_rows and capped.num_tokens == free.num_tokens == lengths.sum()
+  for i, (r, start, n) in enumerate(zip(capped.conversation_packed_row, capped.conversation_start,
+                                        capped.conversation_length)):
+    np.testing.assert_array_equal(capped.inputs[r, start:start + n], ids[i][:-1])
+    np.testing.assert_array_equal(capped.targets[r, start:start + n], ids[i][1:])
+    np.testing.assert_array_equal(capped.loss_mask[r, start:start + n], masks[i])
+  with pytest.raises(ValueError, match="max_segments"):
+    data.pack(ids, masks, list(range(80)), max_length=256, max_segments=-1)
 
 
 def test_a_packed_conversation_has_the_logits_it_has_alone(real_builds):
@@ -338,3 +380,20 @@ def test_a_second_build_reads_the_token_cache(tmp_path, tokenizer, monkeypatch):
   assert summary["token_cache"]["from_cache"]
   assert set(tokenized) <= set(data.MARKERS.values())  # only the two turn markers
   np.testing.assert_array_equal(first.inputs, second.inputs)
+
+
+def test_seed_study_reads_helpful_base_as_the_study_did(monkeypatch):
+  """The study trained on 43,835 rows and tested on 2,354: helpful-base's train and test splits."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "seed_study.py"
+  spec = importlib.util.spec_from_file_location("seed_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config().data
+  calls = []
+  monkeypatch.setattr(data, "read_hub", lambda *args: calls.append(args) or [(HELLO, None)])
+  assert data.read_texts(cfg, "train") == data.read_texts(cfg, "eval") == [HELLO]
+  assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "chosen"),
+                   ("Anthropic/hh-rlhf", "helpful-base", "test", "chosen")]
+  assert cfg.max_eval_rows == 0  # held-out loss on every test row

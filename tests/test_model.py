@@ -94,7 +94,10 @@ def test_bf16_compute_stays_close(pair):
   f32 = np.asarray(gpt2_model.GPT2(config).apply({"params": params}, jnp.asarray(ids)))
   bf16 = gpt2_model.GPT2(config.replace(dtype="bfloat16")).apply({"params": params}, jnp.asarray(ids))
   assert bf16.dtype == jnp.bfloat16
-  assert np.abs(np.asarray(bf16, np.float32) - f32).max() < 0.1 * np.abs(f32).max()
+  # Measured on CPU (every parameter random, conftest.randomize_all_params): the largest difference
+  # is 0.87% (gpt2, gpt2-large), 0.94% (gpt2-medium) and 1.06% (gpt2-xl) of the largest |logit|
+  # (1.97 to 3.19); the bound is ~2.5x that.
+  assert np.abs(np.asarray(bf16, np.float32) - f32).max() < 0.025 * np.abs(f32).max()
 
 
 def test_config_validation():

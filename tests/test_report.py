@@ -1,6 +1,7 @@
 """report.py: statistics on inputs with known answers, and report.md written from files only."""
 import json
 import math
+import re
 import os
 
 import numpy as np
@@ -129,3 +130,39 @@ def test_report_without_scores_says_why_and_shows_the_rest(eval_files):
   assert "No training log" in text and "### Prompt" in text
   text = open(report.write_report(str(eval_files), skip_reason="--reward_model ''")).read()
   assert "**Scoring was skipped:** --reward_model ''" in text
+
+
+def test_report_says_what_it_evaluated_grades_answers_and_shows_informative_samples(eval_files):
+  gens = report.read_jsonl(eval_files / "generations.jsonl")
+  for g in gens:  # graded answers and a reference reply; base right on p0-p9, tuned on p0-p24
+    i = int(g["id"][1:])
+    g["reference"] = f"reference {i}"
+    g["correct"] = i < (10 if g["model"] == "base" else 25)
+    if i >= 3:  # only p0-p2 get the same answer from both models
+      g["answer"] = f"{g['model']} says {i}"
+    else:
+      g["answer"] = "same"
+  write_jsonl(eval_files / "generations.jsonl", gens)
+  (eval_files / "heldout.json").write_text(json.dumps(  # evaluate.py writes token counts as floats
+      {"base": {"loss": 3.25, "tokens": 1000.0}, "finetuned": {"loss": 2.5, "tokens": 1000.0}}))
+  (eval_files / report.EVAL_CONFIG_FILE).write_text(json.dumps({
+      "checkpoint_step": 100, "base": "openai-community/gpt2", "num_prompts": 30, "seed": 3,
+      "temperature": 0.0, "max_new_tokens": 32, "stop_strings": ["\n\nHuman:"],
+      "data": {"source": "hub", "field": "chosen", "eval_split": "test"}}))
+  text = open(report.write_report(str(eval_files), reward_model="tiny-rm", n_boot=2000, n_samples=3)).read()
+  summary = json.load(open(eval_files / "summary.json"))
+  assert "Checkpoint: step **100**" in text and "Base model: `openai-community/gpt2`" in text
+  assert "source 'hub'" in text and "greedy" in text and "seed 3" in text
+  # Share correct: 10/30 and 25/30, paired difference 15/30, intervals around them.
+  assert summary["models"]["base"]["n_correct"] == 10 and summary["models"]["finetuned"]["n_correct"] == 25
+  for m, share in (("base", 10 / 30), ("finetuned", 25 / 30)):
+    lo, hi = summary["models"][m]["correct_ci"]
+    assert lo < share < hi and f"**{report.fmt(share, 3)}**" in text
+  assert summary["correct_paired"]["difference"] == pytest.approx(0.5)
+  # Samples: only pairs whose answers differ (27 of 30 do), with the reference reply shown.
+  samples = text.split("## Samples")[1]
+  shown = re.findall(r"### Prompt p(\d+)", samples)
+  assert len(shown) == 3 and all(int(i) >= 3 for i in shown)
+  assert "27 of 30 prompts got different answers" in samples
+  assert all(f"reference {i}" in samples for i in shown)
+  assert "| 1000 |" in text and "1000.0" not in text  # token counts are integers

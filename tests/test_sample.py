@@ -177,9 +177,41 @@ def test_long_prompts_are_left_truncated_and_counted(full_model, tokenizer):
                         max_new_tokens=32, temperature=0.0, batch_size=2)
   assert [r["truncated"] for r in out] == [True, False]
   assert out[0]["prompt_tokens"] == 128 - 32
+  assert out[0]["prompt_tokens_cut"] == len(tokenizer(long_prompt)["input_ids"]) - (128 - 32)
   kept = tokenizer.decode(tokenizer(long_prompt)["input_ids"][-(128 - 32):])
   again = sample.generate(model, params, tokenizer, [kept], max_new_tokens=32, temperature=0.0,
                           batch_size=1)
   assert again[0]["answer"] == out[0]["answer"] and not again[0]["truncated"]
   assert sample.bucket_length(5, 96) == 16 and sample.bucket_length(17, 96) == 32
   assert sample.bucket_length(90, 96) == 96
+
+
+def test_long_dialogues_lose_whole_turns_from_the_left_as_in_training(full_model, tokenizer):
+  """A dialogue longer than n_positions - max_new_tokens keeps the most recent turns from a Human
+  turn on (as training keeps a long row), counted; a final request too long alone keeps its end."""
+  from gpt2_lora_jax import data
+  model, params = full_model  # n_positions = 128: prompts get 96 tokens with 32 new ones
+  turns = [("Human", " tell me about dogs " * 6), ("Assistant", " dogs are loyal animals " * 6),
+           ("Human", " and cats?"), ("Assistant", " cats are independent " * 4),
+           ("Human", " which one should I get?")]
+  prompt = "".join(f"\n\n{role}:{text}" for role, text in turns) + "\n\nAssistant:"
+  full = data.prompt_token_ids(tokenizer, prompt)
+  # The reference: the latest Human turn from which the rest, as its own prompt, fits 96 tokens.
+  suffixes = ["".join(f"\n\n{role}:{text}" for role, text in turns[i:]) + "\n\nAssistant:"
+              for i in (0, 2, 4)]
+  fitting = [p for p in suffixes if len(data.prompt_token_ids(tokenizer, p)) <= 96]
+  assert len(full) > 96 and fitting and fitting[0] == suffixes[1]  # the first exchange must go
+  kept = data.prompt_token_ids(tokenizer, fitting[0])
+  too_long = "\n\nHuman: first\n\nAssistant: ok\n\nHuman:" + " please help" * 60 + "\n\nAssistant:"
+  encode = lambda p, most: data.fit_prompt_token_ids(tokenizer, p, most)
+  kw = dict(max_new_tokens=32, temperature=0.0, batch_size=2, stop_strings=())
+  out = sample.generate(model, params, tokenizer, [prompt, too_long], encode=encode, **kw)
+  assert out[0]["prompt_tokens"] == len(kept) and out[0]["prompt_tokens_cut"] == len(full) - len(kept)
+  alone = sample.generate(model, params, tokenizer, [fitting[0]], encode=encode, **kw)
+  assert alone[0]["tokens"] == out[0]["tokens"] and not alone[0]["truncated"]
+  # The final Human turn alone is too long: [EOT] + its last tokens + "\n\nAssistant:".
+  ids, cut = data.fit_prompt_token_ids(tokenizer, too_long, 96)
+  whole = data.prompt_token_ids(tokenizer, too_long)
+  cue = tokenizer("\n\nAssistant:")["input_ids"]
+  assert ids == [whole[0]] + whole[len(whole) - 96 + 1:] and ids[-len(cue):] == cue
+  assert cut == len(whole) - 96 == out[1]["prompt_tokens_cut"] and out[1]["prompt_tokens"] == 96

@@ -1,0 +1,223 @@
+"""DPO: the losses against a PyTorch reference written from the papers, per-reply log-probs from
+packed rows against transformers' GPT-2 on each (prompt, reply) alone, and training behaviour."""
+import copy
+import gzip
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, make_hf_gpt2
+from gpt2_lora_jax import config as config_lib
+from gpt2_lora_jax import conversation, dpo, preference, sharding, weights
+from gpt2_lora_jax import model as gpt2_model
+
+
+def torch_reference_loss(pc, pr, rc, rr, beta, kind, eps, nc, nr):
+  """Rafailov et al. 2023 Eq. 7; cDPO (Mitchell 2023) = DPO on labels flipped with probability eps;
+  IPO (Azar et al. 2023) Eq. 17 on per-token log-ratios (as TRL's DPOTrainer does)."""
+  pi_logratios, ref_logratios = pc - pr, rc - rr
+  if kind == "ipo":
+    h = (pc - rc) / nc - (pr - rr) / nr
+    return (h - 1 / (2 * beta)) ** 2
+  logits = pi_logratios - ref_logratios
+  eps = eps if kind == "conservative" else 0.0
+  return -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+
+
+@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("conservative", 0.2), ("ipo", 0.0)])
+def test_loss_and_gradients_match_reference_formulas(kind, eps):
+  rng = np.random.RandomState(0)
+  logps = [rng.uniform(-60, -5, 16) for _ in range(4)]  # policy chosen/rejected, ref chosen/rejected
+  nc, nr = rng.randint(3, 40, 16).astype(np.float64), rng.randint(3, 40, 16).astype(np.float64)
+  beta = 0.3
+
+  t = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in logps]
+  want = torch_reference_loss(*t, beta, kind, eps, torch.tensor(nc), torch.tensor(nr))
+  want.mean().backward()
+
+  def mean_loss(pc, pr, rc, rr):
+    return dpo.loss(pc, pr, rc, rr, beta=beta, kind=kind, label_smoothing=eps, chosen_tokens=nc,
+                    rejected_tokens=nr)[0].mean()
+  with jax.enable_x64(True):
+    args = [jnp.asarray(x, jnp.float64) for x in logps]
+    got, grads = jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3))(*args)
+    per_pair, chosen_reward, rejected_reward = dpo.loss(*args, beta=beta, kind=kind, label_smoothing=eps,
+                                                        chosen_tokens=nc, rejected_tokens=nr)
+  np.testing.assert_allclose(np.asarray(per_pair), want.detach().numpy(), rtol=1e-12)
+  np.testing.assert_allclose(float(got), float(want.mean().detach()), rtol=1e-12)
+  for g, x in zip(grads, t):
+    np.testing.assert_allclose(np.asarray(g), x.grad.numpy(), rtol=1e-10, atol=1e-15)
+  np.testing.assert_allclose(np.asarray(chosen_reward), beta * (logps[0] - logps[2]), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(rejected_reward), beta * (logps[1] - logps[3]), rtol=1e-12)
+
+
+def test_sigmoid_loss_is_log2_when_policy_is_reference():
+  x = jnp.asarray([-3.0, -17.5])
+  losses, _, _ = dpo.loss(x, x + 1.0, x, x + 1.0, beta=0.1)
+  np.testing.assert_allclose(np.asarray(losses), math.log(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(beta=0.0), "dpo.beta=0.0"), (dict(beta=-1.0), "dpo.beta=-1.0"),
+    (dict(loss="hinge"), "dpo.loss='hinge'"),
+    (dict(loss="conservative", label_smoothing=0.0), "dpo.label_smoothing=0.0"),
+    (dict(label_smoothing=0.1), "applies only to dpo.loss='conservative'")])
+def test_bad_dpo_settings_are_named(change, words):
+  cfg = config_lib.default_config().dpo
+  cfg.update(change)
+  with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(".", r"\.")):
+    dpo.check_config(cfg)
+
+
+# --- per-reply log-probs: packed JAX rows vs transformers on each (prompt, reply) alone ---------------
+
+def randomise_every_parameter(hf, seed=0):
+  """Random values for every tensor, LayerNorm scales and biases and all biases included."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+  return hf
+
+
+@pytest.fixture(scope="module")
+def random_gpt2(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("dpo_gpt2"))
+  hf = make_hf_gpt2(d, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+  randomise_every_parameter(hf).save_pretrained(d)
+  return hf, d
+
+
+def hf_reply_logp(hf, prompt_ids, reply_ids):
+  ids = torch.tensor([list(prompt_ids) + list(reply_ids)])
+  with torch.no_grad():
+    logp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+  positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+  return float(logp[positions, ids[0, len(prompt_ids):]].sum())
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_reply_logps_match_transformers_pair_by_pair(random_gpt2, tokenizer, hh_test_file, base_dtype):
+  """On the 8-device mesh; a bf16-stored base is compared with transformers holding the same
+  bf16-rounded weights (both compute in fp32), so the bf16 path gets the fp32 tolerance."""
+  hf, model_dir = random_gpt2
+  if base_dtype == "bfloat16":
+    hf = copy.deepcopy(hf)
+    with torch.no_grad():
+      for p in hf.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+  data_cfg = config_lib.default_config().data
+  data_cfg.update(dict(source="files", eval_files=(hh_test_file,), max_eval_rows=16, max_length=256))
+  pairs, summary = preference.build(data_cfg, tokenizer, "eval", 8, None, log=None)
+  assert summary["rows_truncated"]["count"] > 0 and summary["pairs_per_row"] >= 2  # both exercised
+  gpt2_config, params = weights.load_pretrained(model_dir, dtype=base_dtype)
+  mesh = sharding.make_mesh(-1, 1)  # the 8 CPU devices of conftest
+  params = sharding.put(params, sharding.param_shardings(params, mesh))
+  got = dpo.reference_logps(gpt2_model.GPT2(gpt2_config), {}, params, pairs, mesh, batch_size=8)
+
+  with gzip.open(hh_test_file, "rt") as f:
+    rows = [json.loads(line) for _, line in zip(range(16), f)]
+  compared = 0
+  for p, row in enumerate(pairs.pair_rows):
+    prompt_ids = conversation.prompt_token_ids(tokenizer, rows[row]["chosen"])
+    replies = [tokenizer(conversation.parse_conversation(rows[row][k])[-1].text,
+                         add_special_tokens=False)["input_ids"] + [50256] for k in ("chosen", "rejected")]
+    if sum(len(prompt_ids) + len(r) - 1 for r in replies) > 256:
+      continue  # a cut pair: its segments hold a later part of the dialogue
+    want = [hf_reply_logp(hf, prompt_ids, r) for r in replies]
+    np.testing.assert_allclose(got[pairs.pair_packed_row[p], pairs.pair_slot[p]], want, rtol=2e-5)
+    compared += 1
+  assert compared >= 6
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def tiny_dpo_config(**train):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_dpo", REPO / "configs" / "tiny_dpo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.train.update(train)
+  return c
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+  """configs/tiny_dpo.py trained from fresh adapters on the 8-device mesh of conftest."""
+  from gpt2_lora_jax import experiment, study
+  workdir = str(tmp_path_factory.mktemp("dpo_run"))
+  config = tiny_dpo_config()
+  result = study.train_dpo(config, workdir)
+  return config, workdir, result, experiment.build(config)
+
+
+def records(workdir):
+  with open(f"{workdir}/metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_dpo_starts_at_log2_and_preference_accuracy_rises(dpo_run):
+  config, workdir, _, _ = dpo_run
+  rs = records(workdir)
+  train_rs = [r for r in rs if r["split"] == "train"]
+  held_out = {r["step"]: r for r in rs if r["split"] == "eval"}
+  first = train_rs[0]  # the update from step 0: adapters at the reference (B = 0)
+  assert first["step"] == 1
+  np.testing.assert_allclose(first["loss"], math.log(2), rtol=1e-6)
+  assert first["margin"] == 0.0 and first["logp_chosen"] == first["ref_logp_chosen"]
+  np.testing.assert_allclose(held_out[0]["loss"], math.log(2), rtol=1e-6)
+  last = held_out[config.train.steps]
+  # Measured on this config: held-out accuracy 0 (every pair tied) -> 0.8, margin 0 -> 1.2.
+  assert held_out[0]["accuracy"] == 0.0 and last["accuracy"] >= 0.7 and last["margin"] > 0.5
+  late = [r["accuracy"] for r in train_rs[-8:]]
+  assert np.mean(late) >= 0.7
+  for name in ("reward_chosen", "reward_rejected", "logp_rejected", "ref_logp_rejected", "pairs"):
+    assert name in last
+  assert os.path.exists(f"{workdir}/preference.png") and os.path.exists(f"{workdir}/loss.png")
+
+
+def test_reference_logps_are_the_frozen_base_throughout(dpo_run):
+  """The reference log-probs logged at the last step are the base model's (no adapters), computed
+  here afresh; the frozen leaves come back bit-identical."""
+  from gpt2_lora_jax import evaluate, lora
+  config, workdir, result, exp = dpo_run
+  last_step = config.train.steps - 1
+  pairs, _ = preference.build(config.data, exp.tokenizer, "train", config.train.batch_size,
+                              f"{workdir}/cache", log=None)
+  batch = preference.batch_for_step(pairs, config.train.seed, last_step, config.train.batch_size)
+  base = evaluate.strip_adapters(exp.params)
+  logps = np.asarray(dpo.reply_logps(exp.base_model, base, jax.tree.map(jnp.asarray, batch), None, True,
+                                     2 * pairs.pairs_per_row)).reshape(len(batch["inputs"]), -1, 2)
+  mask = batch["pair_mask"]
+  want = (logps * mask[..., None]).sum((0, 1)) / mask.sum()
+  logged = [r for r in records(workdir) if r["split"] == "train" and r["step"] == last_step + 1][0]
+  np.testing.assert_allclose([logged["ref_logp_chosen"], logged["ref_logp_rejected"]], want, rtol=1e-5)
+  _, frozen_before = lora.split(exp.params, exp.labels)
+  _, frozen_after = lora.split(jax.device_get(result["params"]), exp.labels)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               frozen_before, frozen_after)
+
+
+def test_init_from_loads_the_adapters_and_refuses_another_layout(dpo_run):
+  from gpt2_lora_jax import checkpoint, experiment, lora
+  config, workdir, result, exp = dpo_run
+  trained, _ = lora.split(jax.device_get(result["params"]), exp.labels)
+  loaded, _ = lora.split(dpo.init_adapters(exp, workdir), exp.labels)
+  jax.tree.map(np.testing.assert_array_equal, loaded, trained)
+  other = config.copy_and_resolve_references()
+  other.lora.rank = 2
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="dpo.init_from=.*LoRA layout differs"):
+    dpo.init_adapters(experiment.build(other), workdir)
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    dpo.init_adapters(exp, f"{workdir}/cache")
