@@ -94,6 +94,10 @@ def check_meta(saved: dict, expected: dict, where: str) -> list[str]:
     problems.append(f"LoRA layout differs: checkpoint lora={saved.get('lora')}, run lora={expected['lora']}"
                     + (f"; differing leaves: {', '.join(diff[:5])}" + (" ..." if len(diff) > 5 else "")
                        if diff else ""))
+    stacked = lambda layout: any(k.startswith("h/") for k in layout)  # blocks stacked under 'h'
+    if stacked(mine) != stacked(theirs):
+      problems.append(f"the checkpoint holds {'stacked' if stacked(theirs) else 'per-layer'} blocks: set "
+                      f"--config.model.scan_layers={stacked(theirs)} as when it was written")
   if problems:
     raise CheckpointMismatchError(
         f"checkpoint {where} does not belong to this run: " + "; ".join(problems) +

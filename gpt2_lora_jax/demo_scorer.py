@@ -47,7 +47,7 @@ def _vocab(rows: list[dict]) -> list[str]:
           + list(chars) + ["##" + c for c in chars])
 
 
-def build(out_dir: str, rows: int = 4000, steps: int = 200, batch: int = 16, seed: int = 0,
+def build(out_dir: str, rows: int = 4000, steps: int = 150, batch: int = 16, seed: int = 0,
           max_length: int = 64, lr: float = 5e-4, test_rows: int = 500, log=print) -> dict:
   import torch
   import transformers
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="directory to write the classifier to")
   parser.add_argument("--rows", type=int, default=4000, help="demo train rows to learn from")
-  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--lr", type=float, default=5e-4)
   args = parser.parse_args(argv)
   info = build(args.out, rows=args.rows, steps=args.steps, lr=args.lr,

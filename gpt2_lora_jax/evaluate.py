@@ -4,8 +4,8 @@ Stages, each leaving plain files in <workdir>/eval/step_<N>/ (N: the evaluated c
 so evaluating another step never overwrites one) so any one can be rerun alone:
   1. restore the Orbax checkpoint (latest or eval.step) onto the base. The fine-tuned model is the
      one training ran (lora.make_model: adapters applied factored, y = x W + s (x A) B, the base
-     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16 loses much of a
-     small update, so a merged model would be another model than the one trained;
+     as stored and the adapters in fp32), not a merge: on a bf16 base, W + s A B rounded to bf16
+     loses much of a small update, so a merged model would be another model than the one trained;
   2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
   3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
      "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
@@ -109,8 +109,7 @@ def run(config, workdir: str) -> str:
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   out = eval_dir(workdir, step)
   tuned_model = exp.model  # the module training used (module docstring, stage 1)
-  # The same device arrays as the fine-tuned tree's frozen base: one copy of the base on the device.
-  base_params = strip_adapters(tuned_params)
+  base_params = base_tree(tuned_params, exp)
   answer_and_write(config, exp, out, workdir, [(report.BASE, exp.base_model, base_params),
                                                (report.TUNED, tuned_model, tuned_params)], step)
   del tuned_params, base_params
@@ -187,7 +186,7 @@ def compare(config, workdir: str, runs: dict) -> str:
     trainable, run_frozen = lora.split(params, exp.labels)
     frozen = run_frozen if frozen is None else frozen  # one placed copy of the base for every model
     named.append((name, exp.model, lora.combine(trainable, frozen)))
-  named.insert(0, (report.BASE, exp.base_model, strip_adapters(named[0][2])))
+  named.insert(0, (report.BASE, exp.base_model, base_tree(named[0][2], exp)))
   step = steps[list(runs)[-1]]
   out = eval_dir(workdir, step)
   run_info = {name: {"workdir": os.path.abspath(d), "step": int(steps[name])} for name, d in runs.items()}
@@ -228,10 +227,21 @@ def preference_accuracy(config, exp, named: list, workdir: str) -> dict:
 
 
 def strip_adapters(params: dict) -> dict:
-  """The base tree: every leaf except the LoRA adapters."""
+  """The tree without the LoRA adapters."""
   from flax import traverse_util
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in lora.ADAPTER_LEAVES})
+
+
+def base_tree(tuned_params: dict, exp) -> dict:
+  """The untrained model's tree: the fine-tuned tree's frozen leaves (the same device arrays, so the
+  base is on the device once) and, for the base leaves training changed (every leaf at rank 0,
+  lora.extra_trainable), their values before training (exp.params). No adapters."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(strip_adapters(tuned_params))
+  labels, before = traverse_util.flatten_dict(exp.labels), traverse_util.flatten_dict(exp.params)
+  return traverse_util.unflatten_dict({  # trained leaves placed once, as their fine-tuned values are
+      p: v if labels[p] == "frozen" else jax.device_put(before[p], v.sharding) for p, v in flat.items()})
 
 
 def score_and_report(config, workdir: str, step: int | None = None, metrics_path: str | None = None) -> str:

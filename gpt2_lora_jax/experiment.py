@@ -13,7 +13,7 @@ import socket
 import jax
 import ml_collections
 
-from gpt2_lora_jax import checkpoint, lora, optim, tokenizer as tokenizer_lib, weights
+from gpt2_lora_jax import checkpoint, lora, optim, stacking, tokenizer as tokenizer_lib, weights
 from gpt2_lora_jax import model as gpt2_model
 from gpt2_lora_jax.errors import UserError, UserPathError
 
@@ -25,7 +25,8 @@ class Experiment:
   lora_config: lora.LoraConfig
   model: gpt2_model.GPT2  # applies adapters factored when the tree has them
   base_model: gpt2_model.GPT2  # the same network without adapters (for the base-model baseline)
-  params: dict  # base + fresh adapters (host arrays, not yet placed on the mesh)
+  params: dict  # base + fresh adapters (host arrays, not yet placed on the mesh); blocks stacked
+  # under 'h' when gpt2_config.scan_layers
   labels: dict  # 'trainable' / 'frozen' per leaf
   tokenizer: object
   meta: dict  # what a checkpoint records about this run (base fingerprint, layout, configs)
@@ -75,7 +76,8 @@ def check_workdir(workdir: str):
 def load_base(config: ml_collections.ConfigDict, seed: int):
   """(GPT2Config, params, name): pretrained from model.name, or random of model.preset size."""
   run_fields = dict(attention_impl=config.model.attention_impl, remat=config.model.remat,
-                    max_segments_per_row=config.data.max_segments_per_row)
+                    max_segments_per_row=config.data.max_segments_per_row,
+                    scan_layers=bool(config.model.get("scan_layers", False)))
   if config.model.init == "pretrained":
     gpt2_config, params = weights.load_pretrained(config.model.name, dtype=config.model.base_param_dtype,
                                                   compute_dtype=config.model.dtype, **run_fields)
@@ -122,6 +124,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   params = jax.device_get(params)
   del base
   labels = lora.labels(params, lora_config)
+  if gpt2_config.scan_layers:  # the run holds the blocks stacked; exports unstack (stacking.py)
+    params, labels = stacking.stack_layers(params), stacking.stack_layers(labels)
   trainable, frozen = lora.split(params, labels)
   meta = {
       "meta_version": checkpoint.META_VERSION,

@@ -36,7 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from gpt2_lora_jax import model as gpt2_model
-from gpt2_lora_jax import weights
+from gpt2_lora_jax import stacking, weights
 from gpt2_lora_jax.errors import UserError
 
 INITS = ("kaiming_uniform", "gaussian")
@@ -165,9 +165,12 @@ def add(params: dict, cfg: LoraConfig, rng) -> dict:
   """The tree with lora_a (in, r) and lora_b (r, out) (fp32, B = 0) next to every targeted module.
 
   Base parameter paths are unchanged; rank 0 returns params as they are (full fine-tuning).
+  A tree with stacked blocks (stacking.py) gets the same adapters, stacked.
   """
   if cfg.rank == 0:
     return params
+  if stacking.is_stacked(params):
+    return stacking.stack_layers(add(stacking.unstack_layers(params), cfg, rng))
   flat = dict(traverse_util.flatten_dict(params))
   if _adapter_modules(flat):
     raise ValueError(f"params already hold LoRA adapters (e.g. {_join(_adapter_modules(flat)[0])})")
@@ -196,7 +199,11 @@ def labels(params: dict, cfg: LoraConfig) -> dict:
   pattern -> trainable, the default -> frozen. Each leaf is covered by exactly one rule, the first that
   matches it (big_vision's masks); checked: every leaf gets one label, and every extra_trainable
   pattern matches some leaf (a pattern that selects nothing is a typo, so it is an error).
+  Stacked blocks (stacking.py) are labelled per layer, then stacked: every layer must agree.
   """
+  if stacking.is_stacked(params):
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    return stacking.stack_layers(labels(stacking.unstack_layers(shapes), cfg))
   flat = traverse_util.flatten_dict(params)
   if cfg.rank == 0:
     rules = [("everything (rank 0: full fine-tuning)", lambda p: True, "trainable")]
@@ -253,7 +260,11 @@ def merge(params: dict, cfg: LoraConfig, gpt2_config: gpt2_model.GPT2Config) -> 
   their dtype. weights.save_pretrained writes every tensor as float32.
   An adapter on a tied lm_head unties it: the returned config has tie_word_embeddings=False and the
   tree gains lm_head/kernel (D, V) = wte^T + s A B.
+  Stacked blocks (stacking.py) are merged per layer and come back stacked.
   """
+  if stacking.is_stacked(params):
+    merged, gpt2_config = merge(stacking.unstack_layers(params), cfg, gpt2_config)
+    return stacking.stack_layers(merged), gpt2_config
   flat = dict(traverse_util.flatten_dict(params))
   modules = _adapter_modules(flat)
   if not modules:
@@ -297,8 +308,9 @@ def save_peft(params: dict, cfg: LoraConfig, out_dir: str, base_model_name_or_pa
 
   Tensors: base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r), fp32.
   fan_in_fan_out=True because GPT-2's Conv1D stores (in, out) (PEFT flips it off for lm_head itself).
+  Stacked blocks (stacking.py) are written per layer, as PEFT names them.
   """
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(stacking.unstack_layers(params))
   modules = _adapter_modules(flat)
   if not modules:
     raise ValueError("params hold no LoRA adapters to save (rank 0 trains the full model: use "
@@ -346,7 +358,11 @@ def load_peft(params: dict, adapter_dir: str) -> tuple:
 
   Everything is validated before the new tree is built, so a bad adapter never half-applies; errors
   name the tensor (unknown module, shape or rank mismatch, missing half of a pair).
+  Stacked blocks (stacking.py) get the adapters per layer and come back stacked.
   """
+  if stacking.is_stacked(params):
+    loaded, cfg = load_peft(stacking.unstack_layers(params), adapter_dir)
+    return stacking.stack_layers(loaded), cfg
   config_file = os.path.join(adapter_dir, PEFT_CONFIG_FILE)
   weights_file = os.path.join(adapter_dir, PEFT_WEIGHTS_FILE)
   for f in (config_file, weights_file):

@@ -13,6 +13,10 @@ next to a kernel. `Linear` notices them and adds s * dropout(x) A B to its outpu
 full-size W + s A B never exists inside a train step. Adapters on `lm_head` live at lm_head/lora_{a,b}
 and add s (h A) B to the logits while the head stays tied to the embedding.
 
+With config.scan_layers the blocks' parameters are stacked instead: h/ln_1/scale (L, D),
+h/attn/c_attn/kernel (L, D, 3D), ... (and h/.../lora_a (L, in, r)); stacking.py converts between the
+two layouts, and the KV cache is then one {'k', 'v'} pair of (L, B, S, H, K) buffers.
+
 Shapes: B batch, T query length, S key length (T, or the KV-cache length), D width, H heads,
 K head size, V vocabulary.
 """
@@ -61,6 +65,9 @@ class GPT2Config:
   # enforces it (data.max_segments_per_row). 0: no cap (packed rows then never use that layout).
   max_segments_per_row: int = 32
   remat: str = "none"  # rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs)
+  # Run the blocks as one nn.scan over stacked layer parameters (tree key 'h', leaves (L, ...)):
+  # compile time stops growing with depth. Checkpoint formats stay per layer (stacking.py).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -317,8 +324,16 @@ class GPT2(nn.Module):
     if cfg.remat != "none":
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
                 else jax.checkpoint_policies.nothing_saveable)
-      block = nn.remat(Block, policy=policy, static_argnums=(5,))
-    self.h = [block(cfg, self.lora_scale, self.lora_dropout) for _ in range(cfg.n_layer)]
+      # Under scan, CSE across iterations cannot undo the remat, so it need not be prevented.
+      block = nn.remat(Block, policy=policy, static_argnums=(5,), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # Carry: x. Scanned: the layer's parameters, dropout RNG and KV cache. Broadcast: the mask,
+      # the cache index and `deterministic`.
+      self.h = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.n_layer)(
+                           cfg, self.lora_scale, self.lora_dropout)
+    else:
+      self.h = [block(cfg, self.lora_scale, self.lora_dropout) for _ in range(cfg.n_layer)]
     self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dt, param_dtype=pdt)
     self.lm_head = LMHead(cfg.vocab_size, cfg.tie_word_embeddings, dt, pdt, self.lora_scale,
                           self.lora_dropout)
@@ -331,13 +346,16 @@ class GPT2(nn.Module):
     if kv_cache is None:
       mask = layer_mask(self.config, T, T, attention_mask, segment_ids)
     else:
-      S = kv_cache[0]["k"].shape[1]
+      S = (kv_cache["k"].shape[2] if self.config.scan_layers else kv_cache[0]["k"].shape[1])
       mask = layer_mask(self.config, T, S, attention_mask, segment_ids, query_offset=cache_index)
     x = self.wte(input_ids) + self.wpe(position_ids)
-    new_cache = []
-    for i, block in enumerate(self.h):
-      x, c = block(x, mask, None if kv_cache is None else kv_cache[i], cache_index, deterministic)
-      new_cache.append(c)
+    if self.config.scan_layers:
+      x, new_cache = self.h(x, mask, kv_cache, cache_index, deterministic)
+    else:
+      new_cache = []
+      for i, block in enumerate(self.h):
+        x, c = block(x, mask, None if kv_cache is None else kv_cache[i], cache_index, deterministic)
+        new_cache.append(c)
     h = self.ln_f(x)
     out = h if return_hidden else self.logits(h, deterministic)
     return out if kv_cache is None else (out, new_cache)
@@ -348,18 +366,26 @@ class GPT2(nn.Module):
 
 
 def init_kv_cache(config: GPT2Config, batch_size: int, max_length: int, dtype=None):
-  """Per-layer {'k', 'v'} buffers of shape (B, S, H, K), zero-filled."""
+  """Per-layer {'k', 'v'} buffers of shape (B, S, H, K), zero-filled; with config.scan_layers one
+  {'k', 'v'} pair of (L, B, S, H, K) buffers (the layer axis is scanned)."""
   dtype = _dtype(config.dtype) if dtype is None else dtype
   shape = (batch_size, max_length, config.n_head, config.head_dim)
+  if config.scan_layers:
+    shape = (config.n_layer,) + shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)]
 
 
 def init_params(config: GPT2Config, rng) -> dict:
-  """Random GPT-2 parameters (normal(0.02), as Hugging Face initialises linears and embeddings)."""
+  """Random GPT-2 parameters (normal(0.02), as Hugging Face initialises linears and embeddings).
+
+  Always the per-layer tree (h_0 ... h_{L-1}), whatever config.scan_layers says: the layout of
+  checkpoints, exports and adapters; stacking.stack_layers turns it into what a scanned model takes.
+  """
   ids = jnp.zeros((1, 1), jnp.int32)
-  return GPT2(config).init(rng, ids)["params"]
+  return GPT2(config.replace(scan_layers=False)).init(rng, ids)["params"]
 
 
 def param_shapes(config: GPT2Config) -> dict:
-  """The parameter tree as ShapeDtypeStructs, computed without allocating anything."""
+  """The per-layer parameter tree as ShapeDtypeStructs, computed without allocating anything."""
   return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))

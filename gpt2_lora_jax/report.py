@@ -314,8 +314,9 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
 
   if "correct_paired" in summary:
     p = summary["correct_paired"]
-    lines += ["## Correct answers", "", "Each task has one right reply (the reference); an answer is "
-              "correct when it is exactly that reply.", "",
+    lines += ["## Correct answers", "", "Each task has one right reply (the reference shown with the "
+              "samples); an answer is correct when it states that reply's key fact (the data set's "
+              "grader; for the demo, demo_data.is_correct).", "",
               "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
     for m in (m for m in models if "n_graded" in stats[m]):
       s = stats[m]
@@ -465,7 +466,7 @@ def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
   checkpoint = (["- Checkpoints: " + "; ".join(f"{name} = `{r['workdir']}` step **{r['step']}**"
                                                 for name, r in runs.items()) + "."] if runs else
                 [f"- Checkpoint: step **{cfg.get('checkpoint_step')}** (fine-tuned = the base with this "
-                 "checkpoint's adapters merged)."])
+                 "checkpoint's trained parameters)."])
   lines += checkpoint + [
             f"- Base model: `{cfg.get('base')}`.",
             f"- Data: {data_text}.",

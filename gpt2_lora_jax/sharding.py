@@ -34,7 +34,8 @@ BATCH_AXES = ("data", "fsdp")
 # preference; () = replicate). The first listed dimension that 'fsdp' divides is split. Widths
 # (768, 1024, 1280, 1600 and 4x those) divide by every power of two up to 64; the vocabulary
 # (50257 = 29 x 1733) divides by nothing useful, so leaves with a vocabulary side split their
-# other side: wte (V, D) by D, the head adapter lm_head/lora_b (r, V) by r.
+# other side: wte (V, D) by D, the head adapter lm_head/lora_b (r, V) by r. Stacked blocks
+# (h/..., model.scan_layers) follow the same rules on their per-layer dimensions.
 PARAM_RULES = (
     (r".*/lora_a$", (0,)),  # (in, r): in is D or 4D
     (r".*/lora_b$", (1, 0)),  # (r, out): out, or r when out is the vocabulary (lm_head)
@@ -98,7 +99,10 @@ def param_specs(params, mesh: Mesh) -> dict:
   specs = {}
   for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
     shape = np.shape(leaf)
-    dims = [d for d in rule_for(path) if d < len(shape)]
+    # Stacked blocks (model.scan_layers) carry a leading layer axis: never split (the scan slices
+    # it), the rule's dimensions shift by one.
+    layer_axis = int(path.startswith("h/"))
+    dims = [d + layer_axis for d in rule_for(path) if d + layer_axis < len(shape)]
     split = next((d for d in dims if shape[d] % fsdp == 0), None)
     if fsdp == 1 or not dims:
       specs[path] = P()
@@ -186,23 +190,27 @@ def barrier(name: str):
 
 # --- memory planning (BUILD.md's table) --------------------------------------------------------------
 
-def train_step_memory(preset: str, rank: int, batch_size: int = 8, seq_len: int = 1024, fsdp: int = 1,
-                      targets=("c_attn", "c_proj", "c_fc"), remat: str = "none") -> dict:
-  """Bytes per device that XLA plans for one train step of a GPT-2 size, from abstract inputs.
+def abstract_train_step(preset: str, rank: int, batch_size: int = 8, seq_len: int = 1024, fsdp: int = 1,
+                        targets=("c_attn", "c_proj", "c_fc"), remat: str = "none",
+                        scan_layers: bool = False):
+  """(jitted train step, its arguments as ShapeDtypeStructs, params) for one GPT-2 size; no arrays.
 
   rank > 0: LoRA (bf16 frozen base, fp32 adapters + AdamW); rank 0: full fine-tuning (fp32 params
-  + AdamW). Compute in bf16 either way. Everything is a ShapeDtypeStruct: nothing is allocated, the
-  step is lowered and compiled for the backend at hand (the numbers are that compiler's plan).
+  + AdamW). Compute in bf16 either way. Lower and compile it for the backend at hand to read
+  that compiler's plan (memory, FLOPs, compile time).
   """
   import types
 
   from gpt2_lora_jax import lora, optim, train
   from gpt2_lora_jax import model as gpt2_model
   config = gpt2_model.GPT2Config.preset(preset, param_dtype="bfloat16" if rank else "float32",
-                                        dtype="bfloat16", remat=remat)
+                                        dtype="bfloat16", remat=remat, scan_layers=scan_layers)
   lora_cfg = lora.LoraConfig(rank=rank, alpha=2.0 * max(rank, 1), dropout=0.0, targets=tuple(targets))
   base = gpt2_model.param_shapes(config)
   params = jax.eval_shape(lambda b: lora.add(b, lora_cfg, jax.random.PRNGKey(0)), base) if rank else base
+  if scan_layers:
+    from gpt2_lora_jax import stacking
+    params = stacking.stack_layers(params)
   labels = lora.labels(params, lora_cfg)
   optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
                                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
@@ -225,7 +233,20 @@ def train_step_memory(preset: str, rank: int, batch_size: int = 8, seq_len: int 
            "segment_ids": rows(np.int32), "loss_mask": rows(np.float32)}
   step_fn = train.jit_train_step(lora.make_model(config, lora_cfg), labels, 1, tx, schedule, mesh,
                                  state_sh, frozen_sh)
-  memory = step_fn.lower(state, placed(frozen, frozen_sh), batch).compile().memory_analysis()
+  return step_fn, (state, placed(frozen, frozen_sh), batch), (params, trainable)
+
+
+def train_step_memory(preset: str, rank: int, batch_size: int = 8, seq_len: int = 1024, fsdp: int = 1,
+                      targets=("c_attn", "c_proj", "c_fc"), remat: str = "none",
+                      scan_layers: bool = False) -> dict:
+  """Bytes per device that XLA plans for one train step of a GPT-2 size, from abstract inputs.
+
+  See abstract_train_step: everything is a ShapeDtypeStruct, nothing is allocated, the step is
+  lowered and compiled for the backend at hand (the numbers are that compiler's plan).
+  """
+  step_fn, args, (params, trainable) = abstract_train_step(preset, rank, batch_size, seq_len, fsdp,
+                                                           targets, remat, scan_layers)
+  memory = step_fn.lower(*args).compile().memory_analysis()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes

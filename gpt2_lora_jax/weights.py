@@ -149,8 +149,12 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
 
 
 def save_pretrained(params: dict, config: GPT2Config, out_dir: str) -> str:
-  """Writes config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
-  flat = traverse_util.flatten_dict(params)
+  """Writes config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads.
+
+  Stacked blocks (model.scan_layers, see stacking.py) are written per layer, as Hugging Face names them.
+  """
+  from gpt2_lora_jax import stacking
+  flat = traverse_util.flatten_dict(stacking.unstack_layers(params))
   adapters = [p for p in flat if p[-1].startswith("lora_")]
   if adapters:
     raise ValueError("params still hold LoRA adapters (e.g. " + "/".join(adapters[0]) + "): "

@@ -89,6 +89,7 @@ def test_bf16_base_evaluates_the_model_training_evaluated(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.model.base_param_dtype = "bfloat16"
+  config.lora.extra_trainable = ("ln_f",)  # a trained base leaf: the base model must not see it
   config.train.steps = config.train.eval_every = config.train.ckpt_every = 4
   config.data.max_eval_rows = 16
   config.eval.num_prompts = 0  # sampling is not under test here

@@ -42,8 +42,8 @@ def test_fused_loss_equals_optax_in_value_and_gradient(dtype, tied):
   fused = lambda h, head: loss_lib.head_nll_sum(h, head, targets, mask, spec)
   ref = lambda h, head: _reference(h, head, targets, mask, tied, dtype)
   # Gradients w.r.t. h and every head leaf (the weight trains: an untied or fully trained head).
-  got, (gh, ghead) = jax.value_and_grad(fused, argnums=(0, 1))(h, head)
-  want, (wh, whead) = jax.value_and_grad(ref, argnums=(0, 1))(h.astype(jnp.float32), head)
+  got, (gh, ghead) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, head)
+  want, (wh, whead) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(h.astype(jnp.float32), head)
   # fp32: float rounding only. bf16: the logits' gradient is rounded to bf16 before its matmuls
   # (as autodiff of a bf16 head does), ~2^-8 relative.
   tol = 2e-6 if dtype == "float32" else 1e-2
@@ -56,7 +56,7 @@ def test_fused_loss_equals_optax_in_value_and_gradient(dtype, tied):
   # Masked positions get no gradient at all.
   assert np.all(np.asarray(gh, np.float32)[np.asarray(mask) == 0] == 0)
   # Without gradients (evaluation) the value is the same.
-  np.testing.assert_allclose(fused(h, head), got, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fused)(h, head), got, rtol=1e-6)
 
 
 def test_frozen_tied_head_gets_no_weight_gradient_matmul():
@@ -85,47 +85,14 @@ def test_head_adapter_dropout_gradients_match_autodiff():
   salted = jax.random.fold_in(key, loss_lib._DROPOUT_SALT)
   plain = lambda h, lo: loss_lib._loss_only(spec, h, {**lo, "w": head["w"]}, targets, mask, salted)
   lo = {k: head[k] for k in ("lora_a", "lora_b")}
-  got, got_g = jax.value_and_grad(fused, argnums=(0, 1))(h, lo)
-  want, want_g = jax.value_and_grad(plain, argnums=(0, 1))(h, lo)
+  got, got_g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, lo)
+  want, want_g = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(h, lo)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
   no_dropout = loss_lib.head_nll_sum(h, head, targets, mask, spec.__class__(
       vocab_size=V, tied=True, lora_scale=SCALE, chunk=16))
   assert abs(float(got) - float(no_dropout)) > 1e-3  # dropout really acts
-
-
-def test_model_loss_matches_full_logits_bf16_with_head_adapter():
-  """token_loss_sums of a bf16 GPT-2 with an lm_head adapter equals optax on model.apply's logits."""
-  from gpt2_lora_jax import lora, model as gpt2_model, train
-  config = gpt2_model.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=64,
-                                 dtype="bfloat16", param_dtype="bfloat16")
-  lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("c_attn", "lm_head"))
-  params = lora.add(gpt2_model.init_params(config, jax.random.PRNGKey(0)), lora_cfg, jax.random.PRNGKey(1))
-  params["lm_head"]["lora_b"] = jax.random.normal(jax.random.PRNGKey(2), params["lm_head"]["lora_b"].shape) * 0.1
-  model = lora.make_model(config, lora_cfg)
-  rng = np.random.RandomState(0)
-  Tm = 24
-  ids = jnp.asarray(rng.randint(0, config.vocab_size, (2, Tm)), jnp.int32)
-  batch = {"inputs": ids, "targets": jnp.roll(ids, -1, 1), "positions": jnp.tile(jnp.arange(Tm), (2, 1)),
-           "segment_ids": jnp.ones((2, Tm), jnp.int32),
-           "loss_mask": jnp.asarray(rng.rand(2, Tm) < 0.6, jnp.float32)}
-  adapters = {"lora_a": params["lm_head"]["lora_a"], "lora_b": params["lm_head"]["lora_b"]}
-
-  def with_head(ad):
-    return {**params, "lm_head": ad}
-
-  def ref(ad):
-    logits = model.apply({"params": with_head(ad)}, ids, position_ids=batch["positions"]).astype(jnp.float32)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * batch["loss_mask"])
-
-  got, got_g = jax.value_and_grad(lambda ad: train.token_loss_sums(model, with_head(ad), batch, None, True, 8)[0])(adapters)
-  want, want_g = jax.value_and_grad(ref)(adapters)
-  # The model's bf16 head rounds its logits to bf16 (the fused loss keeps them in fp32): ~2^-8.
-  np.testing.assert_allclose(got, want, rtol=5e-3)
-  for k in adapters:
-    g, w = np.asarray(got_g[k]), np.asarray(want_g[k])
-    assert np.max(np.abs(g - w)) / np.max(np.abs(w)) < 3e-2, k
 
 
 def test_train_step_holds_no_whole_batch_fp32_logits():

@@ -193,7 +193,8 @@ def test_merge_and_export_on_a_bf16_base_keep_a_small_update(base_dir, ids, tmp_
   flat = traverse_util.flatten_dict(tuned)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), len(flat)))
   tuned = traverse_util.unflatten_dict({  # a small update, as after a few hundred steps
-      p: (1e-4 * jax.random.normal(next(keys), v.shape) if p[-1] == "lora_b" else v) for p, v in flat.items()})
+      p: (1e-4 * jax.random.normal(next(keys), v.shape) if p[-1] == "lora_b" else v)
+      for p, v in flat.items()})
   merged, merged_config = lora.merge(tuned, lora_cfg, config)
   exported = load_file(os.path.join(weights.save_pretrained(merged, merged_config, str(tmp_path / "m")),
                                     "model.safetensors"))

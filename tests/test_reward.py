@@ -153,8 +153,9 @@ def dialogue(turns):
 
 def spm_reference(sp, turns, answer, max_length):
   """[CLS] q [SEP] a [SEP] from the raw sentencepiece model (no transformers, no reward.py), and
-  (question tokens cut, Human turns dropped, answer tokens cut). The answer keeps up to max(half the budget, what the
-  question leaves); the question keeps the most recent turns from a Human turn that fit."""
+  (question tokens cut, Human turns dropped, answer tokens cut). The answer keeps up to max(half
+  the budget, what the question leaves); the question keeps everything from the earliest Human
+  turn from which the rest fits."""
   budget = max_length - 3
   question = "".join(f"\n\n{role}: {text}" for role, text in turns).strip()
   q_all, a_all = sp.encode(question), sp.encode(answer)
@@ -182,7 +183,8 @@ def test_the_reward_model_sees_the_final_request_and_the_answer(spm_reward_dir, 
   _, tokenizer, _, _ = reward.load_reward_model(model_dir, device="cpu")
   want_ids, want_cut, want_dropped, want_a_cut = spm_reference(sp, turns, answer, max_length)
   assert want_dropped == dropped  # the case is what its comment says
-  inputs, cut = reward.encode_pair(tokenizer, reward.question_from_prompt(dialogue(turns)), answer, max_length)
+  question = reward.question_from_prompt(dialogue(turns))
+  inputs, cut = reward.encode_pair(tokenizer, question, answer, max_length)
   assert inputs["input_ids"] == want_ids and len(want_ids) <= max_length
   assert cut["question_tokens_cut"] == want_cut and cut["question_turns_cut"] == dropped
   assert cut["question_cut_mid_turn"] == mid_turn
@@ -197,7 +199,8 @@ def test_scores_file_counts_what_was_cut(spm_reward_dir, tmp_path):
   from transformers import AutoModelForSequenceClassification
   model_dir, sp = spm_reward_dir
   cases = [(TURNS, ANSWER), (TURNS, ANSWER * 6), (TURNS[-1:], "fine")]
-  rows = [{"id": f"p{i}", "model": "base", "prompt": dialogue(t), "answer": a} for i, (t, a) in enumerate(cases)]
+  rows = [{"id": f"p{i}", "model": "base", "prompt": dialogue(t), "answer": a}
+          for i, (t, a) in enumerate(cases)]
   gen, out = tmp_path / "generations.jsonl", tmp_path / "scores.jsonl"
   write_generations(gen, rows)
   summary = reward.score_file(str(gen), str(out), model_dir, batch_size=2, max_length=120, device="cpu")

@@ -9,6 +9,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import jax.numpy as jnp
+from conftest import randomize_all_params
 from gpt2_lora_jax import hub, model as gpt2_model, weights
 
 
@@ -33,7 +34,7 @@ def test_untied_head_roundtrip(tmp_path):
   torch.manual_seed(0)
   cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=32,
                                 tie_word_embeddings=False)
-  hf = transformers.GPT2LMHeadModel(cfg).eval()
+  hf = randomize_all_params(transformers.GPT2LMHeadModel(cfg)).eval()
   hf.save_pretrained(tmp_path / "untied")
   config, params = weights.load_pretrained(str(tmp_path / "untied"))
   assert not config.tie_word_embeddings and params["lm_head"]["kernel"].shape == (32, 300)
