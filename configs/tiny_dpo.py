@@ -20,9 +20,6 @@ def get_config():
   c.model.overrides.n_positions = 128
   c.data.max_length = 128  # 64 would cut half the pairs (both segments share one row)
   c.data.demo_rows = 200
-  # The demo's "What is a minus 0?" rows have a wrong answer equal to the right one (54 of its first
-  # 4,000 train rows): counted as chosen_equals_rejected, more than the default 1% of a small input.
-  c.data.max_bad_fraction = 0.1
   c.data.max_eval_rows = 32
   c.dpo.loss = "sigmoid"
   c.dpo.beta = 0.5

@@ -50,7 +50,7 @@ FIRST_ROWS_SHOWN = 5
 CACHE_VERSION = 1  # bump when parsing or the cached columns change
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError):
   """More malformed rows in an input than data.max_bad_fraction allows."""
 
 
