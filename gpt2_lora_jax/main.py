@@ -94,7 +94,7 @@ def main(argv):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt2_lora_jax import evaluate, experiment, hub, pretrain, reward, study, train
+  from gpt2_lora_jax import evaluate, experiment, hub, preemption, pretrain, reward, study, train
   from gpt2_lora_jax.errors import UserError
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
@@ -113,7 +113,7 @@ def main(argv):
       study.run(config, workdir)
     if mode == "score":
       evaluate.score_and_report(config, workdir)
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
   except (UserError, FileNotFoundError, hub.HubUnreachableError, train.NonFiniteLoss,

@@ -23,6 +23,7 @@ import optax
 
 from gpt2_lora_jax import lora
 from gpt2_lora_jax import loss as loss_lib
+from gpt2_lora_jax import preemption
 
 
 # Positions per logits chunk in the loss (at most): the (B, T, V) logits are never all alive at once.
@@ -158,26 +159,6 @@ def make_eval_step(model):
   return eval_step
 
 
-class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (then it saves and exits)."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 @dataclasses.dataclass
 class StepTimer:
   """Wall time between consecutive metric reads: the device time of a step at steady state.
@@ -283,15 +264,6 @@ def sft_objective(exp, cache_dir) -> Objective:
       batch_for_step=data.batch_for_step, eval_batches=data.eval_batches, loss_fn=sft_loss(exp.model),
       eval_fn=lambda trainable, frozen, batch: (*eval_step(trainable, frozen, batch), {}),
       plot=metrics_lib.plot_loss)
-
-
-class Preempted(Exception):
-  """Raised after the state was saved because SIGTERM/SIGINT arrived; rerun to resume."""
-
-  def __init__(self, signum: int, step: int):
-    super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved, rerun the same "
-                     "command to resume")
-    self.signum, self.step = signum, step
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -403,7 +375,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   step = start
   if eval_data is not None and start == 0:  # where the held-out curve starts: the untrained model
     writer.write(0, "eval", held_out(state["trainable"]))
-  with PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard:
     try:
       for step in range(start, tcfg.steps):
         stop = stop or (not multi_process and guard.signum is not None)
@@ -437,7 +409,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
           checkpoint.save(mngr, step, state, exp.meta, force=True)
         mngr.wait_until_finished()
         # A process the signal never reached stops too (exit code as if it had got SIGTERM).
-        raise Preempted(guard.signum or signal.SIGTERM, step)
+        raise preemption.Preempted(guard.signum or signal.SIGTERM, step)
     finally:
       mngr.wait_until_finished()
       writer.close()

@@ -97,7 +97,7 @@ def test_head_adapter_dropout_gradients_match_autodiff():
 
 def test_train_step_holds_no_whole_batch_fp32_logits():
   """Compiled gpt2-vocabulary train step at T = 600 (not a multiple of 256): 3 chunks of 200."""
-  from gpt2_lora_jax import lora, model as gpt2_model, optim, sharding, train
+  from gpt2_lora_jax import lora, model as gpt2_model, optim, train
   import types
   Bs, Ts = 2, 600
   config = gpt2_model.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=Ts, dtype="bfloat16",
