@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from gpt2_lora_jax import report
+from gpt2_lora_jax import report, stats
 
 
 def test_bootstrap_ci_contains_the_mean_and_narrows_with_n():
@@ -15,14 +15,14 @@ def test_bootstrap_ci_contains_the_mean_and_narrows_with_n():
   widths = []
   for n in (50, 200, 3200):
     x = rng.normal(1.0, 1.0, n)
-    est, lo, hi = report.bootstrap_ci(x, n_boot=4000, seed=1)
+    est, lo, hi = stats.bootstrap_ci(x, n_boot=4000, seed=1)
     assert est == pytest.approx(x.mean())
     assert lo < 1.0 < hi
     widths.append(hi - lo)
     # Matches the normal approximation 2 * 1.96 * sd / sqrt(n) within bootstrap noise.
     assert hi - lo == pytest.approx(2 * 1.96 * x.std(ddof=1) / math.sqrt(n), rel=0.15)
   assert widths[0] > widths[1] > widths[2]
-  assert report.bootstrap_ci(x, seed=3) == report.bootstrap_ci(x, seed=3)  # seeded
+  assert stats.bootstrap_ci(x, seed=3) == stats.bootstrap_ci(x, seed=3)  # seeded
 
 
 def scores_for(pairs):
@@ -36,27 +36,27 @@ def scores_for(pairs):
 def test_paired_difference_and_win_rate_with_ties():
   pairs = {"a": (1.0, 2.0), "b": (2.0, 2.0), "c": (3.0, 2.0), "d": (-1.0, 0.0)}
   scores = scores_for(pairs) + [{"id": "only_base", "model": "base", "reward": 9.0}]
-  ids, base, tuned = report.paired(scores)
+  ids, base, tuned = stats.paired(scores)
   assert ids == ["a", "b", "c", "d"]  # the prompt only one model answered is not paired
   np.testing.assert_array_equal(tuned - base, [1.0, 0.0, -1.0, 1.0])
   # a win, a tie (half), a loss, a win: 2.5 / 4
-  assert report.win_rate(tuned, base) == 0.625
-  assert report.win_rate([1, 1, 1], [1, 1, 1]) == 0.5
+  assert stats.win_rate(tuned, base) == 0.625
+  assert stats.win_rate([1, 1, 1], [1, 1, 1]) == 0.5
   gens = [{"id": s["id"], "model": s["model"], "answer": "x", "n_answer_tokens": 3} for s in scores]
-  summary = report.summarize(gens, scores, n_boot=500)
+  summary = stats.summarize(gens, scores, n_boot=500)
   assert summary["paired"]["mean_difference"] == pytest.approx(np.mean([1.0, 0.0, -1.0, 1.0]))
   assert summary["paired"]["win_rate"] == 0.625
   assert (summary["paired"]["n_wins"], summary["paired"]["n_ties"], summary["paired"]["n_losses"]) == (2, 1, 1)
 
 
 def test_length_stats_and_correlations():
-  s = report.length_stats([1, 2, 3, 4, 100])
+  s = stats.length_stats([1, 2, 3, 4, 100])
   assert (s["mean"], s["median"]) == (22.0, 3.0)
   assert s["p90"] == pytest.approx(np.percentile([1, 2, 3, 4, 100], 90))
   x = np.arange(1.0, 8.0)
-  c = report.correlations(x, x ** 3)
+  c = stats.correlations(x, x ** 3)
   assert c["spearman"] == pytest.approx(1.0) and 0.9 < c["pearson"] < 1.0
-  assert math.isnan(report.correlations([1, 1, 1], [1, 2, 3])["pearson"])
+  assert math.isnan(stats.correlations([1, 1, 1], [1, 2, 3])["pearson"])
 
 
 def write_jsonl(path, rows):
