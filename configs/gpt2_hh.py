@@ -34,7 +34,9 @@ def get_config(size: str = "gpt2"):
   c.model.tokenizer = "gpt2"  # or 'offline': the same BPE, bundled
   c.model.dtype = "bfloat16"  # bf16 compute on GPU/TPU (use float32 on CPU)
   c.model.base_param_dtype = "bfloat16"  # the frozen base in bf16; adapters + Adam stay fp32
-  c.model.attention_impl = "xla"  # 'cudnn' for flash attention on NVIDIA GPUs
+  # cuDNN attention on NVIDIA GPUs where it applies (each path checked once against XLA before its
+  # first use, attention.py); XLA on CPU and TPU.
+  c.model.attention_impl = "auto"
   # Blocks under nn.scan: the gpt2-xl step compiles ~5x faster, and only scanned blocks let remat
   # shrink the memory plan (benchmarks/README.md, "Compile time, memory plan and remat per size").
   c.model.scan_layers = True

@@ -30,6 +30,7 @@ def get_config():
   c.model.name = "openai-community/gpt2-medium"
   c.model.dtype = "bfloat16"
   c.model.base_param_dtype = "bfloat16"
+  c.model.attention_impl = "auto"  # cuDNN attention on NVIDIA GPUs where it applies; XLA elsewhere
 
   c.lora.rank = 1
   c.lora.alpha = 1.0  # scale alpha / r = 1

@@ -2,9 +2,11 @@
 
 Four paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
 
-  xla           jax.nn.dot_product_attention(implementation='xla') with the dense boolean mask
-                of model.make_attention_mask (or is_causal): the reference, and the only path on
-                CPU and TPU. Holds [B, H, T, S] fp32 scores.
+  xla           xla_attention: two einsums with fp32 accumulation and an fp32 softmax over the
+                dense boolean mask of model.make_attention_mask (causal when there is none), no
+                forced dot algorithm; equal to jax.nn.dot_product_attention(implementation='xla')
+                (tests/test_attention.py). The reference, the only path on CPU and TPU, and where
+                every fallback ends. Holds [B, H, T, S] fp32 scores.
   cudnn_causal  jax.nn.dot_product_attention(is_causal=True, implementation='cudnn'): rows
                 without segments or padding (T == S), e.g. the benchmark with --no_segment_ids.
   cudnn_packed  cuDNN's packed ("ragged") layout through jax._src.cudnn.fused_attention_stablehlo.
@@ -16,9 +18,12 @@ Four paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
 
 `select_path` picks one from plain inputs (backend, compute capability, cuDNN and jax version,
 dtype, head size, what the mask is), so the choice is testable anywhere; `platform()` reads them
-from the running process and, where the packed layout would be used, first checks it against XLA
-on a small batch. Packed rows fall back cudnn_packed -> cudnn_mask -> xla, each fallback
-logged once with its reason. Facts behind the rules (jax 0.10.2 / 0.11 source, cuDNN docs):
+from the running process. Before a cuDNN path is chosen the first time, `probe(path)` runs it on a
+small batch (forward and backward) against XLA, once per process, and remembers the answer; a
+path that fails falls back. Packed rows fall back cudnn_packed -> cudnn_mask -> xla, causal rows
+cudnn_causal -> xla, each fallback logged once with its reason; attention_impl='xla' consults
+nothing. A cuDNN call that jax refuses while tracing a step also falls back to XLA (logged once).
+Facts behind the rules (jax 0.10.2 / 0.11 source, cuDNN docs):
 cuDNN's fused attention takes bf16/fp16 only and needs compute capability 8.0+ (cuDNN frontend
 "Attention" support matrix); jax checks head size <= 128 (<= 256 on 9.0+) and a multiple of 8,
 requires 9.0+ for the packed layout, and refuses an odd sequence length for a bias in training;
@@ -34,10 +39,11 @@ The packer (packing.py) caps conversations per row so this does not happen: M = 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,15 +69,28 @@ class Platform:
   """What the choice of kernel depends on, read from the running process (see platform())."""
   backend: str  # 'cpu', 'gpu', 'tpu'
   cuda: bool = False  # an NVIDIA GPU (a ROCm GPU is also backend 'gpu')
-  compute_capability: tuple = ()  # e.g. (9, 0) for H100/H200
+  compute_capability: tuple = ()  # e.g. (9, 0) for H100/H200; () where there is none (ROCm)
   cudnn_version: int = 0  # e.g. 90800 for 9.8.0; 0 when none is found
   jax_version: tuple = ()
   packed_api: bool = False  # the private packed entry point has the arguments used here
-  packed_problem: str = ""  # why the packed layout is unusable here, when a probe found out
 
 
 def _version_tuple(text: str) -> tuple:
   return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+
+
+def _compute_capability(device) -> tuple:
+  """(major, minor) of an NVIDIA device; () for anything else (ROCm reports e.g. 'gfx90a')."""
+  try:
+    return tuple(int(x) for x in str(getattr(device, "compute_capability", "")).split("."))
+  except ValueError:
+    return ()
+
+
+def describe_exception(e: BaseException) -> str:
+  """'Type: first non-empty line of the message' (an exception's message may be empty)."""
+  lines = [line for line in str(e).splitlines() if line.strip()]
+  return f"{type(e).__name__}: {lines[0][:200] if lines else '(no message)'}"
 
 
 def _packed_api_available() -> bool:
@@ -85,40 +104,12 @@ def _packed_api_available() -> bool:
     return False
 
 
-def probe_packed_layout(path: str = "cudnn_packed") -> str:
-  """Runs `path` once on two small packed rows (forward and backward) against XLA with the dense
-  segment mask; '' when they agree, else what went wrong. A wrong mask changes outputs by O(1);
-  the bound, 0.05 (1 + |reference|), is bf16 rounding with room to spare."""
-  B, T, H, K = 2, 64, 2, 64
-  seg = np.zeros((B, T), np.int32)
-  seg[0, :20], seg[0, 20:50], seg[1, :] = 1, 2, 1  # two conversations + padding; one full row
-  dense = (seg[:, None, :, None] == seg[:, None, None, :]) & np.tril(np.ones((T, T), bool))
-  rng = np.random.default_rng(0)
-  try:
-    with jax.ensure_compile_time_eval():  # also when first called while a step is being traced
-      q, k, v, g = (jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.bfloat16) for _ in range(4))
-
-      def fwd_bwd(mask):
-        out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
-        return (out, *vjp(g))
-
-      got = jax.jit(fwd_bwd)(build_mask(path, jnp.asarray(dense), jnp.asarray(seg), 2))
-      want = jax.jit(fwd_bwd)(Mask("xla", jnp.asarray(dense)))
-      for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        if not np.all(np.abs(a - b) <= 0.05 * (1 + np.abs(b))):
-          return f"its {name} differs from XLA's by up to {np.max(np.abs(a - b)):.3g} on a test batch"
-  except Exception as e:  # a kernel this GPU, cuDNN or jax refuses
-    return f"it failed on a test batch: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  return ""
-
-
 @functools.lru_cache(maxsize=1)
 def platform() -> Platform:
   """The running process's backend and, on NVIDIA GPUs, compute capability and cuDNN version.
 
-  Where the packed layout would be chosen, it is first run once on a test batch and compared with
-  XLA (probe_packed_layout); if that fails, packed rows fall back as when it is unavailable.
+  Reads facts only; whether a cuDNN kernel really runs here is probe()'s question, asked the first
+  time a path would be chosen.
   """
   device = jax.devices()[0]
   jax_version = _version_tuple(jax.__version__)
@@ -129,31 +120,100 @@ def platform() -> Platform:
     platform_version = jax_extend.backend.get_backend().platform_version
   except (ImportError, AttributeError):
     platform_version = getattr(device.client, "platform_version", "")
-  cuda = "cuda" in platform_version.lower()
-  capability = tuple(int(x) for x in str(getattr(device, "compute_capability", "0.0")).split("."))
+  cuda = "cuda" in str(platform_version).lower()
+  if not cuda:  # ROCm: no cuDNN, and its device names are not CUDA compute capabilities
+    return Platform("gpu", False, (), 0, jax_version, False)
   cudnn_version = 0
-  if cuda:
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+    cudnn_version = int(fas.check_cudnn_version())
+  except Exception:  # no cuDNN found, or a jax whose check moved or raises otherwise
+    cudnn_version = 0
+  return Platform("gpu", True, _compute_capability(device), cudnn_version, jax_version,
+                  _packed_api_available())
+
+
+# --- the probe: does a cuDNN path really run here? ----------------------------------------------
+
+PROBE_SHAPE = (2, 64, 2, 64)  # B, T, H, K of the test batch
+PROBE_SEGMENTS = 2  # conversations a probe row holds at most
+
+
+def probe_inputs(path: str) -> tuple:
+  """The probe's test batch as host arrays: q, k, v, output cotangent (bf16), segment ids (B, T)
+  and the dense mask (B, 1, T, T) that `path` must reproduce. For cudnn_causal every row is one
+  segment (causal only); otherwise two conversations + padding in row 0 and one full row 1."""
+  B, T, H, K = PROBE_SHAPE
+  seg = np.ones((B, T), np.int32)
+  if path != "cudnn_causal":
+    seg[0, :20], seg[0, 20:50], seg[0, 50:] = 1, 2, 0
+  dense = (seg[:, None, :, None] == seg[:, None, None, :]) & np.tril(np.ones((T, T), bool))
+  rng = np.random.default_rng(0)
+  q, k, v, g = (rng.standard_normal((B, T, H, K)).astype(jnp.bfloat16) for _ in range(4))
+  return q, k, v, g, seg, dense
+
+
+def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None):
+  """The probe's program for `path` (attention forward + backward on probe_inputs, every input a
+  jit argument) traced and lowered; for another platform than this process's with
+  lowering_platforms, e.g. ('cuda',) in the tests. Works while another function is being traced."""
+  def fwd_bwd(q, k, v, g, seg, dense):
+    mask = Mask("cudnn_causal") if path == "cudnn_causal" else build_mask(path, dense, seg, PROBE_SEGMENTS)
+
+    def kernel(q, k, v):  # cuDNN without attend's fallback: a refusal is the probe's answer
+      return attend(q, k, v, mask) if path == "xla" else _cudnn(mask, q, k, v)
+
+    out, vjp = jax.vjp(kernel, q, k, v)
+    return (out, *vjp(g))
+
+  traced = jax.jit(fwd_bwd).trace(*probe_inputs(path))
+  return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=lowering_platforms)
+
+
+def _run_probe(path: str) -> str:
+  inputs = probe_inputs(path)
+  got = probe_lowered(path).compile()(*inputs)
+  want = probe_lowered("xla").compile()(*inputs)
+  for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if not np.all(np.abs(a - b) <= 0.05 * (1 + np.abs(b))):
+      return f"its {name} differs from XLA's by up to {np.max(np.abs(a - b)):.3g} on a test batch"
+  return ""
+
+
+_probe_results: dict = {}
+
+
+def probe(path: str) -> str:
+  """'' when `path` runs here (forward and backward on a small batch) and agrees with XLA, else why
+  not. Run once per path and process, the answer kept (a failure too). A wrong mask changes outputs
+  by O(1); the bound, 0.05 (1 + |reference|), is bf16 rounding with room to spare.
+
+  It runs in a thread of its own: thread-local tracing state is then empty, so the probe executes
+  eagerly even when first asked while a train step is being traced. Any exception (an empty
+  message, an AssertionError from jax's lowering, XlaRuntimeError, NotImplementedError) is an
+  answer, never raised.
+  """
+  if path not in _probe_results:
     try:
-      from jax._src.cudnn import fused_attention_stablehlo as fas
-      cudnn_version = int(fas.check_cudnn_version())
-    except (ImportError, RuntimeError, AttributeError):
-      cudnn_version = 0
-  plat = Platform("gpu", cuda, capability, cudnn_version, jax_version, _packed_api_available())
-  if plat.packed_api and cuda and capability >= (9, 0) and cudnn_version >= MIN_CUDNN_PACKED:
-    problem = probe_packed_layout()
-    if problem:
-      plat = dataclasses.replace(plat, packed_api=False, packed_problem=problem)
-  return plat
+      with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="attention-probe") as pool:
+        problem = pool.submit(_run_probe, path).result()
+    except Exception as e:  # a kernel this GPU, cuDNN or jax refuses
+      problem = f"it failed on a test batch: {describe_exception(e)}"
+    _probe_results[path] = problem
+  return _probe_results[path]
 
 
 def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_len: int,
-                segment_cap: int, log_fallbacks: bool = True) -> str:
-  """The attention path for one call: see the module docstring. Pure apart from logging.
+                segment_cap: int, log_fallbacks: bool = True,
+                probe: Optional[Callable[[str], str]] = None) -> str:
+  """The attention path for one call: see the module docstring. Pure apart from logging and `probe`.
 
   impl: GPT2Config.attention_impl ('xla', 'cudnn', 'auto'); kind: one of MASK_KINDS;
   seq_len: query length T (cuDNN refuses an odd T with a bias in training); segment_cap: the
   most segments a packed row holds (GPT2Config.max_segments_per_row; 0 = no cap, which leaves the
-  packed layout's table unsized).
+  packed layout's table unsized). probe(path) -> '' or why `path` does not run here (see probe());
+  None: every path the facts allow runs.
   """
   if kind not in MASK_KINDS:
     raise ValueError(f"mask kind {kind!r}: choose one of {MASK_KINDS}")
@@ -179,21 +239,32 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   if reason:
     note(f"attention: XLA instead of cuDNN: {reason}")
     return "xla"
+  probed = lambda path: "" if probe is None else probe(path)
   if kind == "causal":
-    return "cudnn_causal"
+    problem = probed("cudnn_causal")
+    if not problem:
+      return "cudnn_causal"
+    note(f"attention: XLA instead of cuDNN's causal kernel: {problem}")
+    return "xla"
   # Packed segments: the packed layout, else cuDNN with the dense mask, else XLA.
   if segment_cap < 1:
     why = "no segment cap (data.max_segments_per_row=0) to size the packed layout's table"
   elif not plat.packed_api:
-    why = plat.packed_problem or "this jax has no packed-layout entry point with q/kv offsets"
+    why = "this jax has no packed-layout entry point with q/kv offsets"
   elif plat.compute_capability < (9, 0):
     why = f"compute capability {plat.compute_capability} (the packed layout needs 9.0+)"
   elif plat.cudnn_version < MIN_CUDNN_PACKED:
     why = f"cuDNN {plat.cudnn_version} (the packed layout is tested from 9.6.0)"
   else:
-    return "cudnn_packed"
+    why = probed("cudnn_packed")
+    if not why:
+      return "cudnn_packed"
   if seq_len % 2:
     note(f"attention: XLA for packed rows: {why}; cuDNN with a mask needs an even length, got {seq_len}")
+    return "xla"
+  problem = probed("cudnn_mask")
+  if problem:
+    note(f"attention: XLA for packed rows: {why}; cuDNN with a mask: {problem}")
     return "xla"
   dbias = (" (its backward computes a full bias gradient on this jax)"
            if plat.jax_version < FIRST_JAX_WITHOUT_MASK_DBIAS else "")
@@ -244,38 +315,81 @@ class Mask:
   """What every layer's attention needs, built once per forward pass (GPT2.__call__).
 
   path: the chosen kernel (static); dense_B1TS: the boolean mask (None when causal);
-  seqlens_BM / offsets_BM1 / overflow_B: the packed layout (cudnn_packed only).
+  seqlens_BM / offsets_BM1 / overflow_B: the packed layout, and segment_ids_BT for XLA should
+  cuDNN refuse it while tracing (cudnn_packed only).
   """
   path: str = dataclasses.field(metadata=dict(static=True))
   dense_B1TS: Optional[jax.Array] = None
   seqlens_BM: Optional[jax.Array] = None
   offsets_BM1: Optional[jax.Array] = None
   overflow_B: Optional[jax.Array] = None
+  segment_ids_BT: Optional[jax.Array] = None
 
 
 def build_mask(path: str, dense_B1TS, segment_ids_BT, max_segments: int) -> Mask:
   """The Mask for `path`: the dense mask for xla / cudnn_mask, the layout for cudnn_packed."""
   if path == "cudnn_packed":
     # One more slot than conversations: trailing padding is a segment of its own.
-    return Mask(path, None, *segment_layout(segment_ids_BT, max_segments + 1))
+    return Mask(path, None, *segment_layout(segment_ids_BT, max_segments + 1),
+                segment_ids_BT=jnp.asarray(segment_ids_BT))
   return Mask(path, dense_B1TS if path in ("xla", "cudnn_mask") else None)
 
 
-def attend(q_BTHK, k_BSHK, v_BSHK, mask: Mask):
-  """softmax(q k^T / sqrt(K) + mask) v through mask.path; (B, T, H, K) like q."""
-  if mask.path == "xla":
-    if mask.dense_B1TS is None:
-      return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="xla")
-    return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask.dense_B1TS, implementation="xla")
+def xla_attention(q_BTHK, k_BSHK, v_BSHK, mask_B1TS=None):
+  """softmax(q k^T / sqrt(K) + mask) v in plain einsums; mask None means causal (T == S).
+
+  Inputs stay in their dtype (bf16 on accelerators) and both matmuls accumulate in fp32 through
+  preferred_element_type; the softmax runs in fp32 and its probabilities are cast back to v's dtype,
+  as jax.nn.dot_product_attention(implementation='xla') computes. Unlike that function, no dot
+  algorithm is forced (it pins BF16_BF16_F32 on bf16 inputs, see jax-ml/jax#24047): XLA picks
+  the matmul as for any other bf16 dot.
+  """
+  B, T, H, K = q_BTHK.shape
+  S = k_BSHK.shape[1]
+  scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+  scores_BHTS = scores_BHTS * np.float32(1.0 / np.sqrt(K))
+  if mask_B1TS is None:
+    mask_B1TS = jnp.tril(jnp.ones((T, S), bool))[None, None]
+  # The large negative jax uses: exp() of it is 0 and a row never holds only -inf.
+  scores_BHTS = jnp.where(mask_B1TS, scores_BHTS, np.float32(-0.7 * np.finfo(np.float32).max))
+  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHK.dtype)
+  out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK, preferred_element_type=jnp.float32)
+  return out_BTHK.astype(q_BTHK.dtype)
+
+
+def _segment_mask(segment_ids_BT):
+  """(B, 1, T, T): causal inside each run of equal ids, as make_attention_mask builds for packed rows."""
+  seg = jnp.asarray(segment_ids_BT)
+  T = seg.shape[1]
+  return (seg[:, None, :, None] == seg[:, None, None, :]) & jnp.tril(jnp.ones((T, T), bool))[None, None]
+
+
+def _cudnn(mask: Mask, q_BTHK, k_BSHK, v_BSHK):
   if mask.path == "cudnn_causal":
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="cudnn")
   if mask.path == "cudnn_mask":
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask.dense_B1TS, implementation="cudnn")
-  if mask.path == "cudnn_packed":
-    from jax._src.cudnn import fused_attention_stablehlo as fas
-    out = fas.dot_product_attention(
-        q_BTHK, k_BSHK, v_BSHK, None, None, mask.seqlens_BM, mask.seqlens_BM, mask.offsets_BM1,
-        mask.offsets_BM1, scale=float(1.0 / np.sqrt(q_BTHK.shape[-1])),
-        mask_type=fas.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-    return jnp.where(mask.overflow_B[:, None, None, None], jnp.nan, out).astype(out.dtype)
-  raise ValueError(f"attention path {mask.path!r}: choose one of {PATHS}")
+  from jax._src.cudnn import fused_attention_stablehlo as fas
+  out = fas.dot_product_attention(
+      q_BTHK, k_BSHK, v_BSHK, None, None, mask.seqlens_BM, mask.seqlens_BM, mask.offsets_BM1,
+      mask.offsets_BM1, scale=float(1.0 / np.sqrt(q_BTHK.shape[-1])),
+      mask_type=fas.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+  return jnp.where(mask.overflow_B[:, None, None, None], jnp.nan, out).astype(out.dtype)
+
+
+def attend(q_BTHK, k_BSHK, v_BSHK, mask: Mask):
+  """softmax(q k^T / sqrt(K) + mask) v through mask.path; (B, T, H, K) like q.
+
+  A cuDNN path that jax refuses while tracing (an exception of any kind) falls back to XLA with the
+  same mask, logged once with the exception's type and message.
+  """
+  if mask.path not in PATHS:
+    raise ValueError(f"attention path {mask.path!r}: choose one of {PATHS}")
+  if mask.path == "xla":
+    return xla_attention(q_BTHK, k_BSHK, v_BSHK, mask.dense_B1TS)
+  try:
+    return _cudnn(mask, q_BTHK, k_BSHK, v_BSHK)
+  except Exception as e:  # e.g. NotImplementedError or a version check of jax's cuDNN wrapper
+    _log_once(f"attention: XLA instead of {mask.path}: jax refused it: {describe_exception(e)}")
+  dense = _segment_mask(mask.segment_ids_BT) if mask.path == "cudnn_packed" else mask.dense_B1TS
+  return xla_attention(q_BTHK, k_BSHK, v_BSHK, dense)

@@ -10,6 +10,8 @@ dpo (DPO from --config.dpo.init_from), preference_study (SFT -> DPO -> base vs S
 <workdir>/sft, <workdir>/dpo, <workdir>/eval; see study.py).
 Multi-host: jax.distributed is initialised on Cloud TPU pods and SLURM automatically, or with
 --coordinator_address/--num_processes/--process_id.
+Compiled programs are kept in JAX's persistent compilation cache, by default
+~/.cache/gpt2_lora_jax/jax_compilation_cache (--compilation_cache_dir=DIR elsewhere, empty to turn it off).
 
 Exit codes: 0 done (also when the run was already trained to train.steps: it says so), 1 a user
 error (one line, `error: ...`, no traceback) or a failed scorer, 128 + N stopped by signal N
@@ -33,6 +35,12 @@ _MODE = flags.DEFINE_enum("mode", "train_and_eval",
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
+DEFAULT_COMPILATION_CACHE = "~/.cache/gpt2_lora_jax/jax_compilation_cache"
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", DEFAULT_COMPILATION_CACHE,
+    "JAX's persistent compilation cache: a resumed or repeated run loads its compiled steps from "
+    "here instead of compiling again (local path or gs://). Empty: off. Unless given, the "
+    "JAX_COMPILATION_CACHE_DIR environment variable wins over the default.")
 flags.mark_flag_as_required("config")
 
 
@@ -92,6 +100,7 @@ def main(argv):
     # The reward scorer (PyTorch, another process) needs GPU memory: JAX must not preallocate
     # 75% of the GPU; without preallocation it holds only what it used. Set before jax starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  use_compilation_cache(_COMPILATION_CACHE.value, given=flags.FLAGS["compilation_cache_dir"].present)
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from gpt2_lora_jax import evaluate, experiment, hub, preemption, pretrain, reward, study, train
@@ -121,6 +130,23 @@ def main(argv):
     if created and not _holds_checkpoints(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # a start that failed leaves no empty workdir
     fail(str(e))
+
+
+def use_compilation_cache(path: str, given: bool):
+  """Points JAX's persistent compilation cache at `path` ('' turns it off). Programs that took at
+  least jax_persistent_cache_min_compile_time_secs to compile (jax's default: 1 s) are stored."""
+  import jax
+  if not given and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return  # jax reads the variable itself
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  path = path if "://" in path else os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  # A program holding cuDNN's packed layout (a custom_partitioning call) carries a pointer into this
+  # process in its cache key unless told otherwise (jax's config help: "potentially unsafe" where the
+  # partitioning callbacks could differ; here they are the project's own code, fixed per version).
+  jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
 
 
 def _holds_checkpoints(workdir: str) -> bool:

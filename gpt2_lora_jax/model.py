@@ -292,8 +292,11 @@ def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_
   layout, per-row segment lengths and offsets instead (attention.py chooses and explains).
   """
   kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset)
-  path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
-                               config.head_dim, T, config.max_segments_per_row)
+  path = "xla"
+  if config.attention_impl != "xla":  # 'xla' asks nothing of the platform
+    path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
+                                 config.head_dim, T, config.max_segments_per_row,
+                                 probe=attention.probe)
   dense = None
   if path in ("xla", "cudnn_mask"):
     dense = make_attention_mask(T, S, attention_mask, segment_ids, query_offset)

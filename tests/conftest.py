@@ -114,3 +114,40 @@ def tiny_run(tmp_path_factory, tiny_reward_dir):
                     f"--config.eval.reward_model={tiny_reward_dir}", "--config.eval.temperature=0.7")
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
+
+
+# --- GPU programs lowered on this CPU -----------------------------------------------------------
+
+def lower_for_cuda(fn, *args, static_argnums=()) -> str:
+  """StableHLO text of jit(fn)(*args) lowered for CUDA on this CPU machine (compiling for CUDA is
+  not possible here; lowering runs every rule jax applies for a GPU, cuDNN attention included)."""
+  import jax
+  traced = jax.jit(fn, static_argnums=static_argnums).trace(*args)
+  return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+  """make(packed=True, problems={}) -> the attention.Platform of an H100/H200 this process then
+  reports: cuDNN 9.8 (packed layout available) or, with packed=False, 9.5 (not available).
+
+  Patches jax's cuDNN version and compute-capability checks (they ask a GPU that is not here) and
+  attention.probe (it would run a kernel): problems maps a path to the probe's answer, '' (runs)
+  for every path not named. Patches live in the tests only, never in product code.
+  """
+  import jax
+  from jax._src.cudnn import fused_attention_stablehlo as fas
+  from gpt2_lora_jax import attention
+
+  def make(packed: bool = True, problems: dict | None = None):
+    version = 90800 if packed else 90500
+    monkeypatch.setattr(fas, "check_cudnn_version", lambda *a, **k: version)
+    monkeypatch.setattr(fas, "check_compute_capability", lambda *a, **k: True)
+    plat = attention.Platform("gpu", True, (9, 0), version, attention._version_tuple(jax.__version__),
+                              attention._packed_api_available())
+    monkeypatch.setattr(attention, "platform", lambda: plat)
+    monkeypatch.setattr(attention, "probe", lambda path: (problems or {}).get(path, ""))
+    return plat
+
+  return make
+

@@ -126,3 +126,24 @@ def test_offline_hub_error_does_not_suggest_going_offline(monkeypatch):
   with pytest.raises(hub.HubUnreachableError) as e:
     hub.resolve("someone/not-in-the-cache", ["config.json"], what="GPT-2 model", flag="model.name")
   assert "set HF_HUB_OFFLINE=1" not in str(e.value) and "model.name" in str(e.value)
+
+
+def test_runs_keep_compiled_programs_in_the_persistent_cache(tmp_path):
+  """By default under ~/.cache (HOME moved here), off with --compilation_cache_dir= ; JAX_COMPILATION_CACHE_DIR (set by conftest) is removed to see the default."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  default = tmp_path / "home" / ".cache" / "gpt2_lora_jax" / "jax_compilation_cache"
+
+  def run(name, *flags):
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}", "--mode=train",
+         f"--workdir={tmp_path / name}", "--config.train.steps=1", "--config.train.eval_every=0",
+         "--config.optim.warmup_steps=0", *flags], capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**env, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu",
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  run("off", "--compilation_cache_dir=")
+  assert not default.exists()
+  run("default")
+  assert default.is_dir() and len(list(default.iterdir())) >= 1
