@@ -24,10 +24,10 @@ test reads which of jax's cuDNN kernels each one partitions (forward or backward
 from jax's registry of those calls.
 """
 import re
+import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import TINY
@@ -43,6 +43,8 @@ PAIRS_PER_ROW = 3  # J of a DPO batch
 PACKED_ROWS_PATH = {("auto", True): "cudnn_packed", ("cudnn", True): "cudnn_packed",
                     ("auto", False): "cudnn_mask", ("cudnn", False): "cudnn_mask",
                     ("xla", True): "xla", ("xla", False): "xla"}
+# attention_impl -> the path of rows without segment ids (the benchmark's --no_segment_ids): causal.
+CAUSAL_ROWS_PATH = {"auto": "cudnn_causal", "cudnn": "cudnn_causal", "xla": "xla"}
 # The sampler's path on an H100/H200 for attention_impl 'auto' and 'cudnn', keyed by whether the
 # packed layout is available ('xla' always gives 'xla'). Its masks (left-padded prompts over the
 # KV cache's slots) are dense: the dispatcher sends them to XLA.
@@ -56,6 +58,21 @@ CUDNN_CALL = {"xla": None, "cudnn_causal": "__cudnn$fmhaSoftmax",
 # What a CustomSPMDPartitioning call of each path partitions: (mask type, with a bias).
 CUDNN_KERNEL = {"cudnn_causal": ("CAUSAL", False), "cudnn_packed": ("PADDING_CAUSAL", False),
                 "cudnn_mask": ("NO_MASK", True)}
+
+
+# The project's module-level jitted programs that run the model. jax caches a trace by function and
+# arguments (models compare by value), not by the simulated platform: without eviction a program
+# traced for one simulated GPU (or for this CPU) would be reused for another.
+MODEL_JITS = (sample._prefill, sample._decode, dpo._forward_logps)
+
+
+@pytest.fixture(autouse=True)
+def fresh_traces():
+  for jitted in MODEL_JITS:
+    jitted.clear_cache()
+  yield
+  for jitted in MODEL_JITS:
+    jitted.clear_cache()
 
 
 def expected_path(program_paths, impl: str, packed: bool) -> str:
@@ -79,7 +96,8 @@ def partitioned_kernels(lowered) -> list:
   kernels = []
   for key in keys:  # the registry holds each call's callbacks while `lowered` lives
     info = custom_partitioning._sharding_callbacks[key.encode()]
-    scale, seed, dropout, (has_bias, _), mask_type = info.static_args[:5]
+    # jax's static arguments of both kernels: scale, seed, dropout rate, (bias, bias gradient), mask type
+    (has_bias, _), mask_type = info.static_args[3:5]
     kernels.append((info.partition.__name__, mask_type.name, has_bias))
   return kernels
 
@@ -95,7 +113,7 @@ def assert_holds(lowered, path: str, *, training: bool, T: int, devices: int = 1
     if path != "xla":
       want = {CUDNN_CALL[path]} | ({CUDNN_CALL[path] + "Backward"} if training else set())
     assert calls == want, (path, calls)
-    assert "CustomSPMDPartitioning" not in text
+    assert "CustomSPMDPartitioning" not in text, "a cuDNN call partitioned over devices"
     return
   assert not calls, calls  # lowered per device by the SPMD partitioner, at compile time
   kernels = partitioned_kernels(lowered)
@@ -152,10 +170,8 @@ def train_program(config, micro_batches: int, devices: int, loss_fn=None, batch=
   """(jitted step, abstract arguments) as train.run builds them (train.init_state's shardings)."""
   params, labels = abstract_params(config)
   model = lora.make_model(config, LORA)
-  optim_cfg = dict(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.0, b1=0.9, b2=0.999,
-                   eps=1e-8, weight_decay=0.0, clip_norm=1.0)
-  import types
-  optim_cfg = types.SimpleNamespace(**optim_cfg)
+  optim_cfg = types.SimpleNamespace(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.0,
+                                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
   tx, schedule = optim.make_optimizer(optim_cfg, 3000, labels), optim.make_schedule(optim_cfg, 3000)
   mesh = sharding.make_mesh(-1, 1, jax.devices()[:devices])
   repl = sharding.replicated(mesh)
@@ -201,6 +217,15 @@ def test_sft_train_step_lowers_for_cuda(simulated_gpu, impl, packed, scan, remat
   simulated_gpu(packed=packed)
   step, args, _ = train_program(gpt2_config(impl, scan, remat), micro_batches, devices)
   assert_holds(cuda(step, *args), PACKED_ROWS_PATH[impl, packed], training=True, T=T, devices=devices)
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_train_step_on_rows_without_segments_lowers_for_cuda(simulated_gpu, impl):
+  """benchmarks' --no_segment_ids: the model builds no mask, plain causal attention."""
+  simulated_gpu()
+  unpacked = lambda mesh: {**sft_batch(mesh), "segment_ids": None}
+  step, args, _ = train_program(gpt2_config(impl), 1, 1, batch=unpacked)
+  assert_holds(cuda(step, *args), CAUSAL_ROWS_PATH[impl], training=True, T=T)
 
 
 def test_the_buffer_check_sees_whole_batch_logits():
@@ -315,7 +340,9 @@ def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
 @pytest.mark.parametrize("devices", [1, 8])
 def test_train_step_and_sampler_lower_for_tpu(monkeypatch, devices):
   """On a TPU attention.platform() reports backend 'tpu' and every path is XLA; jax lowers for TPU
-  on this CPU machine (jax 0.10.2), so the programs of configs/gpt2_hh.py ('auto') are checked."""
+  on this CPU machine (jax 0.10.2), so the programs of configs/gpt2_hh.py ('auto') are checked.
+  (A cuDNN path cannot be lowered for TPU: NotImplementedError "MLIR translation rule for primitive
+  'dot_product_attention_fwd' not found for platform tpu"; the dispatcher never picks one there.)"""
   plat = attention.Platform("tpu", jax_version=attention._version_tuple(jax.__version__))
   monkeypatch.setattr(attention, "platform", lambda: plat)
   config = gpt2_config("auto")
