@@ -335,6 +335,29 @@ def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
   assert_holds(cuda(jax.jit(attention.attend), x, x, x, overflow_mask), "cudnn_packed", training=False, T=Tc)
 
 
+def test_the_attention_check_reports_a_kernel_that_fails_with_an_empty_message(simulated_gpu, monkeypatch):
+  """On the H200, jax's cuDNN lowering raised an AssertionError with an empty message; the check's
+  record of a failed path must survive that (as every other path's row), not raise IndexError."""
+  simulated_gpu()
+  real_run = attention_check._run
+
+  def run(path, *args):
+    fn = real_run(path, *args)
+    if not path.startswith("cudnn"):
+      return fn
+
+    def refused(*call_args):  # what the jitted cuDNN program did on the H200 when called
+      raise AssertionError()
+    return refused
+
+  monkeypatch.setattr(attention_check, "_run", run)
+  result = attention_check.check(batch_size=2, seq_len=64, heads=2, head_dim=16, max_segments=4, repeats=1)
+  rows = result["paths"]
+  assert rows["cudnn_packed"] == rows["cudnn_mask"] == {"error": "AssertionError: (no message)", "ok": False}
+  assert rows["xla"]["ok"] and rows["layout_xla"]["ok"]  # the XLA paths ran on this CPU
+  assert "error: AssertionError: (no message)" in attention_check.to_markdown({**result, "timestamp": "t"})
+
+
 # --- TPU --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("devices", [1, 8])
