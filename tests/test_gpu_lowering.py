@@ -14,7 +14,7 @@ Each lowered program must hold
   (packed rows: the packed layout where cuDNN >= 9.6, else cuDNN with a dense mask; 'xla': none),
   a backward call only where the program takes gradients;
 - no dot with an explicit algorithm (`algorithm = <...>`): jax.nn.dot_product_attention's XLA path
-  pins BF16_BF16_F32 on bf16 dots, the lead in the H200's stalled XLA compiles;
+  pins BF16_BF16_F32 on bf16 dots, a lead for why no XLA-path train step finished on the H200;
 - no fp32 [B, T, V] buffer (the whole batch's logits; the loss runs in chunks of 256 positions,
   so T = 512 here shows a whole-batch buffer should one appear).
 
@@ -166,14 +166,16 @@ def preference_batch(mesh):
           "ref_logps": rows(mesh, jnp.float32, PAIRS_PER_ROW, 2)}
 
 
-def train_program(config, micro_batches: int, devices: int, loss_fn=None, batch=sft_batch):
-  """(jitted step, abstract arguments) as train.run builds them (train.init_state's shardings)."""
+def train_program(config, micro_batches: int, devices: int, loss_fn=None, batch=sft_batch, fsdp: int = 1):
+  """(jitted step, its abstract arguments, (model, mesh, state, trainable and frozen shardings)) as
+  train.run builds them, on a ('data', 'fsdp') mesh of `devices` CPU devices (train.init_state's
+  shardings; the batch split over both axes)."""
   params, labels = abstract_params(config)
   model = lora.make_model(config, LORA)
   optim_cfg = types.SimpleNamespace(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.0,
                                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
   tx, schedule = optim.make_optimizer(optim_cfg, 3000, labels), optim.make_schedule(optim_cfg, 3000)
-  mesh = sharding.make_mesh(-1, 1, jax.devices()[:devices])
+  mesh = sharding.make_mesh(-1, fsdp, jax.devices()[:devices])
   repl = sharding.replicated(mesh)
   param_sh = sharding.param_shardings(params, mesh)
   trainable_sh, frozen_sh = lora.split(param_sh, labels)
@@ -197,25 +199,26 @@ def dpo_loss(model):
 
 # --- the SFT train step -----------------------------------------------------------------------
 
-# (attention_impl, packed layout available, scanned, remat, micro-batches, devices): every value of
-# each setting at least once; the first row is configs/gpt2_hh.py's.
+# (attention_impl, packed layout available, scanned, remat, micro-batches, devices, fsdp): every
+# value of each setting at least once; the first row is configs/gpt2_hh.py's.
 TRAIN_CASES = [
-    ("auto", True, True, "dots", 2, 1),
-    ("auto", False, True, "dots", 1, 1),
-    ("cudnn", True, False, "none", 2, 1),
-    ("cudnn", False, False, "full", 2, 1),
-    ("xla", True, True, "full", 2, 1),
-    ("xla", False, False, "dots", 1, 1),
-    ("auto", True, True, "dots", 2, 8),
-    ("cudnn", False, False, "none", 2, 8),
-    ("xla", True, True, "dots", 2, 8),
+    ("auto", True, True, "dots", 2, 1, 1),
+    ("auto", False, True, "dots", 1, 1, 1),
+    ("cudnn", True, False, "none", 2, 1, 1),
+    ("cudnn", False, False, "full", 2, 1, 1),
+    ("xla", True, True, "full", 2, 1, 1),
+    ("xla", False, False, "dots", 1, 1, 1),
+    ("auto", True, True, "dots", 2, 8, 2),
+    ("cudnn", False, False, "none", 2, 8, 1),
+    ("xla", True, True, "dots", 2, 8, 1),
 ]
 
 
-@pytest.mark.parametrize("impl, packed, scan, remat, micro_batches, devices", TRAIN_CASES)
-def test_sft_train_step_lowers_for_cuda(simulated_gpu, impl, packed, scan, remat, micro_batches, devices):
+@pytest.mark.parametrize("impl, packed, scan, remat, micro_batches, devices, fsdp", TRAIN_CASES)
+def test_sft_train_step_lowers_for_cuda(simulated_gpu, impl, packed, scan, remat, micro_batches, devices,
+                                        fsdp):
   simulated_gpu(packed=packed)
-  step, args, _ = train_program(gpt2_config(impl, scan, remat), micro_batches, devices)
+  step, args, _ = train_program(gpt2_config(impl, scan, remat), micro_batches, devices, fsdp=fsdp)
   assert_holds(cuda(step, *args), PACKED_ROWS_PATH[impl, packed], training=True, T=T, devices=devices)
 
 
