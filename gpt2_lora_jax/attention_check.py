@@ -135,7 +135,7 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
              "max_abs_diff_vs_fp32": {n: _max_abs(x, r) for n, x, r in
                                       zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads))}}
     except Exception as e:  # a kernel this device or jax refuses: recorded, the others go on
-      row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      row = {"error": attention.describe_exception(e)}  # a message may be empty
     result["paths"][path] = row
   base = result["paths"]["xla"].get("max_abs_diff_vs_fp32", {})
   for path, row in result["paths"].items():
