@@ -447,13 +447,21 @@ def _segment_mask(segment_ids_BT):
   return (seg[:, None, :, None] == seg[:, None, None, :]) & jnp.tril(jnp.ones((T, T), bool))[None, None]
 
 
+def lengths_attention(mask: Mask, q_BTHK, k_BSHK, v_BSHK, implementation: str = "cudnn"):
+  """The cudnn_lengths call: jax.nn.dot_product_attention with per-row kv lengths (and causal for
+  a chunk from slot 0, given only the first T key slots). implementation='xla' runs the same call
+  on jax's XLA implementation (the tests' check of its arguments)."""
+  if mask.causal:  # a chunk from slot 0 sees only the first T slots: cuDNN gets T == S
+    T = q_BTHK.shape[1]
+    k_BSHK, v_BSHK = k_BSHK[:, :T], v_BSHK[:, :T]
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=mask.causal,
+                                      key_value_seq_lengths=mask.kv_lengths_B,
+                                      implementation=implementation)
+
+
 def _cudnn(mask: Mask, q_BTHK, k_BSHK, v_BSHK):
   if mask.path == "cudnn_lengths":
-    if mask.causal:  # a chunk from slot 0 sees only the first T slots: cuDNN gets T == S
-      T = q_BTHK.shape[1]
-      k_BSHK, v_BSHK = k_BSHK[:, :T], v_BSHK[:, :T]
-    return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=mask.causal,
-                                        key_value_seq_lengths=mask.kv_lengths_B, implementation="cudnn")
+    return lengths_attention(mask, q_BTHK, k_BSHK, v_BSHK)
   if mask.path == "cudnn_causal":
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="cudnn")
   if mask.path == "cudnn_mask":
