@@ -15,13 +15,39 @@ SMALL_VOCAB = 1000  # small head: fast, and no end-of-text id (50256) that could
 NEW_TOKENS = 36
 
 
+def make_varied_hf_gpt2(out_dir, **kw):
+  """make_hf_gpt2 with every weight matrix and embedding x10 (std 0.2), saved again.
+
+  With conftest's scales the biases (std 0.1) swamp this tiny model's residual stream (embeddings
+  std 0.02): its greedy answer is one token repeated, whatever the prompt (measured: token 779 at
+  every step of every row here; ' killed killed ...' with the real vocabulary), which no test of
+  positions or masks can see through. x10: 12 to 24 distinct tokens in 24 greedy steps per row."""
+  import torch
+  hf = make_hf_gpt2(out_dir, **kw)
+  with torch.no_grad():
+    for p in hf.parameters():
+      if p.ndim == 2:
+        p.mul_(10.0)
+  hf.save_pretrained(out_dir)
+  return hf
+
+
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
   """(torch model, flax module, params) of one random-weight GPT-2 with a 1000-token vocabulary."""
   d = str(tmp_path_factory.mktemp("small_vocab_gpt2"))
-  hf = make_hf_gpt2(d, vocab_size=SMALL_VOCAB, seed=1)
+  hf = make_varied_hf_gpt2(d, vocab_size=SMALL_VOCAB, seed=1)
   config, params = weights.load_pretrained(d)
   return hf, GPT2(config), params
+
+
+@pytest.fixture(scope="module")
+def varied_full_model(tmp_path_factory):
+  """Flax module + params of a GPT-2 with the real vocabulary whose answers vary (text-level tests)."""
+  d = str(tmp_path_factory.mktemp("varied_gpt2"))
+  make_varied_hf_gpt2(d, seed=2)
+  config, params = weights.load_pretrained(d)
+  return GPT2(config), params
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +287,9 @@ def scanned(model, params):
 @pytest.mark.parametrize("sampling", [sample.Sampling(), sample.Sampling(1.0, 40, 0.9)],
                          ids=["greedy", "seeded"])
 def test_the_sampler_equals_the_left_padded_sampler(small_model, scan_layers, dtype, sampling):
-  """Token for token, prompts of 1 to 16 tokens in one batch with extra left padding, with and
-  without an end-of-text id that stops rows at different steps; fp32, and bf16 scanned (the
+  """Token for token, prompts of 1 to 16 tokens in one batch with extra left padding (and the same
+  prompts right-padded), with and without an end-of-text id that stops rows at different steps;
+  fp32, and bf16 scanned (the
   accelerator setting; also equal on 3 other prompt sets x 8 rows x 24 tokens, measured)."""
   _, model, params = small_model
   model = GPT2(model.config.replace(dtype=dtype))
@@ -274,6 +301,12 @@ def test_the_sampler_equals_the_left_padded_sampler(small_model, scan_layers, dt
             pad_id=0)
   free = left_padded_reference(model, params, ids, mask, 10, sampling, seed=7)
   got = sample.generate_tokens(model, params, ids, mask, max_new_tokens=10, eos_id=None, **kw)
+  np.testing.assert_array_equal(got["tokens"], free)
+  # The same prompts right-padded (as generate() pads them): the same tokens.
+  order = np.argsort(mask == 0, axis=1, kind="stable")
+  right_ids, right_mask = np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
+  assert right_mask[:, 0].all() and not right_mask[:, -1].all()
+  got = sample.generate_tokens(model, params, right_ids, right_mask, max_new_tokens=10, eos_id=None, **kw)
   np.testing.assert_array_equal(got["tokens"], free)
   eos_id = int(free[1, 3])  # ends row 1 after 4 tokens, other rows where (and if) they draw it
   want = left_padded_reference(model, params, ids, mask, 10, sampling, seed=7, eos_id=eos_id)
@@ -305,10 +338,10 @@ def test_prompts_occupy_the_first_cache_slots(small_model):
   np.testing.assert_array_equal(np.asarray(state["prompt_len_B"]), [3, 8, 1])
 
 
-def test_stop_strings_equal_the_left_padded_sampler(full_model, tokenizer):
+def test_stop_strings_equal_the_left_padded_sampler(varied_full_model, tokenizer):
   """generate() (right-padded rows, stop strings matched between chunks) keeps, per prompt, the
   left-padded sampler's tokens up to the one completing the stop string, or all of them."""
-  model, params = full_model
+  model, params = varied_full_model
   prompts = ["Human: hello there\n\nAssistant:", "Human: what is two plus two?\n\nAssistant:",
              "Human: hi\n\nAssistant:"]
   encoded = [tokenizer(p)["input_ids"] for p in prompts]
