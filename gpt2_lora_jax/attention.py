@@ -153,8 +153,6 @@ def platform() -> Platform:
 
 PROBE_SHAPE = (2, 64, 2, 64)  # B, T, H, K of the test batch
 PROBE_SEGMENTS = 2  # conversations a probe row holds at most
-
-
 PROBE_CACHE_SLOTS = 96  # S of the cudnn_lengths probe: a KV cache longer than its T = 64 queries
 
 
@@ -187,17 +185,14 @@ def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None, referen
   reference: the same program on the XLA path (what the probe compares with). cudnn_lengths
   serves the sampler, which never differentiates: its program is a prefill and a decode, forward."""
   kernel_path = "xla" if reference else path
-  if path == "cudnn_lengths":
-    def prefill_and_decode(q, k, v, prefill_lengths_B, decode_slots_B):
-      T, S = q.shape[1], k.shape[1]
-      prefill = build_lengths_mask(kernel_path, T, S, prefill_lengths_B, 0)
-      decode = build_lengths_mask(kernel_path, 1, S, decode_slots_B + 1, decode_slots_B)
-      if reference:
-        return attend(q, k, v, prefill), attend(q[:, -1:], k, v, decode)
-      return _cudnn(prefill, q, k, v), _cudnn(decode, q[:, -1:], k, v)
 
-    traced = jax.jit(prefill_and_decode).trace(*probe_inputs(path))
-    return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=lowering_platforms)
+  def prefill_and_decode(q, k, v, prefill_lengths_B, decode_slots_B):  # cudnn_lengths
+    T, S = q.shape[1], k.shape[1]
+    prefill = build_lengths_mask(kernel_path, T, S, prefill_lengths_B, 0)
+    decode = build_lengths_mask(kernel_path, 1, S, decode_slots_B + 1, decode_slots_B)
+    if reference:
+      return attend(q, k, v, prefill), attend(q[:, -1:], k, v, decode)
+    return _cudnn(prefill, q, k, v), _cudnn(decode, q[:, -1:], k, v)
 
   def fwd_bwd(q, k, v, g, seg, dense):
     mask = (Mask("cudnn_causal") if kernel_path == "cudnn_causal"
@@ -209,7 +204,8 @@ def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None, referen
     out, vjp = jax.vjp(kernel, q, k, v)
     return (out, *vjp(g))
 
-  traced = jax.jit(fwd_bwd).trace(*probe_inputs(path))
+  program = prefill_and_decode if path == "cudnn_lengths" else fwd_bwd
+  traced = jax.jit(program).trace(*probe_inputs(path))
   return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=lowering_platforms)
 
 

@@ -222,7 +222,8 @@ class Attention(nn.Module):
     q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
     new_cache = None
     if kv_cache is not None:  # write this chunk's keys/values at [cache_index, cache_index + T)
-      k, v = (write_cache(kv_cache[n], x.astype(kv_cache[n].dtype), cache_index) for n, x in (("k", k), ("v", v)))
+      k = write_cache(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index)
+      v = write_cache(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = attention.attend(q, k, v, mask)  # the kernel chosen once per forward pass (layer_mask)

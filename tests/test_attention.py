@@ -381,8 +381,9 @@ def test_the_cache_masks_are_kv_lengths():
   T, S = 12, 20
   kv_prefill = np.array([1, 7, 12, 5], np.int32)
   slots = np.array([1, 13, 19, 6], np.int32)  # decode: row b's query at its own slot
+  short = np.maximum(slots - 4, 1)  # kv lengths short of the query's own slot
   for T_, kv, offset, offsets in ((T, kv_prefill, 0, [0] * 4), (1, slots + 1, slots, slots),
-                                  (1, np.maximum(slots - 4, 1), slots, slots)):  # keys short of the query's slot
+                                  (1, short, slots, slots)):
     want = cache_mask(T_, S, kv, offsets)
     assert want.any(-1).all() or T_ == 1  # every prefill query sees a key
     cudnn = attention.build_lengths_mask("cudnn_lengths", T_, S, jnp.asarray(kv), offset)
@@ -404,7 +405,8 @@ def test_the_cudnn_lengths_call_equals_xla_attention_on_the_cache_mask(dtype):
   prefill_kv, slots = jnp.asarray([1, 6, 10], jnp.int32), jnp.asarray([3, 17, 23], jnp.int32)
   for q_, T_, kv, offset in ((q, T, prefill_kv, 0), (q[:, -1:], 1, slots + 1, slots)):
     mask = attention.build_lengths_mask("cudnn_lengths", T_, S, kv, offset)
-    got = jax.jit(lambda m, q, k, v: attention.lengths_attention(m, q, k, v, implementation="xla"))(mask, q_, k, v)
+    as_called = lambda m, q, k, v: attention.lengths_attention(m, q, k, v, implementation="xla")
+    got = jax.jit(as_called)(mask, q_, k, v)
     dense = jnp.asarray(cache_mask(T_, S, kv, np.broadcast_to(offset, B)))[:, None]
     want = jax.jit(attention.xla_attention)(q_, k, v, dense)
     # Measured on this CPU: fp32 differs by at most 3.0e-7 (values up to 2.9); bf16 is bit-equal.
@@ -433,7 +435,8 @@ def test_the_dispatcher_puts_the_cache_masks_on_cudnn_on_gpus_only(caplog):
     assert pick("auto", plat) == pick("cudnn", plat) == "xla"
   assert pick("auto", H100, dtype=jnp.float32) == "xla" and pick("auto", H100, head_dim=60) == "xla"
   attention._logged.clear()
-  failed = lambda path: "it failed on a test batch: NotImplementedError: (no message)" * (path == "cudnn_lengths")
+  problem = "it failed on a test batch: NotImplementedError: (no message)"
+  failed = lambda path: problem if path == "cudnn_lengths" else ""
   with caplog.at_level(logging.WARNING, logger=attention.__name__):
     for _ in range(2):
       assert attention.select_path("auto", "lengths", H100, BF16, 64, 1, 32, probe=failed) == "xla"
