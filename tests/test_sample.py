@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import lower_for_cuda, make_hf_gpt2
+from conftest import make_hf_gpt2
 from gpt2_lora_jax import sample, stacking, weights
 from gpt2_lora_jax.model import GPT2, init_kv_cache
 
@@ -368,21 +368,35 @@ def test_stop_strings_equal_the_left_padded_sampler(varied_full_model, tokenizer
 DENSE_MASK = re.compile(r"tensor<\d+x1x\d+x\d+xi1>")  # a boolean [B, 1, T, S] mask
 
 
+@pytest.fixture
+def fresh_sampler_traces():
+  """jax keeps a jitted function's traces by its arguments (modules compare by value), not by the
+  platform a test simulates: a trace made for another simulated GPU, or for this CPU, would be
+  lowered again. Each lowering test starts and ends without any."""
+  for jitted in (sample._prefill, sample._decode):
+    jitted.clear_cache()
+  yield
+  for jitted in (sample._prefill, sample._decode):
+    jitted.clear_cache()
+
+
 def lowered_sampler(model, params, B=4, P=16, N=8):
-  """StableHLO text of the sampler's prefill and decode (while_loop) lowered for CUDA."""
+  """StableHLO text of the sampler's prefill and decode (while_loop) lowered for CUDA. (Traced
+  through the jitted functions themselves: their traces are what fresh_sampler_traces clears.)"""
   ids, mask = np.ones((B, P), np.int32), np.ones((B, P), np.int32)
   keys_B = jax.random.split(jax.random.PRNGKey(0), B)
   args = (model, params, ids, mask, keys_B, N, sample.Sampling())
-  prefill = lower_for_cuda(sample._prefill, *args, static_argnums=(0, 5, 6))
+  cuda = lambda traced: traced.lower(lowering_platforms=("cuda",)).as_text()
+  prefill = cuda(sample._prefill.trace(*args))
   state = jax.eval_shape(sample._prefill, *args)
-  decode = lower_for_cuda(sample._decode, model, params, state, jnp.int32(N), sample.Sampling(),
-                          None, 0, static_argnums=(0, 4, 5, 6))
+  decode = cuda(sample._decode.trace(model, params, state, jnp.int32(N), sample.Sampling(), None, 0))
   return prefill, decode
 
 
 @pytest.mark.parametrize("impl, packed, scan_layers", [("auto", True, False), ("auto", False, True),
                                                        ("cudnn", True, True), ("xla", True, False)])
-def test_the_sampler_lowers_to_cudnn_on_a_gpu(simulated_gpu, tiny_hf_dir, impl, packed, scan_layers):
+def test_the_sampler_lowers_to_cudnn_on_a_gpu(simulated_gpu, fresh_sampler_traces, tiny_hf_dir, impl,
+                                              packed, scan_layers):
   """On a simulated H100/H200 the prefill and the decode hold cuDNN attention with per-row kv
   lengths (causal in the prefill) and no dense mask; attention_impl='xla' holds no cuDNN call."""
   simulated_gpu(packed=packed)
@@ -402,3 +416,12 @@ def test_the_sampler_lowers_to_cudnn_on_a_gpu(simulated_gpu, tiny_hf_dir, impl, 
     assert len(calls) == (1 if scan_layers else config.n_layer)
     assert re.findall(r'mask_type\\22: \\22(\w+)\\22', text) == [mask_type] * len(calls)
     assert not DENSE_MASK.search(text), DENSE_MASK.search(text).group(0)
+
+
+def test_the_sampler_stays_on_xla_when_the_cudnn_lengths_probe_fails(simulated_gpu, fresh_sampler_traces,
+                                                                     tiny_hf_dir):
+  simulated_gpu(problems={"cudnn_lengths": "it failed on a test batch: AssertionError: (no message)"})
+  config, params = weights.load_pretrained(tiny_hf_dir)
+  prefill, decode = lowered_sampler(GPT2(config.replace(dtype="bfloat16", attention_impl="auto")), params)
+  for text in (prefill, decode):
+    assert "__cudnn" not in text and DENSE_MASK.search(text)
