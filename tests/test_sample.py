@@ -21,7 +21,8 @@ def make_varied_hf_gpt2(out_dir, **kw):
   With conftest's scales the biases (std 0.1) swamp this tiny model's residual stream (embeddings
   std 0.02): its greedy answer is one token repeated, whatever the prompt (measured: token 779 at
   every step of every row here; ' killed killed ...' with the real vocabulary), which no test of
-  positions or masks can see through. x10: 12 to 24 distinct tokens in 24 greedy steps per row."""
+  positions or masks can see through. x10: 12 to 22 distinct tokens in 24 greedy steps per row
+  (3 prompt sets x 8 rows, 1000-token vocabulary)."""
   import torch
   hf = make_hf_gpt2(out_dir, **kw)
   with torch.no_grad():
