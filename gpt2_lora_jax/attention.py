@@ -1,6 +1,6 @@
 """Which attention kernel runs, and the packed-row layout cuDNN needs: segment ids -> lengths, offsets.
 
-Four paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
+Five paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
 
   xla           xla_attention: two einsums with fp32 accumulation and an fp32 softmax over the
                 dense boolean mask of model.make_attention_mask (causal when there is none), no
@@ -15,6 +15,21 @@ Four paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
   cudnn_mask    jax.nn.dot_product_attention(mask=..., implementation='cudnn'): the dense mask
                 turned into an additive bias. Up to jax 0.11.0 its backward pass also computes
                 a full [B, H, T, T] bias gradient (jax CHANGELOG, jax-ml/jax#34685).
+  cudnn_lengths jax.nn.dot_product_attention(key_value_seq_lengths=..., implementation='cudnn'):
+                the sampler's KV cache (mask kind 'lengths', below). No dense mask.
+
+Mask kind 'lengths' (the sampler, sample.py): a KV cache filled from slot 0, each row's valid keys
+a prefix, slots [0, kv_lengths[b]); query t of a chunk sits at slot query_offset + t and sees key
+slot s iff s <= query_offset + t and s < kv_lengths[b] (lengths_mask, the XLA path's mask). cuDNN
+expresses two cases of it exactly, so only these are kind 'lengths' (others are 'dense'):
+  prefill  a chunk written from slot 0 (query_offset the int 0): s <= t and s < min(kv_lengths, T).
+           Keys past slot T - 1 are never seen, so cuDNN gets the first T slots only (T == S) with
+           is_causal and key_value_seq_lengths: with T == S jax's causal mask (tril, top-left) and
+           a bottom-right one are the same, and every query row is computed (query_seq_lengths
+           unset: jax passes T for each row), so no output is left undefined.
+  decode   one query (T == 1): s < min(kv_lengths, query_offset + 1), key_value_seq_lengths only
+           (no causal mask: a causal mask with T == 1 would mean s <= 0 top-left).
+Every query sees at least one key when kv_lengths >= 1 (the sampler's prompts hold >= 1 token).
 
 `select_path` picks one from plain inputs (backend, compute capability, cuDNN and jax version,
 dtype, head size, what the mask is), so the choice is testable anywhere; `platform()` reads them
@@ -49,8 +64,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PATHS = ("xla", "cudnn_causal", "cudnn_packed", "cudnn_mask")
-MASK_KINDS = ("causal", "segments", "dense")  # no mask; packed segment ids; any other mask
+PATHS = ("xla", "cudnn_causal", "cudnn_packed", "cudnn_mask", "cudnn_lengths")
+# no mask; packed segment ids; a KV cache whose valid keys are per-row prefixes; any other mask
+MASK_KINDS = ("causal", "segments", "lengths", "dense")
 MIN_CUDNN_PACKED = 90600  # jax's packed-layout test skips below cuDNN 9.6.0
 FIRST_JAX_WITHOUT_MASK_DBIAS = (0, 11, 1)  # jax CHANGELOG: boolean masks stop computing dbias
 
@@ -137,13 +153,22 @@ def platform() -> Platform:
 
 PROBE_SHAPE = (2, 64, 2, 64)  # B, T, H, K of the test batch
 PROBE_SEGMENTS = 2  # conversations a probe row holds at most
+PROBE_CACHE_SLOTS = 96  # S of the cudnn_lengths probe: a KV cache longer than its T = 64 queries
 
 
 def probe_inputs(path: str) -> tuple:
   """The probe's test batch as host arrays: q, k, v, output cotangent (bf16), segment ids (B, T)
   and the dense mask (B, 1, T, T) that `path` must reproduce. For cudnn_causal every row is one
-  segment (causal only); otherwise two conversations + padding in row 0 and one full row 1."""
+  segment (causal only); otherwise two conversations + padding in row 0 and one full row 1.
+  For cudnn_lengths: q (B, T, H, K), k, v (B, S, H, K) and, per row, the keys of a prefill
+  (kv lengths 20 and T) and the cache slot of a decode query (37 and S - 1)."""
   B, T, H, K = PROBE_SHAPE
+  if path == "cudnn_lengths":
+    S = PROBE_CACHE_SLOTS
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, T, H, K)).astype(jnp.bfloat16)
+    k, v = (rng.standard_normal((B, S, H, K)).astype(jnp.bfloat16) for _ in range(2))
+    return q, k, v, np.array([20, T], np.int32), np.array([37, S - 1], np.int32)
   seg = np.ones((B, T), np.int32)
   if path != "cudnn_causal":
     seg[0, :20], seg[0, 20:50], seg[0, 50:] = 1, 2, 0
@@ -153,28 +178,43 @@ def probe_inputs(path: str) -> tuple:
   return q, k, v, g, seg, dense
 
 
-def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None):
+def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None, reference: bool = False):
   """The probe's program for `path` (attention forward + backward on probe_inputs, every input a
   jit argument) traced and lowered; for another platform than this process's with
-  lowering_platforms, e.g. ('cuda',) in the tests. Works while another function is being traced."""
+  lowering_platforms, e.g. ('cuda',) in the tests. Works while another function is being traced.
+  reference: the same program on the XLA path (what the probe compares with). cudnn_lengths
+  serves the sampler, which never differentiates: its program is a prefill and a decode, forward."""
+  kernel_path = "xla" if reference else path
+
+  def prefill_and_decode(q, k, v, prefill_lengths_B, decode_slots_B):  # cudnn_lengths
+    T, S = q.shape[1], k.shape[1]
+    prefill = build_lengths_mask(kernel_path, T, S, prefill_lengths_B, 0)
+    decode = build_lengths_mask(kernel_path, 1, S, decode_slots_B + 1, decode_slots_B)
+    if reference:
+      return attend(q, k, v, prefill), attend(q[:, -1:], k, v, decode)
+    return _cudnn(prefill, q, k, v), _cudnn(decode, q[:, -1:], k, v)
+
   def fwd_bwd(q, k, v, g, seg, dense):
-    mask = Mask("cudnn_causal") if path == "cudnn_causal" else build_mask(path, dense, seg, PROBE_SEGMENTS)
+    mask = (Mask("cudnn_causal") if kernel_path == "cudnn_causal"
+            else build_mask(kernel_path, dense, seg, PROBE_SEGMENTS))
 
     def kernel(q, k, v):  # cuDNN without attend's fallback: a refusal is the probe's answer
-      return attend(q, k, v, mask) if path == "xla" else _cudnn(mask, q, k, v)
+      return attend(q, k, v, mask) if kernel_path == "xla" else _cudnn(mask, q, k, v)
 
     out, vjp = jax.vjp(kernel, q, k, v)
     return (out, *vjp(g))
 
-  traced = jax.jit(fwd_bwd).trace(*probe_inputs(path))
+  program = prefill_and_decode if path == "cudnn_lengths" else fwd_bwd
+  traced = jax.jit(program).trace(*probe_inputs(path))
   return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=lowering_platforms)
 
 
 def _run_probe(path: str) -> str:
   inputs = probe_inputs(path)
   got = probe_lowered(path).compile()(*inputs)
-  want = probe_lowered("xla").compile()(*inputs)
-  for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
+  want = probe_lowered(path, reference=True).compile()(*inputs)
+  names = ("prefill output", "decode output") if path == "cudnn_lengths" else ("output", "dq", "dk", "dv")
+  for name, a, b in zip(names, got, want):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if not np.all(np.abs(a - b) <= 0.05 * (1 + np.abs(b))):
       return f"its {name} differs from XLA's by up to {np.max(np.abs(a - b)):.3g} on a test batch"
@@ -233,8 +273,8 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   elif head_dim % 8 or head_dim > (256 if plat.compute_capability >= (9, 0) else 128):
     reason = f"head size {head_dim} (cuDNN needs a multiple of 8, at most 128; 256 on 9.0+)"
   elif kind == "dense":
-    # The sampler's masks (left-padded prompts over KV-cache slots) are not key prefixes, so
-    # cuDNN's per-row q/kv lengths cannot express them.
+    # E.g. left-padded prompts over KV-cache slots: the valid keys are not prefixes, so cuDNN's
+    # per-row q/kv lengths cannot express them.
     return "xla"
   if reason:
     note(f"attention: XLA instead of cuDNN: {reason}")
@@ -245,6 +285,12 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
     if not problem:
       return "cudnn_causal"
     note(f"attention: XLA instead of cuDNN's causal kernel: {problem}")
+    return "xla"
+  if kind == "lengths":
+    problem = probed("cudnn_lengths")
+    if not problem:
+      return "cudnn_lengths"
+    note(f"attention: XLA instead of cuDNN with per-row kv lengths (the sampler): {problem}")
     return "xla"
   # Packed segments: the packed layout, else cuDNN with the dense mask, else XLA.
   if segment_cap < 1:
@@ -272,8 +318,15 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   return "cudnn_mask"
 
 
-def mask_kind(T: int, S: int, attention_mask, segment_ids, query_offset) -> str:
-  """'causal' (no mask needed), 'segments' (packed rows, no cache, no padding mask) or 'dense'."""
+def mask_kind(T: int, S: int, attention_mask, segment_ids, query_offset, kv_lengths=None) -> str:
+  """'causal' (no mask needed), 'segments' (packed rows, no cache, no padding mask), 'lengths'
+  (kv_lengths alone, for a chunk written from slot 0 (query_offset the int 0) or one query; see
+  the module docstring) or 'dense'."""
+  if kv_lengths is not None:
+    if attention_mask is not None or segment_ids is not None:
+      raise ValueError("kv_lengths describes the whole mask: pass no attention_mask or segment_ids with it")
+    from_start = isinstance(query_offset, int) and query_offset == 0
+    return "lengths" if T == 1 or from_start else "dense"
   if attention_mask is None and segment_ids is None and T == S and \
       isinstance(query_offset, int) and query_offset == 0:
     return "causal"
@@ -316,7 +369,8 @@ class Mask:
 
   path: the chosen kernel (static); dense_B1TS: the boolean mask (None when causal);
   seqlens_BM / offsets_BM1 / overflow_B: the packed layout, and segment_ids_BT for XLA should
-  cuDNN refuse it while tracing (cudnn_packed only).
+  cuDNN refuse it while tracing (cudnn_packed only); kv_lengths_B and causal: key slot s is
+  seen iff s < kv_lengths_B[b] (and s <= t when causal), cudnn_lengths only.
   """
   path: str = dataclasses.field(metadata=dict(static=True))
   dense_B1TS: Optional[jax.Array] = None
@@ -324,6 +378,8 @@ class Mask:
   offsets_BM1: Optional[jax.Array] = None
   overflow_B: Optional[jax.Array] = None
   segment_ids_BT: Optional[jax.Array] = None
+  kv_lengths_B: Optional[jax.Array] = None
+  causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def build_mask(path: str, dense_B1TS, segment_ids_BT, max_segments: int) -> Mask:
@@ -333,6 +389,29 @@ def build_mask(path: str, dense_B1TS, segment_ids_BT, max_segments: int) -> Mask
     return Mask(path, None, *segment_layout(segment_ids_BT, max_segments + 1),
                 segment_ids_BT=jnp.asarray(segment_ids_BT))
   return Mask(path, dense_B1TS if path in ("xla", "cudnn_mask") else None)
+
+
+def lengths_mask(T: int, S: int, kv_lengths_B, query_offset=0):
+  """(B, 1, T, S) bool, mask kind 'lengths': query t sits at key slot query_offset + t (an int,
+  a scalar or per row (B,)) and sees slot s iff s <= query_offset + t and s < kv_lengths_B[b]."""
+  kv_lengths_B = jnp.asarray(kv_lengths_B, jnp.int32)
+  offset_B11 = jnp.reshape(jnp.asarray(query_offset, jnp.int32), (-1, 1, 1))
+  q_slot_BT1 = jnp.arange(T, dtype=jnp.int32)[None, :, None] + offset_B11
+  k_slot_11S = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+  return ((k_slot_11S <= q_slot_BT1) & (k_slot_11S < kv_lengths_B[:, None, None]))[:, None]
+
+
+def build_lengths_mask(path: str, T: int, S: int, kv_lengths_B, query_offset=0) -> Mask:
+  """The Mask of kind 'lengths' for `path`: lengths_mask for xla; for cudnn_lengths the per-row
+  kv lengths it equals (see the module docstring: a chunk from slot 0, or T == 1)."""
+  if path != "cudnn_lengths":
+    return Mask(path, lengths_mask(T, S, kv_lengths_B, query_offset))
+  kv_lengths_B = jnp.asarray(kv_lengths_B, jnp.int32)
+  if T == 1:  # s <= offset and s < kv_length
+    return Mask(path, kv_lengths_B=jnp.minimum(kv_lengths_B, jnp.asarray(query_offset, jnp.int32) + 1))
+  if not (isinstance(query_offset, int) and query_offset == 0):
+    raise ValueError("cudnn_lengths takes one query or a chunk written from slot 0 (mask_kind)")
+  return Mask(path, kv_lengths_B=jnp.minimum(kv_lengths_B, T), causal=True)  # s <= t < T
 
 
 def xla_attention(q_BTHK, k_BSHK, v_BSHK, mask_B1TS=None):
@@ -364,7 +443,21 @@ def _segment_mask(segment_ids_BT):
   return (seg[:, None, :, None] == seg[:, None, None, :]) & jnp.tril(jnp.ones((T, T), bool))[None, None]
 
 
+def lengths_attention(mask: Mask, q_BTHK, k_BSHK, v_BSHK, implementation: str = "cudnn"):
+  """The cudnn_lengths call: jax.nn.dot_product_attention with per-row kv lengths (and causal for
+  a chunk from slot 0, given only the first T key slots). implementation='xla' runs the same call
+  on jax's XLA implementation (the tests' check of its arguments)."""
+  if mask.causal:  # a chunk from slot 0 sees only the first T slots: cuDNN gets T == S
+    T = q_BTHK.shape[1]
+    k_BSHK, v_BSHK = k_BSHK[:, :T], v_BSHK[:, :T]
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=mask.causal,
+                                      key_value_seq_lengths=mask.kv_lengths_B,
+                                      implementation=implementation)
+
+
 def _cudnn(mask: Mask, q_BTHK, k_BSHK, v_BSHK):
+  if mask.path == "cudnn_lengths":
+    return lengths_attention(mask, q_BTHK, k_BSHK, v_BSHK)
   if mask.path == "cudnn_causal":
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="cudnn")
   if mask.path == "cudnn_mask":
@@ -391,5 +484,10 @@ def attend(q_BTHK, k_BSHK, v_BSHK, mask: Mask):
     return _cudnn(mask, q_BTHK, k_BSHK, v_BSHK)
   except Exception as e:  # e.g. NotImplementedError or a version check of jax's cuDNN wrapper
     _log_once(f"attention: XLA instead of {mask.path}: jax refused it: {describe_exception(e)}")
-  dense = _segment_mask(mask.segment_ids_BT) if mask.path == "cudnn_packed" else mask.dense_B1TS
+  dense = mask.dense_B1TS
+  if mask.path == "cudnn_packed":
+    dense = _segment_mask(mask.segment_ids_BT)
+  elif mask.path == "cudnn_lengths":  # its kv lengths already hold the query slot's bound
+    T, S = q_BTHK.shape[1], k_BSHK.shape[1]
+    dense = lengths_mask(T, S, mask.kv_lengths_B, 0 if mask.causal else S)
   return xla_attention(q_BTHK, k_BSHK, v_BSHK, dense)

@@ -222,13 +222,22 @@ class Attention(nn.Module):
     q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
     new_cache = None
     if kv_cache is not None:  # write this chunk's keys/values at [cache_index, cache_index + T)
-      k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
+      k = write_cache(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index)
+      v = write_cache(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = attention.attend(q, k, v, mask)  # the kernel chosen once per forward pass (layer_mask)
     out = dense(D, "c_proj")(out.reshape(B, T, D), deterministic)
     return out, new_cache
+
+
+def write_cache(cache_BSHK, chunk_BTHK, cache_index):
+  """cache_BSHK with chunk_BTHK written at slots [cache_index, cache_index + T): one slot for all
+  rows (an int or a scalar), or per row (a (B,) vector: row b's at cache_index[b], a scatter)."""
+  if jnp.ndim(cache_index) == 1:
+    write_row = lambda c_SHK, x_THK, i: jax.lax.dynamic_update_slice(c_SHK, x_THK, (i, 0, 0))
+    return jax.vmap(write_row)(cache_BSHK, chunk_BTHK, jnp.asarray(cache_index, jnp.int32))
+  return jax.lax.dynamic_update_slice(cache_BSHK, chunk_BTHK, (0, cache_index, 0, 0))
 
 
 class MLP(nn.Module):
@@ -285,18 +294,23 @@ def make_attention_mask(T: int, S: int, attention_mask=None, segment_ids=None, q
 
 
 def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,
-               query_offset=0) -> attention.Mask:
+               query_offset=0, kv_lengths=None) -> attention.Mask:
   """What every layer's attention gets: the kernel for this call and the mask in its form.
 
   The dense mask of make_attention_mask (XLA, the reference) or, for packed rows on cuDNN's packed
-  layout, per-row segment lengths and offsets instead (attention.py chooses and explains).
+  layout, per-row segment lengths and offsets instead (attention.py chooses and explains). With
+  kv_lengths (B,) (a KV cache filled from slot 0, the sampler's): key slot s is seen by query t
+  iff s <= query_offset + t and s < kv_lengths[b] (attention.lengths_mask), as per-row kv lengths
+  on cuDNN where they express it.
   """
-  kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset)
+  kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset, kv_lengths)
   path = "xla"
   if config.attention_impl != "xla":  # 'xla' asks nothing of the platform
     path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
                                  config.head_dim, T, config.max_segments_per_row,
                                  probe=attention.probe)
+  if kv_lengths is not None:
+    return attention.build_lengths_mask(path, T, S, kv_lengths, query_offset)
   dense = None
   if path in ("xla", "cudnn_mask"):
     dense = make_attention_mask(T, S, attention_mask, segment_ids, query_offset)
@@ -309,8 +323,12 @@ class GPT2(nn.Module):
   Optional inputs: attention_mask (B, T) with 0 at padding; position_ids (B, T) (default 0..T-1,
   as Hugging Face's forward); segment_ids (B, T) for packed rows (attention stays in a segment);
   kv_cache (from init_kv_cache) with cache_index: then attention_mask covers the cache slots (B, S)
-  and the call returns (logits, new_kv_cache). return_hidden=True returns the final hidden states
-  instead of logits (for a chunked loss); GPT2.logits turns them into logits.
+  and the call returns (logits, new_kv_cache). cache_index is where the chunk is written: one slot
+  for all rows, or per row (B,). kv_lengths (B,) instead of attention_mask: row b's valid keys are
+  cache slots [0, kv_lengths[b]) and query t (at slot cache_index + t) sees those up to its own
+  (the sampler's layout, sample.py; on cuDNN as per-row kv lengths, attention.py).
+  return_hidden=True returns the final hidden states instead of logits (for a chunked loss);
+  GPT2.logits turns them into logits.
   """
   config: GPT2Config
   lora_scale: Optional[float] = None  # set by lora.make_model when the tree carries adapters
@@ -342,15 +360,18 @@ class GPT2(nn.Module):
                           self.lora_dropout)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-               kv_cache=None, cache_index=None, deterministic=True, return_hidden=False):
+               kv_cache=None, cache_index=None, deterministic=True, return_hidden=False,
+               kv_lengths=None):
     B, T = input_ids.shape
     if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(T) + (0 if cache_index is None else cache_index), (B, T))
+      offset = 0 if cache_index is None else jnp.reshape(jnp.asarray(cache_index), (-1, 1))
+      position_ids = jnp.broadcast_to(jnp.arange(T)[None] + offset, (B, T))
     if kv_cache is None:
-      mask = layer_mask(self.config, T, T, attention_mask, segment_ids)
+      mask = layer_mask(self.config, T, T, attention_mask, segment_ids, kv_lengths=kv_lengths)
     else:
       S = (kv_cache["k"].shape[2] if self.config.scan_layers else kv_cache[0]["k"].shape[1])
-      mask = layer_mask(self.config, T, S, attention_mask, segment_ids, query_offset=cache_index)
+      mask = layer_mask(self.config, T, S, attention_mask, segment_ids, query_offset=cache_index,
+                        kv_lengths=kv_lengths)
     x = self.wte(input_ids) + self.wpe(position_ids)
     if self.config.scan_layers:
       x, new_cache = self.h(x, mask, kv_cache, cache_index, deterministic)

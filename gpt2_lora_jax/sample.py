@@ -5,10 +5,19 @@ Two levels:
   generate_tokens(model, params, prompt_ids_BP, prompt_mask_BP, ...)  ids in, ids out (jitted)
   generate(model, params, tokenizer, prompts, ...)                    text in, answers out
 
-Prompts are left-padded to a bucket length P (a power of two, capped at n_positions -
-max_new_tokens) so jit compiles once per bucket, not per prompt. Each row's positions start at
-0 at its first real token, and the attention mask over the P + N cache slots hides the padding,
-so a padded prompt yields exactly the tokens it would alone.
+Prompts are padded to a bucket length P (a power of two, capped at n_positions -
+max_new_tokens) so jit compiles once per bucket, not per prompt.
+
+Cache layout: each row's prompt occupies KV-cache slots 0 .. len_b - 1 (its real tokens moved to
+the front, padding after them), and decode step i writes row b's token at slot len_b + i, a
+per-row slot (model.write_cache scatters it). Positions equal slots. Row b's valid keys are then
+always a prefix of its cache, slots [0, kv_length_b), so per-row kv lengths describe the whole
+mask (model.GPT2's kv_lengths): the prefill's query t sees slots s <= t with s < len_b, decode
+step i sees s < len_b + i + 1. Slots past a row's length (prompt padding, zeros) are never seen,
+so a padded prompt yields exactly the tokens it would alone. On an NVIDIA GPU these masks run on
+cuDNN as jax.nn.dot_product_attention(key_value_seq_lengths=...) (attention.py, path
+cudnn_lengths); on CPU and TPU, and wherever cuDNN falls back, XLA attention with the same mask
+built from the lengths. The prefill computes logits only at each row's last prompt token.
 
 Randomness is per prompt, not per batch: row r draws its token i with fold_in(fold_in(seed,
 row_id), i), so an answer depends on (seed, prompt index, prompt) and not on which prompts
@@ -19,9 +28,8 @@ done. Stop strings are matched on decoded text on the host between chunks of `ch
 steps (a row whose text holds a stop string is marked done, so the loop can exit early), and
 the answer is cut exactly before the first stop string at the end.
 
-`model` is any module whose apply takes (input_ids, attention_mask, position_ids, kv_cache,
-cache_index) like model.GPT2: a GPT2 built with a LoRA scale runs adapters factored, a plain one
-runs merged params (the fast path). Modules are hashable dataclasses, so it is a static jit arg.
+`model` is a model.GPT2: one built with a LoRA scale runs adapters factored, a plain one runs
+merged params (the fast path). Modules are hashable dataclasses, so it is a static jit arg.
 """
 from __future__ import annotations
 
@@ -73,29 +81,26 @@ def sample_logits(logits_BV, keys_B, sampling: Sampling):
   return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
-def prompt_positions(prompt_mask_BP):
-  """Position ids (B, P) of left-padded prompts: 0 at each row's first real token (0 on padding)."""
-  return jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=-1) - 1, 0).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _prefill(model, params, prompt_ids_BP, prompt_mask_BP, row_keys_B, max_new_tokens: int,
              sampling: Sampling):
   """Runs the prompts through the model once and draws the first new token; returns loop state."""
   B, P = prompt_ids_BP.shape
+  # Each row's real tokens to its first slots, in order (stable sort: real before padding).
+  order_BP = jnp.argsort(prompt_mask_BP == 0, axis=-1, stable=True)
+  ids_BP = jnp.take_along_axis(prompt_ids_BP, order_BP, axis=-1)
+  prompt_len_B = prompt_mask_BP.astype(jnp.int32).sum(-1)
   cache = init_kv_cache(model.config, B, P + max_new_tokens)
-  # Mask over all P + N cache slots: prompt padding hidden; generated slots are real (causality
-  # hides the ones not yet written).
-  slot_mask_BS = jnp.concatenate([prompt_mask_BP.astype(jnp.int32),
-                                  jnp.ones((B, max_new_tokens), jnp.int32)], axis=1)
-  logits_BPV, cache = model.apply({"params": params}, prompt_ids_BP, attention_mask=slot_mask_BS,
-                                  position_ids=prompt_positions(prompt_mask_BP), kv_cache=cache,
-                                  cache_index=0)
+  hidden_BPD, cache = model.apply(
+      {"params": params}, ids_BP, position_ids=jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P)),
+      kv_cache=cache, cache_index=0, kv_lengths=prompt_len_B, return_hidden=True)
+  last_B1D = jnp.take_along_axis(hidden_BPD, (prompt_len_B - 1)[:, None, None], axis=1)
+  logits_B1V = model.apply({"params": params}, last_B1D, method="logits")
   return dict(
       step=jnp.zeros((), jnp.int32),  # tokens generated so far
-      logits_BV=logits_BPV[:, -1].astype(jnp.float32),  # next-token logits (left padding: last col)
-      cache=cache, slot_mask_BS=slot_mask_BS,
-      prompt_len_B=prompt_mask_BP.sum(-1).astype(jnp.int32),
+      logits_BV=logits_B1V[:, 0].astype(jnp.float32),  # next-token logits
+      cache=cache,
+      prompt_len_B=prompt_len_B,  # decode step i writes row b at slot prompt_len_B[b] + i
       tokens_BN=jnp.zeros((B, max_new_tokens), jnp.int32),
       done_B=jnp.zeros((B,), bool),
       eos_B=jnp.zeros((B,), bool),  # the row stopped at end-of-text
@@ -106,7 +111,6 @@ def _prefill(model, params, prompt_ids_BP, prompt_mask_BP, row_keys_B, max_new_t
 def _decode(model, params, state, until, sampling: Sampling, eos_id: Optional[int], pad_id: int):
   """Draws tokens until `until` of them exist or every row is done (a lax.while_loop)."""
   B, N = state["tokens_BN"].shape
-  P = state["slot_mask_BS"].shape[1] - N
 
   def cond(s):
     return (s["step"] < jnp.minimum(until, N)) & ~jnp.all(s["done_B"])
@@ -118,11 +122,10 @@ def _decode(model, params, state, until, sampling: Sampling, eos_id: Optional[in
     token_B = jnp.where(s["done_B"], pad_id, token_B)
     tokens_BN = jax.lax.dynamic_update_slice(s["tokens_BN"], token_B[:, None], (0, i))
     is_eos_B = (token_B == eos_id) & ~s["done_B"] if eos_id is not None else jnp.zeros_like(s["done_B"])
-    # Feed the new token at cache slot P + i; its position continues the row's own prompt.
-    logits_B1V, cache = model.apply({"params": params}, token_B[:, None],
-                                    attention_mask=s["slot_mask_BS"],
-                                    position_ids=(s["prompt_len_B"] + i)[:, None],
-                                    kv_cache=s["cache"], cache_index=P + i)
+    # Feed the new token at the row's slot len + i (also its position); it sees slots [0, len + i].
+    slot_B = s["prompt_len_B"] + i
+    logits_B1V, cache = model.apply({"params": params}, token_B[:, None], position_ids=slot_B[:, None],
+                                    kv_cache=s["cache"], cache_index=slot_B, kv_lengths=slot_B + 1)
     return {**s, "step": i + 1, "logits_BV": logits_B1V[:, 0].astype(jnp.float32), "cache": cache,
             "tokens_BN": tokens_BN, "done_B": s["done_B"] | is_eos_B, "eos_B": s["eos_B"] | is_eos_B}
 
@@ -134,9 +137,10 @@ def generate_tokens(model, params, prompt_ids_BP, prompt_mask_BP, *, max_new_tok
                     row_ids: Optional[Sequence[int]] = None, eos_id: Optional[int] = EOT_ID,
                     pad_id: int = EOT_ID, chunk_size: Optional[int] = None,
                     should_stop: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> dict:
-  """Continues left-padded prompts by up to max_new_tokens tokens.
+  """Continues padded prompts by up to max_new_tokens tokens.
 
-  prompt_ids_BP / prompt_mask_BP: (B, P) int, left-padded; mask 1 on real tokens.
+  prompt_ids_BP / prompt_mask_BP: (B, P) int; mask 1 on real tokens (at least one per row), 0 on
+  padding on either side (each row's real tokens go to its first cache slots, in order).
   row_ids (B,): what each row's random stream is keyed on (default 0..B-1), see module doc.
   eos_id: a row stops after drawing it (None: never stop on a token).
   pad_id: written into a row's remaining slots once it is done.
@@ -149,6 +153,8 @@ def generate_tokens(model, params, prompt_ids_BP, prompt_mask_BP, *, max_new_tok
   prompt_ids_BP = jnp.asarray(prompt_ids_BP, jnp.int32)
   prompt_mask_BP = jnp.asarray(prompt_mask_BP, jnp.int32)
   B = prompt_ids_BP.shape[0]
+  if not np.all(np.asarray(prompt_mask_BP).sum(-1) > 0):
+    raise ValueError("every prompt row needs at least one real token (prompt_mask_BP is 0 on a whole row)")
   row_ids = np.arange(B) if row_ids is None else np.asarray(row_ids)
   base_key = jax.random.PRNGKey(seed)
   row_keys_B = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(jnp.asarray(row_ids, jnp.uint32))
@@ -234,10 +240,10 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
     pad_id = EOT_ID if eos_id is None else eos_id  # never a token an answer keeps
     ids_BP = np.full((batch_size, P), pad_id, np.int32)
     mask_BP = np.zeros((batch_size, P), np.int32)
-    for r, i in enumerate(idx_padded):
+    for r, i in enumerate(idx_padded):  # right-padded: the layout of the cache (module doc)
       n = len(encoded[i])
-      ids_BP[r, P - n:] = encoded[i]
-      mask_BP[r, P - n:] = 1
+      ids_BP[r, :n] = encoded[i]
+      mask_BP[r, :n] = 1
     out = generate_tokens(model, params, ids_BP, mask_BP, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                           row_ids=idx_padded, eos_id=eos_id, pad_id=pad_id,

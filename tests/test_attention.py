@@ -354,3 +354,117 @@ def test_the_configs_users_run_on_gpus_take_the_gpu_kernels(config_file, arg):
   spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   assert config.model.attention_impl == "auto"
+
+
+# --- the sampler's KV cache: mask kind 'lengths', path cudnn_lengths -----------------------------
+
+def cache_mask(T, S, kv_lengths, offsets):
+  """(B, T, S) from the definition: query t of row b sits at slot offsets[b] + t and sees slot s
+  iff s <= offsets[b] + t and s < kv_lengths[b]."""
+  out = np.zeros((len(kv_lengths), T, S), bool)
+  for b, (n, o) in enumerate(zip(kv_lengths, offsets)):
+    for t in range(T):
+      out[b, t, :max(0, min(n, o + t + 1))] = True
+  return out
+
+
+def lengths_as_cudnn_reads_them(mask, T, S):
+  """(B, T, S) from a cudnn_lengths Mask as jax documents the call: keys s < kv_length; with
+  is_causal also s <= t (only the first T slots are passed then, so slots >= T are unseen)."""
+  kv = np.asarray(mask.kv_lengths_B)
+  s_, t_ = np.arange(S)[None, None, :], np.arange(T)[None, :, None]
+  seen = s_ < kv[:, None, None]
+  return seen & (s_ <= t_) & (s_ < T) if mask.causal else np.broadcast_to(seen, (len(kv), T, S))
+
+
+def test_the_cache_masks_are_kv_lengths():
+  """The sampler's prefill (a chunk from slot 0) and decode (one query per row at its own slot)
+  masks, as cudnn_lengths states them and as the XLA path builds them, equal the definition."""
+  T, S = 12, 20
+  kv_prefill = np.array([1, 7, 12, 5], np.int32)
+  slots = np.array([1, 13, 19, 6], np.int32)  # decode: row b's query at its own slot
+  short = np.maximum(slots - 4, 1)  # kv lengths short of the query's own slot
+  for T_, kv, offset, offsets in ((T, kv_prefill, 0, [0] * 4), (1, slots + 1, slots, slots),
+                                  (1, short, slots, slots)):
+    want = cache_mask(T_, S, kv, offsets)
+    assert want.any(-1).all() or T_ == 1  # every prefill query sees a key
+    cudnn = attention.build_lengths_mask("cudnn_lengths", T_, S, jnp.asarray(kv), offset)
+    assert cudnn.dense_B1TS is None and cudnn.causal == (T_ > 1)
+    np.testing.assert_array_equal(lengths_as_cudnn_reads_them(cudnn, T_, S), want)
+    xla = attention.build_lengths_mask("xla", T_, S, jnp.asarray(kv), offset)
+    np.testing.assert_array_equal(np.asarray(xla.dense_B1TS)[:, 0], want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_cudnn_lengths_call_equals_xla_attention_on_the_cache_mask(dtype):
+  """The exact call cudnn_lengths makes (per-row kv lengths, causal on the first T slots), run on
+  jax's XLA implementation, equals the project's XLA attention with the dense cache mask, and an
+  attend() whose cuDNN call is refused while tracing falls back to the same numbers."""
+  rng = np.random.default_rng(4)
+  B, T, S, H, K = 3, 10, 24, 2, 16
+  q = jnp.asarray(rng.standard_normal((B, T, H, K)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((B, S, H, K)), dtype) for _ in range(2))
+  prefill_kv, slots = jnp.asarray([1, 6, 10], jnp.int32), jnp.asarray([3, 17, 23], jnp.int32)
+  for q_, T_, kv, offset in ((q, T, prefill_kv, 0), (q[:, -1:], 1, slots + 1, slots)):
+    mask = attention.build_lengths_mask("cudnn_lengths", T_, S, kv, offset)
+    as_called = lambda m, q, k, v: attention.lengths_attention(m, q, k, v, implementation="xla")
+    got = jax.jit(as_called)(mask, q_, k, v)
+    dense = jnp.asarray(cache_mask(T_, S, kv, np.broadcast_to(offset, B)))[:, None]
+    want = jax.jit(attention.xla_attention)(q_, k, v, dense)
+    # Measured on this CPU: fp32 differs by at most 3.0e-7 (values up to 2.9); bf16 is bit-equal.
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+    else:
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    fell_back = jax.jit(attention.attend)(q_, k, v, mask)  # no cuDNN here: jax refuses, XLA runs
+    np.testing.assert_array_equal(np.asarray(fell_back), np.asarray(want))
+
+
+def test_the_dispatcher_puts_the_cache_masks_on_cudnn_on_gpus_only(caplog):
+  seg, kv = jnp.ones((2, 8), jnp.int32), jnp.ones((2,), jnp.int32)
+  assert attention.mask_kind(8, 24, None, None, 0, kv) == "lengths"  # prefill from slot 0
+  assert attention.mask_kind(1, 24, None, None, jnp.asarray([3, 9]), kv) == "lengths"  # decode
+  assert attention.mask_kind(8, 24, None, None, jnp.int32(4), kv) == "dense"  # a later chunk
+  with pytest.raises(ValueError, match="kv_lengths"):
+    attention.mask_kind(8, 8, None, seg, 0, kv)
+  pick = lambda impl, plat, dtype=BF16, head_dim=64, probe=None: attention.select_path(
+      impl, "lengths", plat, dtype, head_dim, 1, 32, log_fallbacks=False, probe=probe)
+  assert pick("auto", H100) == pick("cudnn", H100) == pick("cudnn", A100) == "cudnn_lengths"
+  assert pick("auto", H100, dtype=jnp.float16) == "cudnn_lengths"
+  assert pick("xla", H100) == "xla"
+  for plat in (attention.Platform("cpu"), attention.Platform("tpu"),
+               attention.Platform("gpu", False, (), 0, (0, 11, 0), False)):  # CPU, TPU, ROCm
+    assert pick("auto", plat) == pick("cudnn", plat) == "xla"
+  assert pick("auto", H100, dtype=jnp.float32) == "xla" and pick("auto", H100, head_dim=60) == "xla"
+  attention._logged.clear()
+  problem = "it failed on a test batch: NotImplementedError: (no message)"
+  failed = lambda path: problem if path == "cudnn_lengths" else ""
+  with caplog.at_level(logging.WARNING, logger=attention.__name__):
+    for _ in range(2):
+      assert attention.select_path("auto", "lengths", H100, BF16, 64, 1, 32, probe=failed) == "xla"
+  logged = [r.getMessage() for r in caplog.records]
+  assert len(logged) == 1 and "kv lengths" in logged[0] and "NotImplementedError" in logged[0], logged
+
+
+def test_the_cudnn_lengths_probe(monkeypatch):
+  """Run here it fails without raising (no cuDNN), and it tells the call cudnn_lengths makes (run
+  on XLA) from one that ignores the lengths. Its program lowers for CUDA to a prefill (causal + kv
+  lengths) and a decode (kv lengths) cuDNN call, forward only (next test)."""
+  monkeypatch.setattr(attention, "_probe_results", {})
+  assert attention.probe("cudnn_lengths").startswith("it failed on a test batch:")
+  monkeypatch.setattr(attention, "_probe_results", {})
+  monkeypatch.setattr(attention, "_cudnn", lambda mask, q, k, v: attention.lengths_attention(
+      mask, q, k, v, implementation="xla"))
+  assert attention.probe("cudnn_lengths") == ""
+  monkeypatch.setattr(attention, "_probe_results", {})
+  monkeypatch.setattr(attention, "_cudnn", lambda mask, q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=mask.causal, implementation="xla"))  # the lengths dropped
+  assert attention.probe("cudnn_lengths").startswith("its prefill output differs from XLA's")
+
+
+def test_the_cudnn_lengths_probe_lowers_for_cuda(simulated_gpu):
+  simulated_gpu()
+  text = attention.probe_lowered("cudnn_lengths", ("cuda",)).as_text()
+  import re
+  assert re.findall(r"__cudnn\$\w+", text) == ["__cudnn$fmhaSoftmax"] * 2
+  assert sorted(re.findall(r'mask_type\\22: \\22(\w+)\\22', text)) == ["PADDING", "PADDING_CAUSAL"]
