@@ -46,15 +46,16 @@ PACKED_ROWS_PATH = {("auto", True): "cudnn_packed", ("cudnn", True): "cudnn_pack
 # attention_impl -> the path of rows without segment ids (the benchmark's --no_segment_ids): causal.
 CAUSAL_ROWS_PATH = {"auto": "cudnn_causal", "cudnn": "cudnn_causal", "xla": "xla"}
 # The sampler's path on an H100/H200 for attention_impl 'auto' and 'cudnn', keyed by whether the
-# packed layout is available ('xla' always gives 'xla'). Its masks (left-padded prompts over the
-# KV cache's slots) are dense: the dispatcher sends them to XLA.
-SAMPLER_PREFILL_PATH = {True: "xla", False: "xla"}
-SAMPLER_DECODE_PATH = {True: "xla", False: "xla"}
+# packed layout is available ('xla' always gives 'xla'). Each row's prompt fills the first cache
+# slots, so its masks are per-row key lengths (causal in the prefill): cuDNN with kv lengths.
+SAMPLER_PREFILL_PATH = {True: "cudnn_lengths", False: "cudnn_lengths"}
+SAMPLER_DECODE_PATH = {True: "cudnn_lengths", False: "cudnn_lengths"}
 
 # The forward custom call of each cuDNN path (jax's fused_attention_stablehlo); its backward is
 # the same name + "Backward".
 CUDNN_CALL = {"xla": None, "cudnn_causal": "__cudnn$fmhaSoftmax",
-              "cudnn_packed": "__cudnn$fmhaSoftmax", "cudnn_mask": "__cudnn$fmhaScaleBiasSoftmax"}
+              "cudnn_packed": "__cudnn$fmhaSoftmax", "cudnn_mask": "__cudnn$fmhaScaleBiasSoftmax",
+              "cudnn_lengths": "__cudnn$fmhaSoftmax"}
 # What a CustomSPMDPartitioning call of each path partitions: (mask type, with a bias).
 CUDNN_KERNEL = {"cudnn_causal": ("CAUSAL", False), "cudnn_packed": ("PADDING_CAUSAL", False),
                 "cudnn_mask": ("NO_MASK", True)}
@@ -310,12 +311,13 @@ def test_sampler_prefill_and_decode_lower_for_cuda(simulated_gpu, impl, packed, 
 
 # --- the probe and the attention check --------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["cudnn_packed", "cudnn_mask", "cudnn_causal", "xla"])
+@pytest.mark.parametrize("path", ["cudnn_packed", "cudnn_mask", "cudnn_causal", "cudnn_lengths", "xla"])
 def test_the_probe_lowers_for_cuda(simulated_gpu, path):
   """What probe(path) compiles and runs on a GPU before first choosing a path (forward and backward
-  on its test batch; 'xla' is the reference it is compared with)."""
+  on its test batch, forward only for the sampler's cudnn_lengths; 'xla' is the reference it is
+  compared with)."""
   simulated_gpu()
-  assert_holds(attention.probe_lowered(path, ("cuda",)), path, training=True,
+  assert_holds(attention.probe_lowered(path, ("cuda",)), path, training=path != "cudnn_lengths",
                T=attention.PROBE_SHAPE[1])
 
 
