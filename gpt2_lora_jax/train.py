@@ -225,6 +225,17 @@ def init_state(params, labels, seed: int, mesh, tx):
   return state, frozen, state_sh, frozen_sh
 
 
+def frozen_for_step(state, frozen, state_sh, frozen_sh, initial_copy_key: str = ""):
+  """(frozen tree, its shardings) for the step: `frozen`, plus a copy of state['trainable'] under
+  initial_copy_key when set (Objective.initial_copy_key). The copy has its own buffers (the state is
+  donated to every step) and the trainable leaves' shardings."""
+  if not initial_copy_key:
+    return frozen, frozen_sh
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_sh["trainable"])
+  return ({**frozen, initial_copy_key: copy(state["trainable"])},
+          {**frozen_sh, initial_copy_key: state_sh["trainable"]})
+
+
 def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh,
                    loss_fn: Callable | None = None):
   """The train step under jit: explicit shardings, the state donated, compiled once per run.
@@ -299,11 +310,8 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   tx, schedule = experiment.optimizer(exp)
   state, frozen, state_sh, frozen_sh = init_state(exp.params, exp.labels, tcfg.seed, mesh, tx)
   repl = sharding.replicated(mesh)
-  step_frozen, step_frozen_sh = frozen, frozen_sh  # what the step and eval_fn get as `frozen`
-  if obj.initial_copy_key:  # fresh buffers (the state is donated to the step), placed as the state
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_sh["trainable"])
-    step_frozen = {**frozen, obj.initial_copy_key: copy(state["trainable"])}
-    step_frozen_sh = {**frozen_sh, obj.initial_copy_key: state_sh["trainable"]}
+  # What the step and eval_fn get as `frozen` (before any checkpoint is restored: see Objective).
+  step_frozen, step_frozen_sh = frozen_for_step(state, frozen, state_sh, frozen_sh, obj.initial_copy_key)
 
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
   start = 0
