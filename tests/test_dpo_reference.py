@@ -117,11 +117,11 @@ def test_resume_refuses_changed_dpo_settings_and_keeps_its_reference(sft_dir, tm
   sft, workdir = str(tmp_path / "sft"), str(tmp_path / "dpo")
   shutil.copytree(sft_dir, sft)
   study.train_dpo(dpo_settings(sft), workdir)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"dpo\.beta: 0\.5 -> 0\.9"):
+    study.train_dpo(dpo_settings(sft, **{"dpo.beta": 0.9, "train.steps": 2}), workdir)
   saved = checkpoint.latest_meta(workdir)[1]["run"]
   assert saved["dpo.beta"] == 0.5 and saved["dpo.reference_step"] == 2
   assert saved["dpo.init_from"] == os.path.join(sft, "checkpoints")
-  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"dpo\.beta: 0\.5 -> 0\.9"):
-    study.train_dpo(dpo_settings(sft, **{"dpo.beta": 0.9, "train.steps": 2}), workdir)
 
   train.run(experiment.build(tiny_dpo_config(**{  # the SFT run moves on: its latest step is 4
       "train.steps": 4, "train.eval_every": 0, "train.ckpt_every": 2, "train.plot_every": 0,
