@@ -20,7 +20,7 @@ runs the same loss_fn. Reference-free settings (dpo.reference_free, 'simpo', 'sf
 The trade-off. Computing the reference inside the step costs it a second forward and, because the
 loop is differentiated as a whole, a second backward pass through the activations (its result is
 discarded): twice the forward and backward FLOPs of a policy-only (reference-free) step on the same
-rows, and twice its activations. The compiled memory plan of the gpt2 (124M) step, 8 rows of 1024
+rows, and more than twice its activation memory. The compiled memory plan of the gpt2 (124M) step, 8 rows of 1024
 tokens, scanned blocks, remat 'dots', fp32 (CPU compiler): 17.4 GiB of temporaries with the
 reference against 7.3 GiB reference-free; on configs/tiny_dpo.py 687 vs 616 MiB (train.micro_batches
 divides it). The design it replaced cached the reference's log-probs in one pass over the split
