@@ -70,7 +70,7 @@ def test_dpo_on_two_processes_matches_one_and_resumes_bitwise_after_sigterm(tmp_
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   assert abs(want[1]["loss"] - np.log(2)) <= 1e-6 and want[1]["margin"] == got[1]["margin"] == 0.0
   for key in ("loss", "grad_norm", "logp_chosen", "ref_logp_rejected", "logits_chosen"):
-    # measured: equal to float32 rounding (the two runs reduce in another order)
+    # not bitwise: the two runs reduce across devices in another order
     np.testing.assert_allclose([got[s][key] for s in got], [want[s][key] for s in want], rtol=1e-5,
                                atol=1e-6, err_msg=key)
 
