@@ -24,13 +24,22 @@ def _config_file(name: str):
 
 def get_config(size: str = "gpt2"):
   c = _config_file("gpt2_hh").get_config(size)  # model, LoRA layout, data, SFT schedule
-  # No dropout in either stage, as TRL's DPOConfig (disable_dropout=True): the DPO policy then starts
-  # exactly at its reference, the SFT model (DPO loss log 2 at step 0).
+  # No dropout in the SFT stage either, as TRL's DPOConfig (disable_dropout=True). The DPO forward is
+  # deterministic whatever this says, so DPO starts exactly at its reference, the SFT model (loss log 2
+  # and margin 0 at step 0).
   c.lora.dropout = 0.0
 
+  # The loss (dpo_losses.py has each formula and its paper; --mode=show_config lists every dpo key):
+  # 'sigmoid' (DPO), 'conservative' (cDPO) or 'robust' (rDPO) with label_smoothing, 'hinge' (SLiC),
+  # 'ipo', 'sigmoid_norm', 'simpo' (reference-free, margin simpo_gamma), 'sft'; several joined by
+  # commas and weighted, e.g. loss='sigmoid,sft' with loss_weights=(1.0, 0.2) (or rpo_alpha=0.2).
   c.dpo.loss = "sigmoid"
+  c.dpo.loss_weights = ()  # 1 for each loss
   c.dpo.beta = 0.1  # TRL's DPOConfig default
   c.dpo.label_smoothing = 0.0
+  c.dpo.reference_free = False  # True: reference log-probs 0, no reference forward
+  c.dpo.rpo_alpha = 0.0  # > 0 adds that weight x the chosen reply's NLL per token
+  c.dpo.simpo_gamma = 0.5  # 'simpo' only (TRL's CPOConfig default)
   # About one epoch of pairs: on the harmless-base test split 2,303 pairs pack into 745 rows of 1024
   # tokens (3.1 a row, measured with preference.build); HH-RLHF's 160,800 train rows then make ~52k
   # rows, ~1,600 steps at batch 32.

@@ -149,8 +149,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, expect
   return restored["state"]
 
 
-def read_trainable(path: str) -> tuple[dict, dict, str]:
-  """(trainable leaves as saved, meta, where) of the latest checkpoint under `path`: a workdir, its
+def checkpoints_dir(path: str) -> tuple[str, int | None]:
+  """(absolute checkpoints/ directory, step or None) that `path` names: a run's workdir, its
   checkpoints/ directory, or one step's directory (checkpoints/<step>)."""
   path = path.rstrip("/")
   step = None
@@ -158,14 +158,49 @@ def read_trainable(path: str) -> tuple[dict, dict, str]:
     path, step = os.path.dirname(path), int(os.path.basename(path))
   elif os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  mngr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
-  step = mngr.latest_step() if step is None else step
+  return os.path.abspath(path), step
+
+
+def read_trainable(path: str, step: int | None = None) -> tuple[dict, dict, str, int]:
+  """(trainable leaves as saved, meta, where, step) of a checkpoint under `path` (checkpoints_dir):
+  `step`, else the step `path` names, else the latest.
+
+  Leaves come back as jax.Arrays in the sharding they were saved with when this process's devices
+  can hold it (a multi-process fsdp run's leaves then span processes: fetch them with
+  sharding.fetch_to_host), else replicated over this process's devices.
+  """
+  directory, named_step = checkpoints_dir(path)
+  mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  step = step if step is not None else named_step if named_step is not None else mngr.latest_step()
   if step is None or step not in mngr.all_steps():
-    raise FileNotFoundError(f"{path!r} holds no checkpoint (expected a run's workdir, its checkpoints/ "
-                            "directory or checkpoints/<step>)")
+    raise FileNotFoundError(f"{path!r} holds no checkpoint" + (f" for step {step} (it holds "
+                            f"{sorted(mngr.all_steps())})" if step is not None else "") +
+                            " (expected a run's workdir, its checkpoints/ directory or checkpoints/<step>)")
   meta = read_meta(mngr, step)
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return state["trainable"], meta, f"{mngr.directory}/{step}"
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                          jax.sharding.PartitionSpec())
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fallback_sharding=replicated)))["state"]
+  return state["trainable"], meta, f"{mngr.directory}/{step}", step
+
+
+def latest_meta(workdir: str) -> tuple[int, dict] | None:
+  """(step, meta) of the latest checkpoint in workdir, or None when it holds none."""
+  if "://" not in workdir and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None
+  mngr = manager(workdir)
+  step = mngr.latest_step()
+  return None if step is None else (step, read_meta(mngr, step))
+
+
+def tree_fingerprint(tree) -> str:
+  """An exact content hash of a small tree (adapters): every leaf's path, shape and fp32 values."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(traverse_util.flatten_dict(tree, sep="/").items()):
+    values = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    h.update(f"{path}:{values.shape};".encode())
+    h.update(values.tobytes())
+  return h.hexdigest()[:16]
 
 
 def abstract_like(tree):

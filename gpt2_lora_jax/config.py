@@ -68,9 +68,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Preference tuning (dpo.py; configs/dpo_hh.py): DPO on the (chosen, rejected) pairs of the rows.
   c.dpo = ml_collections.ConfigDict()
-  c.dpo.loss = "sigmoid"  # 'sigmoid' (DPO), 'conservative' (cDPO: label_smoothing > 0) or 'ipo'
+  # One loss or several joined by commas, summed with loss_weights (dpo_losses.py has each formula and
+  # its paper): 'sigmoid' (DPO), 'conservative' (cDPO), 'robust' (rDPO), 'hinge' (SLiC), 'ipo',
+  # 'sigmoid_norm' (log-ratios per reply token), 'simpo' (SimPO, reference-free), 'sft' (chosen NLL)
+  c.dpo.loss = "sigmoid"
+  c.dpo.loss_weights = ()  # one weight per dpo.loss entry, e.g. (1.0, 0.2) for 'sigmoid,sft' (() = 1 each)
   c.dpo.beta = 0.1  # pull toward the reference, > 0 (TRL's DPOConfig default is 0.1)
-  c.dpo.label_smoothing = 0.0  # cDPO: the probability that a pair's labels are flipped
+  c.dpo.label_smoothing = 0.0  # 'conservative' / 'robust': the probability that a pair's labels are flipped
+  c.dpo.reference_free = False  # reference log-probs = 0 (TRL's reference_free): no reference forward
+  c.dpo.rpo_alpha = 0.0  # adds rpo_alpha x the chosen reply's NLL per token (TRL's rpo_alpha; RPO)
+  c.dpo.simpo_gamma = 0.5  # 'simpo': the target reward margin gamma (TRL's CPOConfig default 0.5)
   c.dpo.init_from = ""  # SFT workdir or checkpoint the policy's adapters start from ('' = fresh)
   c.dpo.steps = 0  # DPO steps (0: train.steps); the SFT stage of --mode=preference_study uses train.steps
   c.dpo.lr = 0.0  # DPO peak learning rate (0: optim.lr)

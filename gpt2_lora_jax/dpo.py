@@ -1,31 +1,37 @@
-"""Direct preference optimisation on packed pairs (preference.py): the loss, per-reply log-probs, the
-reference, and the policy's starting adapters.
+"""Direct preference optimisation on packed pairs (preference.py): per-reply log-probs, the reference,
+the loss as a train-step loss_fn, and the adapters the policy starts from. The losses and the checks
+of the dpo.* settings are in dpo_losses.py.
 
-Losses (dpo.loss), per pair, with log-ratios c = log pi(y_w|x) - log ref(y_w|x) for the chosen reply
-and r = log pi(y_l|x) - log ref(y_l|x) for the rejected one (Rafailov et al. 2023, Eq. 7):
-  'sigmoid'       -log sigmoid(beta (c - r))
-  'conservative'  cDPO (Mitchell 2023): labels flipped with probability eps = dpo.label_smoothing,
-                  -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))
-  'ipo'           IPO (Azar et al. 2023, Eq. 17): (c' - r' - 1 / (2 beta))^2, where c', r' are the
-                  log-ratios per reply token, as TRL's DPOTrainer computes IPO (its comment: the
-                  paper's results correspond to this length-normalised form, confirmed with the authors).
-Implicit rewards are beta c and beta r; accuracy is the share of pairs with beta c > beta r.
+The forward is deterministic whatever lora.dropout says (TRL's DPOConfig disable_dropout=True): with
+adapter dropout the policy's first forward differs from its reference's and DPO does not start at its
+reference (loss log 2 + 0.065 and margin -0.117 at the first step from SFT adapters trained with
+lora.dropout=0.05, fp32). The run says so once in its log.
 
-The reference. It is the model the policy starts from: the frozen base, plus the SFT adapters when
-dpo.init_from names an SFT run (those adapters are where the policy starts). Its log-probs are
-computed once, before the first step, by one forward pass over every packed row with the initial
-policy (no dropout), and cached as PreferenceData.ref_logps (8 bytes a pair); batches carry them.
-So no second model (and no second copy of the base or of the adapters) is ever held, and the train
-step costs what an SFT step on the same tokens costs. The trade-off against computing them in every
-step: both do one reference forward per packed row trained on, but the cache does it for every row
-of the split up front, once. Shorter than one epoch, the cache pays for rows that are never trained
-on; at one epoch both do the same forwards; beyond, the cache saves one forward per row per extra
-epoch. The pass is paid again on every start and resume (it is rebuilt from dpo.init_from), and
-until it ends no step runs. A pair sees exactly the same reference numbers in every epoch.
+The reference. It is the model the policy starts from: the frozen base plus the adapters at the start
+(the SFT adapters when dpo.init_from names an SFT run, else the fresh ones). A copy of those adapters
+rides in the step's frozen tree (train.Objective.initial_copy_key; never trained, never saved: its
+identity is recorded with every checkpoint, see start()). Each step computes the reference's log-probs
+by the very forward it runs for the policy: jax.lax.map of one function over the two adapter trees
+[policy, stop_gradient(reference)], so both come out of one loop body of one compiled program, on the
+same rows grouped the same way. At the first step the two trees are equal and so, bitwise, are the two
+results: loss log 2 and margin 0 exactly, on any number of devices and in bf16. Held-out evaluation
+runs the same loss_fn. Reference-free settings (dpo.reference_free, 'simpo', 'sft') run the policy only.
+
+The trade-off. Computing the reference inside the step costs it a second forward and, because the
+loop is differentiated as a whole, a second backward pass through the activations (its result is
+discarded): twice the forward and backward FLOPs of a policy-only (reference-free) step on the same
+rows, and more than twice its activation memory. The compiled memory plan of the gpt2 (124M) step, 8 rows of 1024
+tokens, scanned blocks, remat 'dots', fp32 (CPU compiler): 17.4 GiB of temporaries with the
+reference against 7.3 GiB reference-free; on configs/tiny_dpo.py 687 vs 616 MiB (train.micro_batches
+divides it). The design it replaced cached the reference's log-probs in one pass over the split
+before the first step (one extra forward per row, no extra memory), but that pass was another
+program with another row grouping: a bf16 base started ~5e-4 off log 2 on one device, and 1 vs 2
+devices gave reference log-probs up to 0.045 nats apart. Here the first step's loss is float32's
+log 2 (0.6931471824645996, 1.9e-9 from log 2) and its margin 0 on 1, 4 and 8 CPU devices, bf16 base
+and compute, with micro-batches and scanned blocks (tests/test_dpo_reference.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -33,119 +39,108 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_lora_jax import lora
+from gpt2_lora_jax import dpo_losses, lora
 from gpt2_lora_jax import loss as loss_lib
+from gpt2_lora_jax.dpo_losses import LOSSES, check_config, loss  # noqa: F401  (dpo.check_config, dpo.loss)
 from gpt2_lora_jax.errors import UserError
 
-LOSSES = ("sigmoid", "conservative", "ipo")
+# Top-level key of the step's frozen tree that holds the reference adapters (train.Objective).
+REFERENCE_KEY = "dpo_reference"
 
 
-def check_config(dpo_cfg):
-  """Errors naming the setting, before anything is loaded."""
-  problems = []
-  if not dpo_cfg.beta > 0:
-    problems.append(f"dpo.beta={dpo_cfg.beta}: must be > 0 (TRL's default is 0.1)")
-  if dpo_cfg.loss not in LOSSES:
-    problems.append(f"dpo.loss={dpo_cfg.loss!r}: choose one of {LOSSES}")
-  elif dpo_cfg.loss == "conservative" and not 0.0 < dpo_cfg.label_smoothing < 0.5:
-    problems.append(f"dpo.label_smoothing={dpo_cfg.label_smoothing}: dpo.loss='conservative' needs it "
-                    "in (0, 0.5), the probability that a pair's labels are flipped")
-  elif dpo_cfg.loss != "conservative" and dpo_cfg.label_smoothing != 0.0:
-    problems.append(f"dpo.label_smoothing={dpo_cfg.label_smoothing} applies only to "
-                    "dpo.loss='conservative'; set it to 0 or choose that loss")
-  if problems:
-    raise UserError("invalid config:\n  " + "\n  ".join(problems))
+def reply_stats(model, params, batch, num_replies: int, chunk: int = loss_lib.DEFAULT_CHUNK) -> dict:
+  """Per reply of each row, without dropout: {'logps': (B, R) log-probability summed over its own
+  target tokens, 'tokens': (B, R) those tokens, 'logit_sums': (B, R) sum over them of the mean logit
+  over the vocabulary (TRL's logits/chosen, before dividing by the tokens)}.
 
-
-def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, kind: str = "sigmoid",
-         label_smoothing: float = 0.0, chosen_tokens=None, rejected_tokens=None):
-  """(per-pair loss, chosen reward, rejected reward) from summed reply log-probs, all shaped alike.
-
-  chosen_tokens / rejected_tokens: reply lengths in tokens (needed by 'ipo' only).
+  batch: a preference batch (inputs, targets, positions, segment_ids, reply_index (B, T) with -1 off
+  replies). R = num_replies = 2 J. The head is the supervised loss's (loss.token_logps: fp32
+  accumulated logits, `chunk` positions at a time, never the whole batch's logits). The mean logit
+  is linear in the hidden state: h . mean_v(W_v) (+ s (h A) . mean_v(B_v) with a head adapter).
   """
-  if not beta > 0:
-    raise UserError(f"dpo.beta={beta}: must be > 0")
-  chosen_ratio = policy_chosen - ref_chosen
-  rejected_ratio = policy_rejected - ref_rejected
-  if kind == "ipo":
-    delta = (chosen_ratio / jnp.maximum(chosen_tokens, 1.0)
-             - rejected_ratio / jnp.maximum(rejected_tokens, 1.0))
-    losses = (delta - 1.0 / (2.0 * beta)) ** 2
-  elif kind in ("sigmoid", "conservative"):
-    z = beta * (chosen_ratio - rejected_ratio)
-    eps = label_smoothing if kind == "conservative" else 0.0
-    losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-  else:
-    raise UserError(f"dpo.loss={kind!r}: choose one of {LOSSES}")
-  return losses, beta * chosen_ratio, beta * rejected_ratio
-
-
-def reply_logps(model, params, batch, rng, deterministic: bool, num_replies: int,
-                chunk: int = loss_lib.DEFAULT_CHUNK):
-  """(B, R) log-probability of each reply of each row, summed over its own target tokens only.
-
-  batch: a preference batch (inputs, targets, positions, segment_ids, reply_index (B, T) with -1
-  off replies). R = num_replies = 2 J. The head is the supervised loss's (loss.token_logps: fp32
-  accumulated logits, `chunk` positions at a time, never the whole batch's logits).
-  """
-  rngs = None if deterministic else {"dropout": rng}
   h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
-                      segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
-                      return_hidden=True)
+                      segment_ids=batch["segment_ids"], deterministic=True, return_hidden=True)
   cfg = model.config
+  head = loss_lib.head_from_params(params, cfg.tie_word_embeddings)
   spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
-                           lora_scale=float(model.lora_scale or 0.0), lora_dropout=model.lora_dropout,
-                           deterministic=deterministic, chunk=chunk)
-  logp_BT = loss_lib.token_logps(h_BTD, loss_lib.head_from_params(params, cfg.tie_word_embeddings),
-                                 batch["targets"], spec, None if deterministic else rng)
+                           lora_scale=float(model.lora_scale or 0.0), deterministic=True, chunk=chunk)
+  logp_BT = loss_lib.token_logps(h_BTD, head, batch["targets"], spec, None)
+  h32_BTD = jax.lax.stop_gradient(h_BTD).astype(jnp.float32)
+  w = jax.lax.stop_gradient(head["w"]).astype(jnp.float32)
+  mean_logit_BT = h32_BTD @ (w.mean(0) if cfg.tie_word_embeddings else w.mean(1))
+  if "lora_a" in head:
+    a, b = (jax.lax.stop_gradient(head[k]).astype(jnp.float32) for k in ("lora_a", "lora_b"))
+    mean_logit_BT = mean_logit_BT + spec.lora_scale * (h32_BTD @ a) @ b.mean(1)
   onehot_BTR = (batch["reply_index"][..., None] == jnp.arange(num_replies)).astype(jnp.float32)
-  return jnp.einsum("bt,btr->br", logp_BT, onehot_BTR)
+  return {"logps": jnp.einsum("bt,btr->br", logp_BT, onehot_BTR),
+          "tokens": jnp.sum(onehot_BTR, axis=1),
+          "logit_sums": jnp.einsum("bt,btr->br", mean_logit_BT, onehot_BTR)}
 
 
-def reply_tokens(batch, num_replies: int):
-  """(B, R) target tokens of each reply."""
-  return jnp.sum(batch["reply_index"][..., None] == jnp.arange(num_replies), axis=1).astype(jnp.float32)
+def reply_logps(model, params, batch, num_replies: int, chunk: int = loss_lib.DEFAULT_CHUNK):
+  """(B, R) log-probability of each reply of each row (reply_stats' 'logps')."""
+  return reply_stats(model, params, batch, num_replies, chunk)["logps"]
+
+
+def policy_and_reference(model, trainable, reference, base, batch, num_replies: int) -> tuple[dict, dict]:
+  """reply_stats of the policy (trainable + base) and of the reference (reference + base), from one
+  loop body run over the stacked adapter trees: one computation for both (see the module doc)."""
+  both = jax.tree.map(lambda p, r: jnp.stack([p, jax.lax.stop_gradient(r).astype(p.dtype)]), trainable, reference)
+  stats = jax.lax.map(lambda t: reply_stats(model, lora.combine(t, base), batch, num_replies), both)
+  return (jax.tree.map(lambda x: x[0], stats),
+          jax.tree.map(lambda x: jax.lax.stop_gradient(x[1]), stats))
 
 
 def make_loss_fn(model, dpo_cfg):
   """The DPO loss as a train-step loss_fn: (loss summed over pairs, pairs, {metric: sum over pairs}).
 
-  rng None: deterministic (held-out evaluation). The batch carries pair_mask (B, J) and the cached
-  ref_logps (B, J, 2); J (pairs a row can hold) is read from their shape.
+  `frozen` holds the base and, unless the settings are reference-free, the reference adapters under
+  REFERENCE_KEY. rng is unused: the forward is deterministic. The batch carries pair_mask (B, J);
+  J (pairs a row can hold) is read from its shape. Metrics, as TRL's DPOTrainer logs them (rewards/*,
+  logps/*, logits/*), each a mean over pairs: reward_chosen, reward_rejected, margin, accuracy (ties
+  count half), logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, logits_chosen and
+  logits_rejected (the mean over a reply's tokens of the mean logit over the vocabulary).
   """
   check_config(dpo_cfg)
+  with_reference = dpo_losses.uses_reference(dpo_cfg)
 
   def loss_fn(trainable, frozen, mbatch, rng):
+    del rng  # deterministic (TRL's disable_dropout)
+    base = {k: v for k, v in frozen.items() if k != REFERENCE_KEY}
     J = mbatch["pair_mask"].shape[-1]
-    R = 2 * J
-    params = lora.combine(trainable, frozen)
-    policy_BJ2 = reply_logps(model, params, mbatch, rng, rng is None, R).reshape(-1, J, 2)
-    tokens_BJ2 = reply_tokens(mbatch, R).reshape(-1, J, 2)
-    ref_BJ2 = mbatch["ref_logps"]
+    if with_reference:
+      policy, ref = policy_and_reference(model, trainable, frozen[REFERENCE_KEY], base, mbatch, 2 * J)
+      ref_BJ2 = ref["logps"].reshape(-1, J, 2)
+    else:
+      policy = reply_stats(model, lora.combine(trainable, base), mbatch, 2 * J)
+      ref_BJ2 = jnp.zeros_like(policy["logps"]).reshape(-1, J, 2)
+    policy_BJ2, tokens_BJ2 = policy["logps"].reshape(-1, J, 2), policy["tokens"].reshape(-1, J, 2)
+    logits_BJ2 = policy["logit_sums"].reshape(-1, J, 2) / jnp.maximum(tokens_BJ2, 1.0)
     mask_BJ = mbatch["pair_mask"]
-    losses, chosen_reward, rejected_reward = loss(
-        policy_BJ2[..., 0], policy_BJ2[..., 1], ref_BJ2[..., 0], ref_BJ2[..., 1], beta=dpo_cfg.beta,
-        kind=dpo_cfg.loss, label_smoothing=dpo_cfg.label_smoothing, chosen_tokens=tokens_BJ2[..., 0],
-        rejected_tokens=tokens_BJ2[..., 1])
-    total = lambda x: jnp.sum(x * mask_BJ)
+    args = (policy_BJ2[..., 0], policy_BJ2[..., 1], ref_BJ2[..., 0], ref_BJ2[..., 1])
+    losses = dpo_losses.combined_loss(*args, tokens_BJ2[..., 0], tokens_BJ2[..., 1], dpo_cfg)
+    chosen_reward, rejected_reward = dpo_cfg.beta * (args[0] - args[2]), dpo_cfg.beta * (args[1] - args[3])
+    total = lambda x: jnp.sum(jax.lax.stop_gradient(x) * mask_BJ)
+    wins = (chosen_reward > rejected_reward).astype(jnp.float32) + 0.5 * (chosen_reward == rejected_reward)
     aux = {"reward_chosen": total(chosen_reward), "reward_rejected": total(rejected_reward),
-           "margin": total(chosen_reward - rejected_reward),
-           "accuracy": total((chosen_reward > rejected_reward).astype(jnp.float32)),
+           "margin": total(chosen_reward - rejected_reward), "accuracy": total(wins),
            "logp_chosen": total(policy_BJ2[..., 0]), "logp_rejected": total(policy_BJ2[..., 1]),
-           "ref_logp_chosen": total(ref_BJ2[..., 0]), "ref_logp_rejected": total(ref_BJ2[..., 1])}
-    return total(losses), jnp.sum(mask_BJ), aux
+           "ref_logp_chosen": total(ref_BJ2[..., 0]), "ref_logp_rejected": total(ref_BJ2[..., 1]),
+           "logits_chosen": total(logits_BJ2[..., 0]), "logits_rejected": total(logits_BJ2[..., 1])}
+    return jnp.sum(losses * mask_BJ), jnp.sum(mask_BJ), aux
 
   return loss_fn
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_replies"))
 def _forward_logps(model, params, batch, num_replies: int):
-  """reply_logps without dropout, compiled once per (model, shapes): modules compare by value."""
-  return reply_logps(model, params, batch, None, True, num_replies)
+  """reply_logps compiled once per (model, shapes): modules compare by value."""
+  return reply_logps(model, params, batch, num_replies)
 
 
 def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, local: bool = False) -> np.ndarray:
-  """(N, J, 2) log-probs of every reply under trainable + frozen (no dropout): one pass over `pairs`.
+  """(N, J, 2) log-probs of every reply under trainable + frozen (no dropout): one pass over `pairs`
+  (evaluation's held-out preference accuracy of each model).
 
   Every process passes the same (placed) trees and gets the whole array (an all-gather of each batch).
   local: `mesh` holds this process's devices only and it reads every row itself (evaluation).
@@ -157,7 +152,6 @@ def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, loca
   out = np.zeros((pairs.num_rows, pairs.pairs_per_row, 2), np.float32)
   for first, batch in zip(range(0, pairs.num_rows, batch_size),
                           preference.eval_batches(pairs, batch_size, process_index, process_count)):
-    batch.pop("ref_logps", None)
     logps = _forward_logps(model, params, sharding.global_batch(batch, mesh), R)
     logps = sharding.fetch_to_host(logps).reshape(-1, pairs.pairs_per_row, 2)
     n = min(batch_size, pairs.num_rows - first)
@@ -165,20 +159,26 @@ def reference_logps(model, trainable, frozen, pairs, mesh, batch_size: int, loca
   return out * pairs.pair_mask()[..., None]
 
 
+def forward_note(config) -> str:
+  """The one log line on the forward's dropout."""
+  return (f"DPO: deterministic forward (lora.dropout={config.lora.dropout} is not applied, as TRL's "
+          "disable_dropout); the reference's log-probs come from the same forward in every step"
+          if dpo_losses.uses_reference(config.dpo) else
+          f"DPO: deterministic forward (lora.dropout={config.lora.dropout} is not applied, as TRL's "
+          f"disable_dropout); reference-free (dpo.loss={config.dpo.loss!r}, "
+          f"dpo.reference_free={config.dpo.reference_free})")
+
+
 def objective(exp, cache_dir):
   """train.Objective for DPO on the (chosen, rejected) pairs of config.data (see train.run)."""
   from gpt2_lora_jax import metrics as metrics_lib, preference, train
   cfg = exp.config
   loss_fn = make_loss_fn(exp.model, cfg.dpo)
+  if jax.process_index() == 0:
+    print(forward_note(cfg), flush=True)
 
   def build_data(split, log):
     return preference.build(cfg.data, exp.tokenizer, split, cfg.train.batch_size, cache_dir, log=log)
-
-  def prepare(train_pairs, eval_pairs, state, frozen, mesh):
-    """The reference log-probs: the initial policy (the reference) over every pair, once."""
-    ref = lambda pairs: None if pairs is None else dataclasses.replace(pairs, ref_logps=reference_logps(
-        exp.model, state["trainable"], frozen, pairs, mesh, cfg.train.batch_size))
-    return ref(train_pairs), ref(eval_pairs)
 
   def plot(workdir, window):
     metrics_lib.plot_loss(workdir, window)
@@ -189,7 +189,8 @@ def objective(exp, cache_dir):
       build_data=build_data, batch_for_step=preference.batch_for_step,
       eval_batches=preference.eval_batches, loss_fn=loss_fn,
       eval_fn=lambda trainable, frozen, batch: loss_fn(trainable, frozen, batch, None),
-      denominator_name="pairs", prepare=prepare, plot=plot)
+      denominator_name="pairs", plot=plot,
+      initial_copy_key=REFERENCE_KEY if dpo_losses.uses_reference(cfg.dpo) else "")
 
 
 PREFERENCE_PLOT = "preference.png"
@@ -227,15 +228,18 @@ def plot_preference_metrics(records: list[dict], path: str, window: int):
   return path
 
 
-# --- where the policy starts -----------------------------------------------------------------------
+# --- where the policy starts, and the reference it is measured against -------------------------------
 
-def init_adapters(exp, init_from: str) -> dict:
-  """exp.params with the trainable leaves of the SFT checkpoint at `init_from` (a workdir, its
-  checkpoints/ dir, or one step's dir); exp.params unchanged for ''. Refuses another base or layout."""
+def init_adapters(exp, init_from: str, step: int | None = None) -> tuple[dict, dict]:
+  """(exp.params with the trainable leaves of the SFT checkpoint at `init_from`, the reference's
+  identity for experiment.run_settings). init_from: a workdir, its checkpoints/ dir or one step's
+  dir ('' = exp.params' fresh adapters); step: that checkpoint step (None: the one init_from names,
+  else the latest). Refuses another base or layout. Every process gets the full host values."""
+  from gpt2_lora_jax import checkpoint, sharding
   if not init_from:
-    return exp.params
-  from gpt2_lora_jax import checkpoint
-  trainable, saved_meta, where = checkpoint.read_trainable(init_from)
+    trainable, _ = lora.split(exp.params, exp.labels)
+    return exp.params, reference_identity("", None, trainable)
+  trainable, saved_meta, where, step = checkpoint.read_trainable(init_from, step)
   # Dropout is how an adapter trains, not what it is: the DPO run may use another rate.
   expected = dict(exp.meta, lora=dict(exp.meta["lora"], dropout=saved_meta.get("lora", {}).get("dropout")))
   try:
@@ -244,6 +248,47 @@ def init_adapters(exp, init_from: str) -> dict:
     raise checkpoint.CheckpointMismatchError(
         f"dpo.init_from={init_from!r}: {e} DPO starts from an SFT run of the same base and LoRA "
         "layout (or set dpo.init_from='' to start from fresh adapters).") from None
+  trainable = sharding.fetch_to_host(trainable)  # leaves of an fsdp run may span processes
   _, frozen = lora.split(exp.params, exp.labels)
-  return lora.combine(jax.tree.map(np.asarray, trainable), frozen)
+  return (lora.combine(trainable, frozen),
+          reference_identity(checkpoint.checkpoints_dir(init_from)[0], step, trainable))
 
+
+def reference_identity(directory: str, step: int | None, trainable) -> dict:
+  """What a DPO checkpoint records about its reference: the checkpoints directory dpo.init_from
+  resolves to ('' for fresh adapters), its step and an exact fingerprint of its adapters."""
+  from gpt2_lora_jax import checkpoint
+  return {"dpo.init_from": directory, "dpo.reference_step": step,
+          "dpo.reference_fingerprint": checkpoint.tree_fingerprint(trainable)}
+
+
+def start(exp, workdir: str):
+  """Sets exp.params (the policy's starting adapters: the reference) and exp.meta['run'] (dpo.*
+  settings and the reference's identity, which resuming checks) for DPO in `workdir`.
+
+  Resuming, the reference is reloaded from the step that workdir's checkpoint recorded, not from
+  dpo.init_from's latest checkpoint (which may have moved on since); if that step no longer exists
+  the run is refused, unless train.allow_changed_config (then the latest step, and the change is
+  named when the checkpoint is restored).
+  """
+  from gpt2_lora_jax import checkpoint, experiment
+  cfg = exp.config
+  init_from = cfg.dpo.init_from
+  saved = checkpoint.latest_meta(workdir)
+  recorded = (saved[1].get("run") or {}) if saved else {}
+  step = None
+  if init_from and recorded.get("dpo.init_from") == checkpoint.checkpoints_dir(init_from)[0]:
+    step = recorded.get("dpo.reference_step")
+    try:
+      exp.params, identity = init_adapters(exp, init_from, step)
+    except FileNotFoundError as e:
+      if not cfg.train.allow_changed_config:
+        raise UserError(
+            f"dpo.init_from={init_from!r}: the DPO run in {workdir} was trained against step {step} of it, "
+            f"which is gone ({e}); resuming against another reference would change its loss. Restore "
+            f"that checkpoint, start DPO in a fresh --workdir, or pass "
+            f"{checkpoint.ALLOW_FLAG} to continue against the latest step.") from None
+      exp.params, identity = init_adapters(exp, init_from)
+  else:
+    exp.params, identity = init_adapters(exp, init_from)
+  exp.meta["run"] = experiment.run_settings(cfg, identity)

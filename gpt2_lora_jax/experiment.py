@@ -95,16 +95,22 @@ _SOURCE_SETTINGS = {"hub": ("hub_id", "subset", "train_split"), "files": ("train
                     "tfds": ("tfds_dir", "train_split"), "demo": ("demo_rows",)}
 
 
-def run_settings(config: ml_collections.ConfigDict) -> dict:
+def run_settings(config: ml_collections.ConfigDict, dpo_reference: dict | None = None) -> dict:
   """'section.key' -> value of every setting that shapes a run's trajectory: the optimizer and its
   schedule (all of optim), train.steps (the schedule's length), batch size, seed (data order, init,
   dropout) and what decides the training rows. A checkpoint records them; resuming with any changed
   is refused unless train.allow_changed_config. Not among them: train.micro_batches (the same update,
-  split differently), the mesh, logging / evaluation / checkpoint cadences, evaluation-only data."""
+  split differently), the mesh, logging / evaluation / checkpoint cadences, evaluation-only data.
+
+  dpo_reference: for a DPO run, the identity of its reference (dpo.reference_identity: the resolved
+  dpo.init_from, its step and a fingerprint of its adapters); every dpo.* setting is recorded too."""
   d = config.data
   keys = [f"optim.{k}" for k in config.optim] + ["train.steps", "train.batch_size", "train.seed"]
   keys += [f"data.{k}" for k in _DATA_SETTINGS + _SOURCE_SETTINGS.get(d.source, ())]
+  if dpo_reference is not None:
+    keys += [f"dpo.{k}" for k in config.dpo if k != "init_from"]  # init_from: resolved, below
   settings = {k: config[k.split(".")[0]][k.split(".")[1]] for k in keys}
+  settings.update(dpo_reference or {})
   return json.loads(json.dumps(settings))  # tuples as lists: as the checkpoint's JSON gives it back
 
 

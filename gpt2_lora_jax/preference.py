@@ -62,8 +62,6 @@ class PreferenceData:
   rejected of pair p at 2 p and 2 p + 1). reply_index (N, T) int16: see the module doc.
   pair_rows, pair_packed_row, pair_slot (P,): source row, packed row and j of each pair.
   pair_reply_tokens (P, 2): target tokens of the chosen and the rejected reply (end-of-text included).
-  ref_logps (N, J, 2) float32 or None: the reference model's log-probability of each reply, once
-  computed (dpo.reference_logps); batches carry it when present.
   """
   packed: PackedData
   reply_index: np.ndarray
@@ -72,7 +70,6 @@ class PreferenceData:
   pair_slot: np.ndarray
   pair_reply_tokens: np.ndarray
   pairs_per_row: int
-  ref_logps: Optional[np.ndarray] = None
 
   @property
   def num_rows(self) -> int:
@@ -90,15 +87,13 @@ class PreferenceData:
 
   def rows(self, indices: np.ndarray) -> dict:
     """The batch for packed rows `indices` (-1: an empty row): packed.rows plus reply_index (n, T)
-    int32, pair_mask (n, J) float32 and, once computed, ref_logps (n, J, 2) float32."""
+    int32 and pair_mask (n, J) float32."""
     indices = np.asarray(indices, np.int64)
     empty = indices < 0
     take = np.where(empty, 0, indices)
     batch = self.packed.rows(indices)
     batch["reply_index"] = np.where(empty[:, None], -1, self.reply_index[take]).astype(np.int32)
     batch["pair_mask"] = np.where(empty[:, None], False, self.pair_mask()[take]).astype(np.float32)
-    if self.ref_logps is not None:
-      batch["ref_logps"] = np.where(empty[:, None, None], 0.0, self.ref_logps[take]).astype(np.float32)
     return batch
 
 

@@ -33,7 +33,7 @@ def train_dpo(config, workdir: str) -> dict:
   """--mode=dpo: DPO in `workdir`, the policy's adapters from dpo.init_from ('' = fresh)."""
   config = dpo_config(config, config.dpo.init_from)
   exp = experiment.build(config)
-  exp.params = dpo.init_adapters(exp, config.dpo.init_from)
+  dpo.start(exp, workdir)  # the policy's starting adapters (its reference) and what resuming checks
   return train.run(exp, workdir, dpo.objective)
 
 

@@ -128,8 +128,11 @@ def make_train_step(model, tx: optax.GradientTransformation, labels, micro_batch
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     loss = num_sum / denom
     # The optimizer sees the whole tree: zero gradients for frozen leaves, which it maps to zero.
-    full_grads = lora.combine(grads, jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), frozen))
-    full_params = lora.combine(state["trainable"], frozen)
+    # (Top-level entries of `frozen` outside the parameter tree, e.g. DPO's reference adapters
+    # under Objective.initial_copy_key, are the loss's inputs only.)
+    param_frozen = {k: v for k, v in frozen.items() if k in labels}
+    full_grads = lora.combine(grads, jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), param_frozen))
+    full_params = lora.combine(state["trainable"], param_frozen)
     updates, opt_state = tx.update(full_grads, state["opt_state"], full_params)
     new_trainable, _ = lora.split(optax.apply_updates(full_params, updates), labels)
     grad_norm = optax.tree.norm(grads)
@@ -222,6 +225,17 @@ def init_state(params, labels, seed: int, mesh, tx):
   return state, frozen, state_sh, frozen_sh
 
 
+def frozen_for_step(state, frozen, state_sh, frozen_sh, initial_copy_key: str = ""):
+  """(frozen tree, its shardings) for the step: `frozen`, plus a copy of state['trainable'] under
+  initial_copy_key when set (Objective.initial_copy_key). The copy has its own buffers (the state is
+  donated to every step) and the trainable leaves' shardings."""
+  if not initial_copy_key:
+    return frozen, frozen_sh
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_sh["trainable"])
+  return ({**frozen, initial_copy_key: copy(state["trainable"])},
+          {**frozen_sh, initial_copy_key: state_sh["trainable"]})
+
+
 def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_sh, frozen_sh,
                    loss_fn: Callable | None = None):
   """The train step under jit: explicit shardings, the state donated, compiled once per run.
@@ -240,8 +254,9 @@ class Objective:
   process count) and eval_batches(data, B, process index, process count) -> local batch dicts;
   loss_fn: the train step's loss_fn (make_train_step); eval_fn(trainable, frozen, batch) ->
   (numerator, denominator, aux sums) without dropout, logged as 'loss', denominator_name and each
-  aux sum over the denominator; prepare(train_data, eval_data, state, frozen, mesh) -> (train_data,
-  eval_data), run once on the initial state before any checkpoint is restored; plot(workdir, window).
+  aux sum over the denominator; plot(workdir, window). initial_copy_key: when set, a copy of the
+  initial trainable leaves (before any checkpoint is restored) rides in the frozen tree that the
+  step and eval_fn get, under this top-level key, placed like the trainable leaves (DPO's reference).
   """
   build_data: Callable
   batch_for_step: Callable
@@ -249,7 +264,7 @@ class Objective:
   loss_fn: Callable
   eval_fn: Callable
   denominator_name: str = "loss_tokens"
-  prepare: Callable | None = None
+  initial_copy_key: str = ""
   plot: Callable | None = None
 
 
@@ -295,8 +310,8 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   tx, schedule = experiment.optimizer(exp)
   state, frozen, state_sh, frozen_sh = init_state(exp.params, exp.labels, tcfg.seed, mesh, tx)
   repl = sharding.replicated(mesh)
-  if obj.prepare is not None:
-    train_data, eval_data = obj.prepare(train_data, eval_data, state, frozen, mesh)
+  # What the step and eval_fn get as `frozen` (before any checkpoint is restored: see Objective).
+  step_frozen, step_frozen_sh = frozen_for_step(state, frozen, state_sh, frozen_sh, obj.initial_copy_key)
 
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_ckpts)
   start = 0
@@ -315,8 +330,8 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
 
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
-                           frozen_sh, obj.loss_fn)
-  eval_fn = jax.jit(obj.eval_fn, in_shardings=(state_sh["trainable"], frozen_sh, batch_sh),
+                           step_frozen_sh, obj.loss_fn)
+  eval_fn = jax.jit(obj.eval_fn, in_shardings=(state_sh["trainable"], step_frozen_sh, batch_sh),
                     out_shardings=repl)
   seq_len = config.data.max_length
   step_flops = flops.train_flops_per_token(exp.params, exp.labels, exp.gpt2_config.n_layer,
@@ -360,7 +375,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
     """{'loss', denominator_name, aux...} over every held-out row."""
     totals = None
     for batch in obj.eval_batches(eval_data, tcfg.batch_size, jax.process_index(), jax.process_count()):
-      out = jax.device_get(eval_fn(trainable, frozen, sharding.global_batch(batch, mesh)))
+      out = jax.device_get(eval_fn(trainable, step_frozen, sharding.global_batch(batch, mesh)))
       totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
     num, den, aux = jax.tree.map(float, totals)
     return {"loss": num / max(den, 1.0), obj.denominator_name: den,
@@ -381,7 +396,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
         stop = stop or (not multi_process and guard.signum is not None)
         if stop:
           break
-        state, device_metrics = step_fn(state, frozen, batch_at(step, guard.signum is not None))
+        state, device_metrics = step_fn(state, step_frozen, batch_at(step, guard.signum is not None))
         if pending is not None:
           stop = record(*pending) or stop
         pending = (step + 1, device_metrics)  # metrics of the update that ends at step + 1
