@@ -161,10 +161,9 @@ def sft_batch(mesh):
 
 
 def preference_batch(mesh):
-  """A DPO batch (preference.PreferenceData.rows with the cached reference log-probs)."""
+  """A DPO batch (preference.PreferenceData.rows)."""
   return {**sft_batch(mesh), "reply_index": rows(mesh, jnp.int32, T),
-          "pair_mask": rows(mesh, jnp.float32, PAIRS_PER_ROW),
-          "ref_logps": rows(mesh, jnp.float32, PAIRS_PER_ROW, 2)}
+          "pair_mask": rows(mesh, jnp.float32, PAIRS_PER_ROW)}
 
 
 def train_program(config, micro_batches: int, devices: int, loss_fn=None, batch=sft_batch, fsdp: int = 1):
@@ -189,13 +188,15 @@ def train_program(config, micro_batches: int, devices: int, loss_fn=None, batch=
            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)}
   state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
   loss = None if loss_fn is None else loss_fn(model)
+  if loss_fn is dpo_loss:  # the reference adapters ride in the frozen tree (train.frozen_for_step)
+    frozen, frozen_sh = {**frozen, dpo.REFERENCE_KEY: trainable}, {**frozen_sh, dpo.REFERENCE_KEY: trainable_sh}
   step = train.jit_train_step(model, labels, micro_batches, tx, schedule, mesh, state_sh, frozen_sh, loss)
   return step, (state, placed(frozen, frozen_sh), batch(mesh)), (model, mesh, state, trainable_sh, frozen_sh)
 
 
 def dpo_loss(model):
-  import ml_collections
-  return dpo.make_loss_fn(model, ml_collections.ConfigDict(dict(beta=0.1, loss="sigmoid", label_smoothing=0.0)))
+  from gpt2_lora_jax import config as config_lib
+  return dpo.make_loss_fn(model, config_lib.default_config().dpo)  # sigmoid, with the reference
 
 
 # --- the SFT train step -----------------------------------------------------------------------
@@ -265,15 +266,15 @@ def test_held_out_evaluation_lowers_for_cuda(simulated_gpu, impl, packed):
   path = PACKED_ROWS_PATH[impl, packed]
   assert_holds(cuda(eval_step, state["trainable"], frozen, batch), path, training=False, T=T)
 
+  params = lora.combine(state["trainable"], frozen)
+  reference = dpo._forward_logps.trace(model, params, preference_batch(mesh), 2 * PAIRS_PER_ROW)
+  assert_holds(reference.lower(lowering_platforms=("cuda",)), path, training=False, T=T)
+
+  _, (state, frozen, pairs), (_, _, _, trainable_sh, frozen_sh) = train_program(
+      config, 1, 1, loss_fn=dpo_loss, batch=preference_batch)
   dpo_eval = jax.jit(lambda tr, fr, b: dpo_loss(model)(tr, fr, b, None),
                      in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
-  assert_holds(cuda(dpo_eval, state["trainable"], frozen, preference_batch(mesh)), path,
-               training=False, T=T)
-
-  pairs = {k: v for k, v in preference_batch(mesh).items() if k != "ref_logps"}
-  params = lora.combine(state["trainable"], frozen)
-  reference = dpo._forward_logps.trace(model, params, pairs, 2 * PAIRS_PER_ROW)
-  assert_holds(reference.lower(lowering_platforms=("cuda",)), path, training=False, T=T)
+  assert_holds(cuda(dpo_eval, state["trainable"], frozen, pairs), path, training=False, T=T)
 
 
 # --- the sampler --------------------------------------------------------------------------------
