@@ -31,7 +31,7 @@ def measure(path: str, max_length: int, tokenizer, cache_dir: str) -> dict:
   paired = summary["cut_because_paired"]
   # Rebuild the segments: the same pairs, with those cut or skipped only because paired assembled
   # alone (whole), each segment its own packing unit.
-  _, _, read, _ = preference.read_pairs(cfg, "train")
+  _, _, read, *_ = preference.read_pairs(cfg, "train")
   by_row = {p.row: p for p in read}
   rescued = set(paired_rows(pairs, summary, by_row, tokenizer, max_length))
   markers = conversation.marker_ids(tokenizer)

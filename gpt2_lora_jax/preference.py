@@ -157,24 +157,22 @@ def pair_of(chosen_text: str, rejected_text: str) -> tuple[Optional[tuple], Opti
   return (chosen[:-1], chosen[-1].text, rejected[-1].text), None
 
 
-def read_pairs(data_cfg, split: str, max_rows: int = 0):
-  """(input names, rows read, [Pair], {reason: [row indices]}) of `split`; rows counted from 0.
+def read_pairs(data_cfg, split: str):
+  """(input names, rows taken, [Pair], {reason: [row indices]}, {row: subset}, subset counts) of
+  `split`; rows counted from 0 in the split, an eval split's held-out sample only (data.read_inputs:
+  the rows SFT's held-out loss and the prompts are taken from).
 
   Raises data.BadDataError when more than data.max_bad_fraction of an input's rows are malformed.
   """
-  inputs = list(zip(data._inputs(_field_config(data_cfg, CHOSEN), split),
-                    data._inputs(_field_config(data_cfg, REJECTED), split)))
-  skipped, pairs, rows_read = collections.defaultdict(list), [], 0
-  for (name, read_chosen), (_, read_rejected) in inputs:
-    if max_rows and rows_read >= max_rows:
-      break
-    chosen_rows, rejected_rows = read_chosen(), read_rejected()
-    if max_rows:
-      chosen_rows, rejected_rows = chosen_rows[:max_rows - rows_read], rejected_rows[:max_rows - rows_read]
+  chosen_inputs, subsets, taken = data.read_inputs(_field_config(data_cfg, CHOSEN), split)
+  rejected_inputs, _, _ = data.read_inputs(_field_config(data_cfg, REJECTED), split)
+  skipped, pairs, first = collections.defaultdict(list), [], 0
+  for (name, chosen_rows), (_, rejected_rows) in zip(chosen_inputs, rejected_inputs):
     assert len(chosen_rows) == len(rejected_rows), name  # one input read twice, a field each time
+    here = taken[(taken >= first) & (taken < first + len(chosen_rows))]
     bad = collections.defaultdict(list)
-    for i, ((c_text, c_reason), (r_text, r_reason)) in enumerate(zip(chosen_rows, rejected_rows),
-                                                                 start=rows_read):
+    for i in here.tolist():
+      (c_text, c_reason), (r_text, r_reason) = chosen_rows[i - first], rejected_rows[i - first]
       reason = c_reason or r_reason
       if reason is None:
         parts, reason = pair_of(c_text, r_text)
@@ -182,18 +180,14 @@ def read_pairs(data_cfg, split: str, max_rows: int = 0):
           pairs.append(Pair(i, *parts))
       if reason is not None:
         bad[reason].append(i)
-    n_bad = sum(len(ix) for ix in bad.values())
-    if n_bad > data_cfg.max_bad_fraction * len(chosen_rows):
-      raise data.BadDataError(
-          f"{name}: {n_bad} of {len(chosen_rows)} preference rows are malformed, more than "
-          f"data.max_bad_fraction={data_cfg.max_bad_fraction}: " + "; ".join(
-              f"{reason}: {len(ix)} (rows {ix[:data.FIRST_ROWS_SHOWN]})" for reason, ix in sorted(bad.items()))
-          + f". Rows are counted from 0 in reading order; each needs {CHOSEN!r} and {REJECTED!r} "
-          "texts that share the dialogue before their final, different, non-empty replies.")
+    data.check_bad_fraction(name, bad, len(here), data_cfg, "preference rows",
+                            f"each needs {CHOSEN!r} and {REJECTED!r} texts that share the dialogue before "
+                            "their final, different, non-empty replies.")
     for reason, ix in bad.items():
       skipped[reason].extend(ix)
-    rows_read += len(chosen_rows)
-  return [name for (name, _), _ in inputs], rows_read, pairs, skipped
+    first += len(chosen_rows)
+  return ([name for name, _ in chosen_inputs], len(taken), pairs, skipped,
+          {int(i): subsets[i] for i in taken}, data.subset_counts(subsets, taken))
 
 
 # --- one pair -> two segments --------------------------------------------------------------------
@@ -250,8 +244,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   """Rows of `split` -> packed preference pairs, and the summary (the same fields as data.build's,
   in pairs, plus pairs and pairs_per_row). Deterministic: every process builds the same data."""
   import datasets
-  names, rows_read, pairs, skipped = read_pairs(
-      data_cfg, split, data_cfg.max_eval_rows if split == "eval" else 0)
+  names, rows_read, pairs, skipped, row_subsets, subset_counts = read_pairs(data_cfg, split)
   if not pairs:
     raise UserError(f"no usable preference pairs in {names}: "
                      f"{dict((r, len(ix)) for r, ix in skipped.items())}")
@@ -330,6 +323,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "split": split, "inputs": names, "field": f"{CHOSEN} / {REJECTED}", "loss_mask": "final reply",
       "max_length": data_cfg.max_length, "packing": bool(data_cfg.packing),
       "rows_read": rows_read, "rows_used": P,
+      "subsets": data.subset_summary(subset_counts, [row_subsets[r] for r in used]),
       "rows_truncated": {"count": len(truncated), "first_rows": truncated[:data.FIRST_ROWS_SHOWN]},
       "rows_bad": sum(len(ix) for reason, ix in skipped.items() if reason in BAD_REASONS),
       "rows_skipped": {reason: {"count": len(ix), "first_rows": sorted(ix)[:data.FIRST_ROWS_SHOWN]}

@@ -353,11 +353,15 @@ def test_json_and_parquet_files_read_like_jsonl(tmp_path, tokenizer):
   datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
   with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)
+  sampled = []
   for name in ("rows.json", "rows.parquet", "rows.jsonl.gz"):
     packed, summary = data.build(data_config(eval_files=(str(tmp_path / name),), max_eval_rows=1),
                                  tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)
     assert (summary["rows_read"], summary["rows_used"]) == (1, 1), name
-    assert decode(tokenizer, packed.targets[0, :packed.num_tokens]) == HELLO + EOT
+    row = int(packed.conversation_rows[0])  # the held-out sample's row
+    sampled.append(row)
+    assert decode(tokenizer, packed.targets[0, :packed.num_tokens]) == rows[row]["chosen"] + EOT
+  assert len(set(sampled)) == 1  # the same row whatever the format and the file's name
 
 
 def test_a_second_build_reads_the_token_cache(tmp_path, tokenizer, monkeypatch):

@@ -156,7 +156,7 @@ def test_real_pairs_cut_only_because_paired(hh_test_file, tokenizer, tmp_path):
   measured with benchmarks/pair_cuts.py); at 512, 371: the 369 truncated only because paired and 2 of
   the 5 skipped only because paired (the other 3 fit alone once SFT cuts them), and 78 pairs have a
   sequence longer than 512 alone."""
-  _, _, read, _ = preference.read_pairs(files_cfg(hh_test_file), "train")
+  _, _, read, *_ = preference.read_pairs(files_cfg(hh_test_file), "train")
   whole = []  # (chosen tokens, rejected tokens) in a row, less the one input the last target needs
   for p in read:
     prompt = len(data.prompt_token_ids(tokenizer, "".join(data.MARKERS[t.role] + t.text for t in p.prompt) + A))
