@@ -34,10 +34,11 @@ from gpt2_lora_jax.conversation import (  # noqa: F401 (re-exported)
     ASSISTANT, HUMAN, LOSS_MASKS, MALFORMED_REASONS, MARKERS, ROLE_CODE, MalformedConversation, Turn,
     assemble_conversation, first_kept_turn, fit_prompt_token_ids, marker_ids, parse_conversation,
     prompt_and_response, prompt_token_ids)
+from gpt2_lora_jax.heldout import (  # noqa: F401 (re-exported)
+    SUBSETS, stratified_sample, subset_counts, subset_of_path, subset_summary)
 from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
     PackedData, batch_for_step, batch_row_indices, eval_batches, pack, steps_per_epoch)
 
-SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
 SOURCES = ("hub", "files", "tfds", "demo")
 SPLITS = ("train", "eval")
@@ -133,17 +134,6 @@ def read_hub(hub_id: str, subset: str, split_name: str, field: str):
   return [_field_of({field: text}, field) for text in table[field]]
 
 
-def subset_of_path(path: str) -> str:
-  """The HH-RLHF subset a rows file belongs to: a subset name that is a directory of its path or
-  starts its file name (harmless-base/test.jsonl.gz, helpful-base-test.jsonl); else the path itself."""
-  parts = os.path.normpath(path).split(os.sep)
-  for part in reversed(parts):
-    for subset in SUBSETS:
-      if part == subset or part.startswith(subset + "-") or part.startswith(subset + "_"):
-        return subset
-  return path
-
-
 def _constant(label: str) -> Callable[[int], list]:
   return lambda n: [label] * n
 
@@ -216,30 +206,6 @@ class SplitRows(NamedTuple):
   subset_counts: dict[str, dict]  # subset -> {'rows_in_split', 'rows_read'}
 
 
-def stratified_sample(subsets, n: int, seed: int) -> np.ndarray:
-  """Sorted indices of a seeded sample of n of the rows whose subsets are `subsets` (one label a
-  row), stratified: each subset gets its share of n in proportion to its rows (largest remainders,
-  ties to the subset seen first), drawn without replacement with a generator seeded by (seed, the
-  subset's place in that order). n <= 0 or n >= len(subsets): every row."""
-  subsets = list(subsets)
-  if n <= 0 or n >= len(subsets):
-    return np.arange(len(subsets))
-  order = list(dict.fromkeys(subsets))  # subsets in order of first appearance
-  members = {s: [] for s in order}
-  for i, s in enumerate(subsets):
-    members[s].append(i)
-  quotas = {s: n * len(members[s]) / len(subsets) for s in order}
-  counts = {s: int(q) for s, q in quotas.items()}
-  by_remainder = sorted(order, key=lambda s: (-(quotas[s] - counts[s]), order.index(s)))
-  for s in by_remainder[:n - sum(counts.values())]:
-    counts[s] += 1
-  picked = []
-  for k, s in enumerate(order):
-    rng = np.random.default_rng([seed, k])
-    picked.extend(np.asarray(members[s])[rng.choice(len(members[s]), size=counts[s], replace=False)])
-  return np.sort(np.asarray(picked, np.int64))
-
-
 def read_inputs(data_cfg, split: str):
   """(inputs [(name, rows)], subsets of all rows in reading order, indices of the rows taken).
 
@@ -253,16 +219,6 @@ def read_inputs(data_cfg, split: str):
     subsets += subsets_of(len(rows))
   n = data_cfg.max_eval_rows if split == "eval" else 0
   return inputs, subsets, stratified_sample(subsets, n, data_cfg.get("eval_seed", 0))
-
-
-def subset_counts(subsets: list, taken: np.ndarray) -> dict:
-  """subset -> {'rows_in_split', 'rows_read'}: rows of the split and rows taken, per subset."""
-  out = {}
-  for s in subsets:
-    out.setdefault(s, {"rows_in_split": 0, "rows_read": 0})["rows_in_split"] += 1
-  for i in taken:
-    out[subsets[i]]["rows_read"] += 1
-  return out
 
 
 def check_bad_fraction(name: str, bad: dict, n_rows: int, data_cfg, kind: str, advice: str):
@@ -475,14 +431,6 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   if summary_path:
     write_summary(summary, summary_path)
   return packed, summary
-
-
-def subset_summary(counts: dict, used_subsets: list) -> dict:
-  """subset -> {'rows_in_split', 'rows_read', 'rows_used'} for a build's summary."""
-  out = {s: dict(c, rows_used=0) for s, c in counts.items()}
-  for s in used_subsets:
-    out[s]["rows_used"] += 1
-  return out
 
 
 def write_summary(summary: dict, path: str) -> None:

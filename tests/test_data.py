@@ -406,7 +406,8 @@ def test_seed_study_reads_helpful_base_as_the_study_did(monkeypatch):
 # --- the held-out sample ---------------------------------------------------------------------------
 
 def test_stratified_sample_allocates_by_largest_remainder():
-  """HH-RLHF's four test splits (2,312 / 2,354 / 1,137 / 2,749 rows) sampled to 2,000: quotas
+  """Four subsets of 2,312 / 2,354 / 1,137 / 2,749 rows (the first two: harmless-base's and
+  helpful-base's test splits; the last two made up) sampled to 2,000: quotas
   2000 n_s / 8552 = 540.69, 550.51, 265.90, 642.89 -> floors 540, 550, 265, 642 (1,997) and the 3
   left go to the largest remainders (0.90, 0.89, 0.69): 541, 550, 266, 643."""
   sizes = {"harmless-base": 2312, "helpful-base": 2354, "helpful-online": 1137, "helpful-rejection-sampled": 2749}
