@@ -15,7 +15,9 @@ How one text becomes token ids and a loss mask (and why) is in conversation.py; 
 order of batches are in packing.py. Their public names are re-exported here, so callers need
 only `data`. Every skipped or truncated row is counted in the summary with its reason and first
 row indices; rows are indexed 0, 1, ... in reading order over all inputs of the split (files in the
-given order).
+given order). Every row knows its subset (read_inputs); an eval split is read as its held-out
+sample (data.max_eval_rows rows stratified over the subsets, heldout.py), and the summary counts
+each subset's rows in the split, read and used.
 """
 from __future__ import annotations
 
