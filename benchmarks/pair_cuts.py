@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt2_lora_jax import config as config_lib, conversation, data, packing, preference  # noqa: E402
+from gpt2_lora_jax import config as config_lib, conversation, packing, preference  # noqa: E402
 from gpt2_lora_jax import tokenizer as tokenizer_lib  # noqa: E402
 
 
