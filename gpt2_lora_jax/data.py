@@ -236,28 +236,30 @@ def check_bad_fraction(name: str, bad: dict, n_rows: int, data_cfg, kind: str, a
 
 def read_split(data_cfg, split: str) -> SplitRows:
   """Reads and parses the rows of `split` ('train' or 'eval'; an eval split's held-out sample only,
-  read_inputs). Raises BadDataError when more than data.max_bad_fraction of the rows taken from an
-  input are malformed.
+  read_inputs). Raises BadDataError when more than data.max_bad_fraction of an input's rows are
+  malformed (all its rows: a small sample would make one bad row a large share).
   """
   inputs, subsets, taken = read_inputs(data_cfg, split)
+  is_taken = np.zeros(len(subsets), bool)
+  is_taken[taken] = True
   skipped = collections.defaultdict(list)
   conversations = []
   first = 0
   for name, input_rows in inputs:
-    here = taken[(taken >= first) & (taken < first + len(input_rows))]
-    bad = collections.defaultdict(list)
-    for i in here.tolist():
-      text, reason = input_rows[i - first]
+    bad = collections.defaultdict(list)  # over every row of the input, taken or not
+    for i, (text, reason) in enumerate(input_rows, start=first):
       if reason is None:
         try:
-          conversations.append((i, text, parse_conversation(text)))
+          turns = parse_conversation(text)
+          if is_taken[i]:
+            conversations.append((i, text, turns))
         except MalformedConversation as e:
           reason = e.reason
       if reason is not None:
         bad[reason].append(i)
-    check_bad_fraction(name, bad, len(here), data_cfg, "rows", f"data.field is {data_cfg.field!r}.")
+    check_bad_fraction(name, bad, len(input_rows), data_cfg, "rows", f"data.field is {data_cfg.field!r}.")
     for reason, ix in bad.items():
-      skipped[reason].extend(ix)
+      skipped[reason].extend(i for i in ix if is_taken[i])
     first += len(input_rows)
   return SplitRows([name for name, _ in inputs], len(taken), conversations, skipped,
                    {int(i): subsets[i] for i in taken}, subset_counts(subsets, taken))

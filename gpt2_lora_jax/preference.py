@@ -162,29 +162,30 @@ def read_pairs(data_cfg, split: str):
   `split`; rows counted from 0 in the split, an eval split's held-out sample only (data.read_inputs:
   the rows SFT's held-out loss and the prompts are taken from).
 
-  Raises data.BadDataError when more than data.max_bad_fraction of an input's rows are malformed.
+  Raises data.BadDataError when more than data.max_bad_fraction of an input's rows (all of them,
+  taken or not) are malformed.
   """
   chosen_inputs, subsets, taken = data.read_inputs(_field_config(data_cfg, CHOSEN), split)
   rejected_inputs, _, _ = data.read_inputs(_field_config(data_cfg, REJECTED), split)
+  is_taken = np.zeros(len(subsets), bool)
+  is_taken[taken] = True
   skipped, pairs, first = collections.defaultdict(list), [], 0
   for (name, chosen_rows), (_, rejected_rows) in zip(chosen_inputs, rejected_inputs):
     assert len(chosen_rows) == len(rejected_rows), name  # one input read twice, a field each time
-    here = taken[(taken >= first) & (taken < first + len(chosen_rows))]
-    bad = collections.defaultdict(list)
-    for i in here.tolist():
-      (c_text, c_reason), (r_text, r_reason) = chosen_rows[i - first], rejected_rows[i - first]
+    bad = collections.defaultdict(list)  # over every row of the input, taken or not
+    for i, ((c_text, c_reason), (r_text, r_reason)) in enumerate(zip(chosen_rows, rejected_rows), start=first):
       reason = c_reason or r_reason
       if reason is None:
         parts, reason = pair_of(c_text, r_text)
-        if parts is not None:
+        if parts is not None and is_taken[i]:
           pairs.append(Pair(i, *parts))
       if reason is not None:
         bad[reason].append(i)
-    data.check_bad_fraction(name, bad, len(here), data_cfg, "preference rows",
+    data.check_bad_fraction(name, bad, len(chosen_rows), data_cfg, "preference rows",
                             f"each needs {CHOSEN!r} and {REJECTED!r} texts that share the dialogue before "
                             "their final, different, non-empty replies.")
     for reason, ix in bad.items():
-      skipped[reason].extend(ix)
+      skipped[reason].extend(i for i in ix if is_taken[i])
     first += len(chosen_rows)
   return ([name for name, _ in chosen_inputs], len(taken), pairs, skipped,
           {int(i): subsets[i] for i in taken}, data.subset_counts(subsets, taken))

@@ -470,3 +470,24 @@ def test_hub_all_is_read_as_its_four_subsets_and_demo_rows_carry_their_task(monk
   assert all(demo.subsets[i] == demo_data.task_of(data.parse_conversation(rows[i]["chosen"])[-2].text.strip())
              for i in demo.subsets)
   assert len(demo.subset_counts) >= 4
+
+
+def test_a_bad_row_in_a_small_held_out_sample_is_judged_against_the_whole_input(tmp_path, tokenizer):
+  """One malformed row of 200 (0.5%, under data.max_bad_fraction=0.01) drawn into a 10-row held-out
+  sample is 10% of the sample: it is counted, and the input is judged on all its rows."""
+  from gpt2_lora_jax import preference
+  bad_row = int(data.stratified_sample([path := str(tmp_path / "rows.jsonl")] * 200, 10, 0)[3])
+  lines = [json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: A{i}.", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."})
+           for i in range(200)]
+  lines[bad_row] = "{not json"
+  write_jsonl(tmp_path / "rows.jsonl", lines)
+  cfg = data_config(eval_files=(path,), max_eval_rows=10)
+  _, summary = data.build(cfg, tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)
+  assert summary["rows_skipped"] == {"invalid_json": {"count": 1, "first_rows": [bad_row]}}
+  assert (summary["rows_read"], summary["rows_used"]) == (10, 9)
+  _, pair_summary = preference.build(cfg, tokenizer, "eval", 4, str(tmp_path / "cache"), log=None)
+  assert pair_summary["rows_skipped"] == {"invalid_json": {"count": 1, "first_rows": [bad_row]}}
+  lines[(bad_row + 1) % 200] = lines[(bad_row + 2) % 200] = "{not json"  # 3 of 200: over 1%
+  write_jsonl(tmp_path / "rows.jsonl", lines)
+  with pytest.raises(data.BadDataError, match=r"3 of 200 rows are malformed"):
+    data.build(cfg, tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)
