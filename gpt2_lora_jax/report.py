@@ -11,7 +11,10 @@ Inputs (in the eval dir unless given):
                      say why)
   heldout.json       optional {'base': {'loss': mean token NLL, 'tokens': n}, 'finetuned': {...}}
   metrics.jsonl      optional training log {'step', 'split': 'train'|'eval', 'loss', ...}
-  eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings)
+  eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings,
+                     the held-out sample's rows and prompts per subset)
+  preference.json    optional (evaluate.compare): held-out pairs and every model's reply log-probs
+  drift.jsonl        optional (evaluate.compare): each model's answers scored under earlier models
 Generations may carry 'correct' (bool): tasks with one right answer (the offline demo's) are graded,
 and the report gives each model's share of correct answers with an interval.
 Outputs: report.md, summary.json (every number in the report), reward_hist.png, loss_curve.png.
