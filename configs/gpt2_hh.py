@@ -52,7 +52,10 @@ def get_config(size: str = "gpt2"):
   c.data.loss_mask = "assistant"  # learn to answer, not to imitate the Human turns
   c.data.max_length = 1024
   c.data.packing = True
-  c.data.max_eval_rows = 2000  # held-out loss on a fixed 2,000-row slice of the test split
+  # Held-out rows: a seeded sample of 2,000 test rows stratified over the subsets in use (data.py),
+  # for held-out loss, preference accuracy and the evaluation's prompts alike.
+  c.data.max_eval_rows = 2000
+  c.data.eval_seed = 0
 
   c.optim.lr = lr
   c.optim.schedule = "cosine"
@@ -70,5 +73,5 @@ def get_config(size: str = "gpt2"):
   c.train.plot_every = 250
   c.train.loss_avg_window = 100
 
-  c.eval.num_prompts = 500
+  c.eval.num_prompts = 500  # drawn from the held-out sample, stratified the same way (eval.seed)
   return c

@@ -41,7 +41,7 @@ def get_config():
   c.data.subset = "helpful-base"  # 43,835 train / 2,354 test rows, as the study had
   c.data.loss_mask = "all"  # the study trained on every token, Human turns included
   c.data.max_length = 1024
-  c.data.max_eval_rows = 0  # every test row
+  c.data.max_eval_rows = 0  # every test row (no sample; prompts are still drawn with eval.seed)
 
   c.optim.lr = 1e-4
   c.optim.schedule = "constant"

@@ -54,7 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   # HH-RLHF harmless-base (packing.py).
   c.data.max_segments_per_row = 32
   c.data.max_bad_fraction = 0.01  # stop if more than this share of rows is malformed
-  c.data.max_eval_rows = 0  # cap on held-out rows for eval loss (0: all)
+  # Held-out rows (0: all): a seeded sample stratified over the subsets of the eval split (data.py),
+  # the rows of held-out loss, held-out preference accuracy and the evaluation's prompts alike.
+  c.data.max_eval_rows = 0
+  c.data.eval_seed = 0  # seed of that sample
   c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)
   c.data.tfds_dir = ""  # for source='tfds': the data_dir rows were staged into (local or gs://)
   c.data.demo_rows = 4000  # for source='demo': rows of project-written conversations per split

@@ -15,7 +15,9 @@ How one text becomes token ids and a loss mask (and why) is in conversation.py; 
 order of batches are in packing.py. Their public names are re-exported here, so callers need
 only `data`. Every skipped or truncated row is counted in the summary with its reason and first
 row indices; rows are indexed 0, 1, ... in reading order over all inputs of the split (files in the
-given order).
+given order). Every row knows its subset (read_inputs); an eval split is read as its held-out
+sample (data.max_eval_rows rows stratified over the subsets, heldout.py), and the summary counts
+each subset's rows in the split, read and used.
 """
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ from gpt2_lora_jax.conversation import (  # noqa: F401 (re-exported)
     ASSISTANT, HUMAN, LOSS_MASKS, MALFORMED_REASONS, MARKERS, ROLE_CODE, MalformedConversation, Turn,
     assemble_conversation, first_kept_turn, fit_prompt_token_ids, marker_ids, parse_conversation,
     prompt_and_response, prompt_token_ids)
+from gpt2_lora_jax.heldout import (  # noqa: F401 (re-exported)
+    SUBSETS, stratified_sample, subset_counts, subset_of_path, subset_summary)
 from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
     PackedData, batch_for_step, batch_row_indices, eval_batches, pack, steps_per_epoch)
 
-SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
 SOURCES = ("hub", "files", "tfds", "demo")
 SPLITS = ("train", "eval")
@@ -133,8 +136,23 @@ def read_hub(hub_id: str, subset: str, split_name: str, field: str):
   return [_field_of({field: text}, field) for text in table[field]]
 
 
-def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
-  """(name, read) for each input of `split`; checks the config first so errors come before work."""
+def _constant(label: str) -> Callable[[int], list]:
+  return lambda n: [label] * n
+
+
+def _inputs(data_cfg, split: str, with_subsets: bool = False) -> list[tuple]:
+  """(name, read) for each input of `split`; checks the config first so errors come before work.
+
+  with_subsets: (name, read, subsets) where subsets(n) lists the subset of each of the input's n
+  rows: the hub subset it was loaded from (subset 'all' is read as its four subsets, each with
+  datasets.load_dataset(hub_id, data_dir=subset)), a file's subset_of_path, a demo row's task
+  (demo_data.task_of), and for tfds the whole staged split as one subset.
+  """
+  inputs = _inputs_with_subsets(data_cfg, split)
+  return inputs if with_subsets else [(name, read) for name, read, _ in inputs]
+
+
+def _inputs_with_subsets(data_cfg, split: str) -> list[tuple[str, Callable[[], list], Callable[[int], list]]]:
   if split not in SPLITS:
     raise ValueError(f"split {split!r}: choose one of {SPLITS}")
   if data_cfg.loss_mask not in LOSS_MASKS:
@@ -147,8 +165,10 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
       raise UserError(f"unknown HH-RLHF subset {data_cfg.subset!r} (data.subset): choose one of "
                        f"{', '.join(SUBSET_CHOICES)}")
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
-    name = f"{data_cfg.hub_id} (subset {data_cfg.subset}, split {split_name})"
-    return [(name, lambda: read_hub(data_cfg.hub_id, data_cfg.subset, split_name, field))]
+    subsets = SUBSETS if data_cfg.subset == "all" else (data_cfg.subset,)
+    return [(f"{data_cfg.hub_id} (subset {subset}, split {split_name})",
+             lambda subset=subset: read_hub(data_cfg.hub_id, subset, split_name, field), _constant(subset))
+            for subset in subsets]
   if data_cfg.source == "files":
     flag = "data.train_files" if split == "train" else "data.eval_files"
     files = data_cfg.train_files if split == "train" else data_cfg.eval_files
@@ -164,64 +184,96 @@ def _inputs(data_cfg, split: str) -> list[tuple[str, Callable[[], list]]]:
                          f"{', '.join(FILE_SUFFIXES)}")
       if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} ({flag}) does not exist")
-    return [(path, lambda path=path: read_file(path, field)) for path in files]
+    return [(path, lambda path=path: read_file(path, field), _constant(subset_of_path(path))) for path in files]
   if data_cfg.source == "tfds":  # rows staged once by tfds_source.py, for pods
     from gpt2_lora_jax import tfds_source  # imports this module; needs the 'tfds' extra
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
-    return [tfds_source.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)]
+    name, read = tfds_source.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)
+    return [(name, read, _constant(f"tfds split {split_name}"))]
   if data_cfg.source == "demo":  # conversations written for the offline demo (demo_data.py)
     from gpt2_lora_jax import demo_data
     demo_split = "train" if split == "train" else "test"
     read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows)]
-    return [(f"demo conversations ({demo_split})", read)]
+    tasks = lambda n: [row["subset"] for row in demo_data.rows(demo_split, data_cfg.demo_rows)][:n]
+    return [(f"demo conversations ({demo_split})", read, tasks)]
   raise UserError(f"data.source={data_cfg.source!r} is not supported here: choose one of {SOURCES}")
 
 
 class SplitRows(NamedTuple):
   names: list[str]  # the inputs read, in order
-  rows_read: int
+  rows_read: int  # rows of the split taken (all, or the held-out sample of an eval split)
   conversations: list[tuple[int, str, list[Turn]]]  # (row index, text, turns) of well-formed rows
   skipped: dict[str, list[int]]  # reason -> row indices of the malformed rows
+  subsets: dict[int, str]  # row index -> its subset, for every row taken
+  subset_counts: dict[str, dict]  # subset -> {'rows_in_split', 'rows_read'}
 
 
-def read_split(data_cfg, split: str, max_rows: int = 0) -> SplitRows:
-  """Reads and parses the rows of `split` ('train' or 'eval'); the first max_rows only if > 0.
+def read_inputs(data_cfg, split: str):
+  """(inputs [(name, rows)], subsets of all rows in reading order, indices of the rows taken).
 
-  Raises BadDataError when more than data.max_bad_fraction of an input's rows are malformed.
+  An eval split is sampled: data.max_eval_rows rows (0: all), stratified_sample over the subsets
+  with data.eval_seed, so held-out loss, preference accuracy and prompts see the same rows.
   """
-  inputs = _inputs(data_cfg, split)
+  inputs, subsets = [], []
+  for name, read, subsets_of in _inputs(data_cfg, split, with_subsets=True):
+    rows = read()
+    inputs.append((name, rows))
+    subsets += subsets_of(len(rows))
+  n = data_cfg.max_eval_rows if split == "eval" else 0
+  return inputs, subsets, stratified_sample(subsets, n, data_cfg.get("eval_seed", 0))
+
+
+def check_bad_fraction(name: str, bad: dict, n_rows: int, data_cfg, kind: str, advice: str):
+  """BadDataError when more than data.max_bad_fraction of an input's n_rows rows are malformed."""
+  n_bad = sum(len(ix) for ix in bad.values())
+  if n_bad > data_cfg.max_bad_fraction * n_rows:
+    raise BadDataError(
+        f"{name}: {n_bad} of {n_rows} {kind} are malformed, more than data.max_bad_fraction="
+        f"{data_cfg.max_bad_fraction}: " + "; ".join(
+            f"{reason}: {len(ix)} (rows {ix[:FIRST_ROWS_SHOWN]})" for reason, ix in sorted(bad.items()))
+        + f". Rows are counted from 0 in reading order; {advice}")
+
+
+def read_split(data_cfg, split: str) -> SplitRows:
+  """Reads and parses the rows of `split` ('train' or 'eval'; an eval split's held-out sample only,
+  read_inputs). Raises BadDataError when more than data.max_bad_fraction of an input's rows are
+  malformed (all its rows: a small sample would make one bad row a large share).
+  """
+  inputs, subsets, taken = read_inputs(data_cfg, split)
+  is_taken = np.zeros(len(subsets), bool)
+  is_taken[taken] = True
   skipped = collections.defaultdict(list)
   conversations = []
-  rows_read = 0
-  for name, read in inputs:
-    if max_rows and rows_read >= max_rows:
-      break
-    input_rows = read()[:max_rows - rows_read] if max_rows else read()
-    bad = collections.defaultdict(list)
-    for i, (text, reason) in enumerate(input_rows, start=rows_read):
+  first = 0
+  for name, input_rows in inputs:
+    bad = collections.defaultdict(list)  # over every row of the input, taken or not
+    for i, (text, reason) in enumerate(input_rows, start=first):
       if reason is None:
         try:
-          conversations.append((i, text, parse_conversation(text)))
+          turns = parse_conversation(text)
+          if is_taken[i]:
+            conversations.append((i, text, turns))
         except MalformedConversation as e:
           reason = e.reason
       if reason is not None:
         bad[reason].append(i)
-    n_bad = sum(len(ix) for ix in bad.values())
-    if n_bad > data_cfg.max_bad_fraction * len(input_rows):
-      raise BadDataError(
-          f"{name}: {n_bad} of {len(input_rows)} rows are malformed, more than data.max_bad_fraction="
-          f"{data_cfg.max_bad_fraction}: " + "; ".join(
-              f"{reason}: {len(ix)} (rows {ix[:FIRST_ROWS_SHOWN]})" for reason, ix in sorted(bad.items()))
-          + f". Rows are counted from 0 in reading order; data.field is {data_cfg.field!r}.")
+    check_bad_fraction(name, bad, len(input_rows), data_cfg, "rows", f"data.field is {data_cfg.field!r}.")
     for reason, ix in bad.items():
-      skipped[reason].extend(ix)
-    rows_read += len(input_rows)
-  return SplitRows([name for name, _ in inputs], rows_read, conversations, skipped)
+      skipped[reason].extend(i for i in ix if is_taken[i])
+    first += len(input_rows)
+  return SplitRows([name for name, _ in inputs], len(taken), conversations, skipped,
+                   {int(i): subsets[i] for i in taken}, subset_counts(subsets, taken))
 
 
 def read_texts(data_cfg, split: str) -> list[str]:
-  """Texts of the well-formed rows of `split`, in reading order (for sampling prompts)."""
+  """Texts of the well-formed rows of `split`, in reading order (an eval split: its held-out sample)."""
   return [text for _, text, _ in read_split(data_cfg, split).conversations]
+
+
+def read_heldout(data_cfg) -> tuple[list[tuple[int, str, str]], dict]:
+  """([(row index, text, subset)] of the well-formed rows of the held-out sample, subset counts)."""
+  rows = read_split(data_cfg, "eval")
+  return [(i, text, rows.subsets[i]) for i, text, _ in rows.conversations], rows.subset_counts
 
 
 # --- tokenising, cached ----------------------------------------------------------------------------
@@ -299,7 +351,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   Deterministic: every process of a multi-host run builds the same PackedData.
   """
   import datasets
-  split_rows = read_split(data_cfg, split, data_cfg.max_eval_rows if split == "eval" else 0)
+  split_rows = read_split(data_cfg, split)
   skipped = split_rows.skipped
   rows, roles, turns = [], [], []
   for row, _, conversation in split_rows.conversations:
@@ -355,6 +407,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "max_length": data_cfg.max_length,
       "packing": bool(data_cfg.packing),
       "rows_read": rows_read,
+      "subsets": subset_summary(split_rows.subset_counts, [split_rows.subsets[r] for r in used]),
       "rows_used": len(used),
       "rows_truncated": {"count": len(truncated), "first_rows": truncated[:FIRST_ROWS_SHOWN]},
       "rows_bad": sum(len(ix) for reason, ix in skipped.items() if reason in BAD_REASONS),
@@ -400,6 +453,10 @@ def format_summary(s: dict) -> str:
            f"  field {s['field']!r}, loss mask {s['loss_mask']!r}, max_length {s['max_length']}, "
            f"packing {'on' if s['packing'] else 'off'}",
            f"  rows read         {s['rows_read']:>10,}",
+           *([f"  subsets           " + "; ".join(
+               f"{name} {c['rows_used']:,} used of {c['rows_read']:,} read"
+               + (f" of {c['rows_in_split']:,}" if c["rows_in_split"] != c["rows_read"] else "")
+               for name, c in s["subsets"].items())] if s.get("subsets") else []),
            f"  rows used         {s['rows_used']:>10,}",
            f"  rows truncated    {s['rows_truncated']['count']:>10,}"
            + (f"  (cut from the left; rows {rows_list(s['rows_truncated']['first_rows'])})"

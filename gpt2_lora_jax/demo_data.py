@@ -88,8 +88,28 @@ def rows(split: str, n: int, seed: int = 0) -> list[dict]:
       continue  # the final (scored) question must belong to this split
     out.append({"chosen": f"{prefix}\n\nHuman: {q}\n\nAssistant: {a}",
                 "rejected": f"{prefix}\n\nHuman: {q}\n\nAssistant: {wrong}",
-                "wrong": "".join(f"\n\nHuman: {q}\n\nAssistant: {w}" for q, _, w in exchanges)})
+                "wrong": "".join(f"\n\nHuman: {q}\n\nAssistant: {w}" for q, _, w in exchanges),
+                "subset": task_of(q)})
   return out
+
+
+TASKS = ("arithmetic", "comparison", "spelling", "counting", "repeating", "courtesy")
+
+
+def task_of(question: str) -> str:
+  """The kind of task a question asks (one of TASKS): a demo row's subset, as HH-RLHF rows have one
+  (data.py stratifies held-out samples over subsets)."""
+  if re.fullmatch(r"What is \d+ (plus|minus) \d+\?", question):
+    return "arithmetic"
+  if question.startswith("Which is larger"):
+    return "comparison"
+  if question.startswith("Spell "):
+    return "spelling"
+  if question.startswith("How many letters"):
+    return "counting"
+  if question.startswith("Repeat after me"):
+    return "repeating"
+  return "courtesy"
 
 
 def is_correct(answer: str, reference: str) -> bool:

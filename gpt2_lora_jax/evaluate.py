@@ -8,7 +8,10 @@ so evaluating another step never overwrites one) so any one can be rerun alone:
      loses much of a small update, so a merged model would be another model than the one trained;
   2. held-out loss / perplexity of base and fine-tuned on the test split -> heldout.json;
   3. a seeded sample of eval.num_prompts test prompts (the dialogue up to the final
-     "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl;
+     "\\n\\nAssistant:"), answered by both models under the same sampling seed -> generations.jsonl.
+     Held-out rows are data.max_eval_rows rows sampled with data.eval_seed, stratified over the
+     eval split's subsets (data.stratified_sample); the prompts are a sample of those rows,
+     stratified the same way with eval.seed; eval_config.json counts both per subset;
   4. `python -m gpt2_lora_jax.reward` scores them in its own process -> scores.jsonl
      (skipped, with the reason written down, when no reward model is configured or it fails);
   5. report.md + summary.json + PNGs from those files (report.py).
@@ -92,12 +95,11 @@ def heldout_loss(model, params, eval_data, batch_size: int) -> dict:
   return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": n}
 
 
-def choose_prompts(texts: list[str], num_prompts: int, seed: int) -> list[tuple[int, str, str]]:
-  """A seeded sample of (row index, prompt, reference reply) from the held-out rows, in row order."""
-  rng = np.random.default_rng(seed)
-  n = min(num_prompts, len(texts))
-  picked = np.sort(rng.choice(len(texts), size=n, replace=False))
-  return [(int(i), *data.prompt_and_response(texts[i])) for i in picked]
+def choose_prompts(rows: list[tuple[int, str, str]], num_prompts: int, seed: int) -> list[tuple[int, str, str, str]]:
+  """A seeded sample of (row index, prompt, reference reply, subset) from the held-out rows
+  [(row index, text, subset)], stratified over their subsets (data.stratified_sample), in row order."""
+  picked = data.stratified_sample([subset for _, _, subset in rows], num_prompts, seed) if num_prompts > 0 else []
+  return [(rows[k][0], *data.prompt_and_response(rows[k][1]), rows[k][2]) for k in picked]
 
 
 def run(config, workdir: str) -> str:
@@ -123,26 +125,33 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
   (every model answers the same seeded prompts under the same sampling seed), eval_config.json."""
   ecfg = config.eval
   is_main = jax.process_index() == 0
-  eval_data, _ = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
-                            config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
+  eval_data, eval_summary = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
+                                       config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {name: heldout_loss(model, params, eval_data, ecfg.batch_size) for name, model, params in named}
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
 
-  texts = data.read_texts(config.data, "eval")
-  chosen = choose_prompts(texts, ecfg.num_prompts, ecfg.seed)
-  ids, prompts, references = zip(*chosen) if chosen else ((), (), ())
+  heldout_rows, _ = data.read_heldout(config.data)
+  chosen = choose_prompts(heldout_rows, ecfg.num_prompts, ecfg.seed)
+  ids, prompts, references, prompt_subsets = zip(*chosen) if chosen else ((), (), (), ())
+  subsets = {name: {"rows_in_split": c["rows_in_split"], "heldout_rows": c["rows_read"],
+                    "heldout_loss_rows": c["rows_used"], "prompts": prompt_subsets.count(name)}
+             for name, c in eval_summary["subsets"].items()}
   kwargs = dict(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
                 top_p=ecfg.top_p, stop_strings=tuple(ecfg.stop_strings), seed=ecfg.seed,
                 batch_size=ecfg.batch_size,
                 encode=lambda prompt, most: data.fit_prompt_token_ids(exp.tokenizer, prompt, most))
-  rows = []
+  rows, results_of = [], {}
   for name, model, params in named:
     log = (lambda done, total, name=name: print(f"sampling {name}: {done}/{total} prompts", flush=True)) \
         if is_main else None
     results = sample.generate(model, params, exp.tokenizer, list(prompts), **kwargs, progress=log)
-    rows += report.generation_rows(ids, prompts, results, name, references)
+    results_of[name] = results
+    model_rows = report.generation_rows(ids, prompts, results, name, references)
+    for row, subset in zip(model_rows, prompt_subsets):
+      row["subset"] = subset
+    rows += model_rows
   if config.data.source == "demo":  # demo tasks have one right reply each: grade every answer
     from gpt2_lora_jax import demo_data
     for row in rows:
@@ -155,20 +164,23 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
         os.remove(stale)
     reward.write_jsonl_atomic(generations, rows)
     write_eval_config(os.path.join(out, report.EVAL_CONFIG_FILE), config, step, exp.base_name,
-                      models=[name for name, _, _ in named], runs=runs)
+                      models=[name for name, _, _ in named], runs=runs, subsets=subsets)
+  return list(ids), list(prompts), results_of
 
 
-def write_eval_config(path: str, config, step: int, base_name: str, models=None, runs=None):
-  """What was evaluated, for the report: the checkpoint step, the base, the data and sampling settings."""
+def write_eval_config(path: str, config, step: int, base_name: str, models=None, runs=None, subsets=None):
+  """What was evaluated, for the report: the checkpoint step, the base, the data and sampling
+  settings, and per subset of the eval split its rows, held-out sample, held-out loss rows and prompts."""
   d = config.data
   data_desc = {"source": d.source, "field": d.field, "eval_split": d.eval_split,
-               "max_eval_rows": d.max_eval_rows}
+               "max_eval_rows": d.max_eval_rows, "eval_seed": d.get("eval_seed", 0)}
   data_desc.update({"hub": {"hub_id": d.hub_id, "subset": d.subset},
                     "files": {"eval_files": list(d.eval_files)}, "tfds": {"tfds_dir": d.tfds_dir},
                     "demo": {"demo_rows": d.demo_rows}}.get(d.source, {}))
   with open(path, "w") as f:
     json.dump({"checkpoint_step": int(step), "base": base_name, "data": data_desc,
                **({"models": list(models)} if models else {}), **({"runs": runs} if runs else {}),
+               **({"subsets": subsets} if subsets else {}),
                **config.eval.to_dict()}, f, indent=2, default=list)
 
 
@@ -177,8 +189,9 @@ SFT, DPO = "sft", "dpo"  # model names in a comparison (study.py)
 
 def compare(config, workdir: str, runs: dict) -> str:
   """The base and each trained run of `runs` {name: run workdir} (latest checkpoints) on the same
-  prompts: held-out loss, held-out preference accuracy, answers, scores and one report in
-  <workdir>/eval/step_<step of the last run>/. The runs share this config's base and adapter layout."""
+  prompts: held-out loss, held-out preference log-probs (preference.json), answers, each model's
+  answers scored under every earlier model (drift.jsonl; preference_eval.py), scores and one report
+  in <workdir>/eval/step_<step of the last run>/. The runs share this config's base and adapter layout."""
   exp = experiment.build(config)
   named, steps, frozen = [], {}, None
   for name, run_dir in runs.items():
@@ -190,40 +203,18 @@ def compare(config, workdir: str, runs: dict) -> str:
   step = steps[list(runs)[-1]]
   out = eval_dir(workdir, step)
   run_info = {name: {"workdir": os.path.abspath(d), "step": int(steps[name])} for name, d in runs.items()}
-  answer_and_write(config, exp, out, workdir, named, step, runs=run_info)
-  accuracies = preference_accuracy(config, exp, named, workdir)
+  ids, prompts, results_of = answer_and_write(config, exp, out, workdir, named, step, runs=run_info)
+  from gpt2_lora_jax import preference_eval
+  logps = preference_eval.preference_logps(config, exp, named,
+                                           config.data.cache_dir or os.path.join(workdir, "cache"))
+  drift = preference_eval.drift_rows(config, exp, named, ids, prompts, results_of)
   if jax.process_index() == 0:
     with open(os.path.join(out, report.PREFERENCE_FILE), "w") as f:
-      json.dump(accuracies, f, indent=2)
+      json.dump(logps, f)
+    reward.write_jsonl_atomic(os.path.join(out, report.DRIFT_FILE), drift)
   del named
   jax.clear_caches()
   return score_and_report(config, workdir, step) if jax.process_index() == 0 else ""
-
-
-def preference_accuracy(config, exp, named: list, workdir: str) -> dict:
-  """Held-out (chosen, rejected) pairs under each model: log-prob accuracy, mean reply log-probs,
-  and the implicit-reward accuracy of each model against each earlier one (dpo.py)."""
-  from gpt2_lora_jax import dpo, preference
-  ecfg = config.eval
-  pairs, _ = preference.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
-                              config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
-  # Where restore_finetuned placed the trees: the run's mesh, or this process's first device when
-  # there are several processes (each evaluates alone).
-  devices = jax.devices() if jax.process_count() == 1 else jax.local_devices()[:1]
-  mesh = sharding.make_mesh(-1, 1, devices=devices)
-  mask = pairs.pair_mask()
-  logps = {name: dpo.reference_logps(model, {}, params, pairs, mesh, ecfg.batch_size, local=True)[mask]
-           for name, model, params in named}  # (pairs, 2) each
-  out = {"pairs": int(mask.sum()), "models": {}, "implicit": {}}
-  for name, lp in logps.items():
-    out["models"][name] = {"logp_accuracy": float(np.mean(lp[:, 0] > lp[:, 1])),
-                           "logp_chosen": float(lp[:, 0].mean()), "logp_rejected": float(lp[:, 1].mean())}
-  names = list(logps)
-  for j in range(len(names)):
-    for i in range(j):
-      ratio = logps[names[j]] - logps[names[i]]
-      out["implicit"][f"{names[j]} vs {names[i]}"] = float(np.mean(ratio[:, 0] > ratio[:, 1]))
-  return out
 
 
 def strip_adapters(params: dict) -> dict:

@@ -24,6 +24,18 @@ Counted, never dropped silently (data.max_bad_fraction holds against all malform
 Too long otherwise: whole turns are cut from the left of the prompt (conversation.cut_points, as SFT
 cuts) until both segments together fit in one row; the same turns are cut from both.
 
+Cut only because paired. A pair's two segments share one row, so a pair can lose prompt turns (or be
+skipped) although each of its sequences fits a row alone. The summary counts them
+(cut_because_paired: truncated, with the tokens cut, and skipped) beside the pairs with a sequence
+longer than a row on its own. On the 2,303 harmless-base test pairs (benchmarks/pair_cuts.py): at
+1024 tokens 60 pairs are truncated, all 60 only because paired (29,434 tokens cut), none skipped; at
+512, 441 truncated (369 only because paired), 8 skipped (5 only because paired), 78 with a sequence
+longer than 512 alone. Letting those pairs span two rows instead would train on 3.9% more tokens in
+774 rows instead of 745 at 1024 (1,521 instead of 1,209 at 512, padding 7.0% instead of 1.3%), with
+119 rows (720 at 512) holding half a pair; the loss (dpo.py) and the cached reference read a pair
+inside one row (reply_index, pair_mask (B, J)) and the batch order draws rows independently, so
+spanning would change both. Pairs stay in one row, and these cuts are counted and reported.
+
 Layout. A pair is two segments of one packed row, chosen then rejected, each [EOT] + prompt + reply +
 [EOT] with its own positions and attention inside the segment (model.GPT2 with segment_ids): each
 reply's log-probability is what the model gives (prompt, reply) alone. Pairs are bin-packed as
@@ -45,7 +57,7 @@ import numpy as np
 from gpt2_lora_jax import data
 from gpt2_lora_jax.errors import UserError
 from gpt2_lora_jax.conversation import (ASSISTANT, ROLE_CODE, MalformedConversation, assemble_conversation,
-                                        cut_points, marker_ids, parse_conversation)
+                                        cut_points, first_kept_turn, marker_ids, parse_conversation)
 from gpt2_lora_jax.packing import PackedData, batch_row_indices, pack
 
 CHOSEN, REJECTED = "chosen", "rejected"
@@ -140,43 +152,38 @@ def pair_of(chosen_text: str, rejected_text: str) -> tuple[Optional[tuple], Opti
   return (chosen[:-1], chosen[-1].text, rejected[-1].text), None
 
 
-def read_pairs(data_cfg, split: str, max_rows: int = 0):
-  """(input names, rows read, [Pair], {reason: [row indices]}) of `split`; rows counted from 0.
+def read_pairs(data_cfg, split: str):
+  """(input names, rows taken, [Pair], {reason: [row indices]}, {row: subset}, subset counts) of
+  `split`; rows counted from 0 in the split, an eval split's held-out sample only (data.read_inputs:
+  the rows SFT's held-out loss and the prompts are taken from).
 
-  Raises data.BadDataError when more than data.max_bad_fraction of an input's rows are malformed.
+  Raises data.BadDataError when more than data.max_bad_fraction of an input's rows (all of them,
+  taken or not) are malformed.
   """
-  inputs = list(zip(data._inputs(_field_config(data_cfg, CHOSEN), split),
-                    data._inputs(_field_config(data_cfg, REJECTED), split)))
-  skipped, pairs, rows_read = collections.defaultdict(list), [], 0
-  for (name, read_chosen), (_, read_rejected) in inputs:
-    if max_rows and rows_read >= max_rows:
-      break
-    chosen_rows, rejected_rows = read_chosen(), read_rejected()
-    if max_rows:
-      chosen_rows, rejected_rows = chosen_rows[:max_rows - rows_read], rejected_rows[:max_rows - rows_read]
+  chosen_inputs, subsets, taken = data.read_inputs(_field_config(data_cfg, CHOSEN), split)
+  rejected_inputs, _, _ = data.read_inputs(_field_config(data_cfg, REJECTED), split)
+  is_taken = np.zeros(len(subsets), bool)
+  is_taken[taken] = True
+  skipped, pairs, first = collections.defaultdict(list), [], 0
+  for (name, chosen_rows), (_, rejected_rows) in zip(chosen_inputs, rejected_inputs):
     assert len(chosen_rows) == len(rejected_rows), name  # one input read twice, a field each time
-    bad = collections.defaultdict(list)
-    for i, ((c_text, c_reason), (r_text, r_reason)) in enumerate(zip(chosen_rows, rejected_rows),
-                                                                 start=rows_read):
+    bad = collections.defaultdict(list)  # over every row of the input, taken or not
+    for i, ((c_text, c_reason), (r_text, r_reason)) in enumerate(zip(chosen_rows, rejected_rows), start=first):
       reason = c_reason or r_reason
       if reason is None:
         parts, reason = pair_of(c_text, r_text)
-        if parts is not None:
+        if parts is not None and is_taken[i]:
           pairs.append(Pair(i, *parts))
       if reason is not None:
         bad[reason].append(i)
-    n_bad = sum(len(ix) for ix in bad.values())
-    if n_bad > data_cfg.max_bad_fraction * len(chosen_rows):
-      raise data.BadDataError(
-          f"{name}: {n_bad} of {len(chosen_rows)} preference rows are malformed, more than "
-          f"data.max_bad_fraction={data_cfg.max_bad_fraction}: " + "; ".join(
-              f"{reason}: {len(ix)} (rows {ix[:data.FIRST_ROWS_SHOWN]})" for reason, ix in sorted(bad.items()))
-          + f". Rows are counted from 0 in reading order; each needs {CHOSEN!r} and {REJECTED!r} "
-          "texts that share the dialogue before their final, different, non-empty replies.")
+    data.check_bad_fraction(name, bad, len(chosen_rows), data_cfg, "preference rows",
+                            f"each needs {CHOSEN!r} and {REJECTED!r} texts that share the dialogue before "
+                            "their final, different, non-empty replies.")
     for reason, ix in bad.items():
-      skipped[reason].extend(ix)
-    rows_read += len(chosen_rows)
-  return [name for (name, _), _ in inputs], rows_read, pairs, skipped
+      skipped[reason].extend(i for i in ix if is_taken[i])
+    first += len(chosen_rows)
+  return ([name for name, _ in chosen_inputs], len(taken), pairs, skipped,
+          {int(i): subsets[i] for i in taken}, data.subset_counts(subsets, taken))
 
 
 # --- one pair -> two segments --------------------------------------------------------------------
@@ -210,6 +217,21 @@ def assemble_pair(roles: np.ndarray, turn_lengths: np.ndarray, content_ids: np.n
   return None
 
 
+def alone_cuts(roles: np.ndarray, turn_lengths: np.ndarray, markers: dict, max_length: int) -> tuple:
+  """(first kept prompt turn of the chosen segment alone, of the rejected alone): where SFT would cut
+  each sequence on its own (conversation.first_kept_turn with the row's leading end-of-text; None
+  when even its final exchange does not fit). Shapes as assemble_pair's."""
+  roles, turn_lengths = np.asarray(roles), np.asarray(turn_lengths)
+  n = len(roles) - 2
+  seg_roles = np.concatenate([roles[:n], [ROLE_CODE[ASSISTANT]]]).tolist()
+  with_markers = [len(markers[r]) + int(c) for r, c in zip(seg_roles, turn_lengths[:n + 1])]
+  cuts = []
+  for reply in (n, n + 1):
+    tokens = with_markers[:n] + [len(markers[seg_roles[n]]) + int(turn_lengths[reply])]
+    cuts.append(first_kept_turn(seg_roles, tokens, max_length - 1))  # as assemble_conversation
+  return tuple(cuts)
+
+
 # --- the whole split -------------------------------------------------------------------------------
 
 def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
@@ -218,8 +240,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
   """Rows of `split` -> packed preference pairs, and the summary (the same fields as data.build's,
   in pairs, plus pairs and pairs_per_row). Deterministic: every process builds the same data."""
   import datasets
-  names, rows_read, pairs, skipped = read_pairs(
-      data_cfg, split, data_cfg.max_eval_rows if split == "eval" else 0)
+  names, rows_read, pairs, skipped, row_subsets, subset_counts = read_pairs(data_cfg, split)
   if not pairs:
     raise UserError(f"no usable preference pairs in {names}: "
                      f"{dict((r, len(ix)) for r, ix in skipped.items())}")
@@ -238,18 +259,29 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
 
   markers = marker_ids(tokenizer)
   segments, masks, used, truncated, tokens_cut = [], [], [], [], 0
+  # Cut only because the two segments share a row (each alone would keep more): module docstring.
+  paired_cuts, paired_skips, alone_too_long, paired_tokens_cut = [], [], [], 0
   for c, row in enumerate(row_index):
     turn_slice = slice(role_offsets[c], role_offsets[c + 1])
+    alone = alone_cuts(role_codes[turn_slice], turn_lengths[turn_slice], markers, data_cfg.max_length)
+    if any(a != 0 for a in alone):  # one sequence alone is longer than a row
+      alone_too_long.append(int(row))
     assembled = assemble_pair(role_codes[turn_slice], turn_lengths[turn_slice],
                               content_ids[id_offsets[c]:id_offsets[c + 1]], markers, data_cfg.max_length)
     if assembled is None:
       skipped["final_exchange_too_long"].append(int(row))
+      if None not in alone:
+        paired_skips.append(int(row))
       continue
     (c_ids, c_mask), (r_ids, r_mask), first = assembled
     if first > 0:  # the same prompt turns were cut from both segments
       truncated.append(int(row))
       roles_cut = role_codes[turn_slice][:first]
-      tokens_cut += 2 * int(sum(len(markers[r]) for r in roles_cut) + turn_lengths[turn_slice][:first].sum())
+      turn_tokens = int(sum(len(markers[r]) for r in roles_cut) + turn_lengths[turn_slice][:first].sum())
+      tokens_cut += 2 * turn_tokens
+      if alone == (0, 0):
+        paired_cuts.append(int(row))
+        paired_tokens_cut += 2 * turn_tokens
     segments += [c_ids, r_ids]
     masks += [c_mask, r_mask]
     used.append(int(row))
@@ -287,10 +319,18 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "split": split, "inputs": names, "field": f"{CHOSEN} / {REJECTED}", "loss_mask": "final reply",
       "max_length": data_cfg.max_length, "packing": bool(data_cfg.packing),
       "rows_read": rows_read, "rows_used": P,
+      "subsets": data.subset_summary(subset_counts, [row_subsets[r] for r in used]),
       "rows_truncated": {"count": len(truncated), "first_rows": truncated[:data.FIRST_ROWS_SHOWN]},
       "rows_bad": sum(len(ix) for reason, ix in skipped.items() if reason in BAD_REASONS),
       "rows_skipped": {reason: {"count": len(ix), "first_rows": sorted(ix)[:data.FIRST_ROWS_SHOWN]}
                        for reason, ix in sorted(skipped.items()) if ix},
+      # Pairs cut although each sequence fits a row alone, and pairs skipped although each sequence
+      # fits alone (cut as SFT cuts it); beside them the pairs with a sequence too long on its own.
+      "cut_because_paired": {
+          "truncated": {"count": len(paired_cuts), "first_rows": paired_cuts[:data.FIRST_ROWS_SHOWN],
+                        "tokens_cut": paired_tokens_cut},
+          "skipped": {"count": len(paired_skips), "first_rows": paired_skips[:data.FIRST_ROWS_SHOWN]},
+          "sequence_alone_too_long": len(alone_too_long)},
       "tokens": packed.num_tokens, "loss_tokens": packed.num_loss_tokens,
       "tokens_cut_by_truncation": tokens_cut,
       "padding_tokens": packed.inputs.size - packed.num_tokens,
@@ -315,4 +355,17 @@ def format_summary(s: dict) -> str:
   text = data.format_summary(s).replace(f"({s['conversations']:,} conversations)",
                                         f"({s['pairs']:,} pairs = {s['conversations']:,} segments, "
                                         f"at most {s['pairs_per_row']} pairs a row)")
-  return text.replace("rows used ", "pairs used")
+  text = text.replace("rows used ", "pairs used")
+  paired = s.get("cut_because_paired")
+  if paired:
+    lines = text.split("\n")
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rows truncated")) + 1
+    lines.insert(at, f"    only because paired {paired['truncated']['count']:>6,}  (each sequence fits a row alone; "
+                 f"{paired['truncated']['tokens_cut']:,} tokens cut; {paired['sequence_alone_too_long']:,} "
+                 "pairs have a sequence longer than a row alone)")
+    at = next((i for i, line in enumerate(lines) if line.lstrip().startswith("final_exchange_too_long")), None)
+    if at is not None:
+      lines.insert(at + 1, f"      only because paired {paired['skipped']['count']:>6,}  (each sequence fits alone, "
+                   "cut as SFT cuts it)")
+    text = "\n".join(lines)
+  return text

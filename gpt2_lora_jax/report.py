@@ -11,7 +11,10 @@ Inputs (in the eval dir unless given):
                      say why)
   heldout.json       optional {'base': {'loss': mean token NLL, 'tokens': n}, 'finetuned': {...}}
   metrics.jsonl      optional training log {'step', 'split': 'train'|'eval', 'loss', ...}
-  eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings)
+  eval_config.json   optional: what was evaluated (checkpoint step, base, data and sampling settings,
+                     the held-out sample's rows and prompts per subset)
+  preference.json    optional (evaluate.compare): held-out pairs and every model's reply log-probs
+  drift.jsonl        optional (evaluate.compare): each model's answers scored under earlier models
 Generations may carry 'correct' (bool): tasks with one right answer (the offline demo's) are graded,
 and the report gives each model's share of correct answers with an interval.
 Outputs: report.md, summary.json (every number in the report), reward_hist.png, loss_curve.png.
@@ -27,12 +30,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from gpt2_lora_jax import metrics as metrics_lib
+from gpt2_lora_jax import metrics as metrics_lib, report_preference
 from gpt2_lora_jax.stats import BASE, LENGTH_TOLERANCE, TUNED, model_pairs, summarize  # noqa: F401 (BASE, TUNED used as report.BASE)
 
 SKIP_REASON_FILE = "scoring_skipped.txt"  # evaluate.py writes why scoring was skipped here
 EVAL_CONFIG_FILE = "eval_config.json"  # evaluate.py writes what it evaluated here
-PREFERENCE_FILE = "preference.json"  # evaluate.compare writes held-out preference accuracies here
+PREFERENCE_FILE = "preference.json"  # evaluate.compare writes held-out preference log-probs here
+DRIFT_FILE = "drift.jsonl"  # evaluate.compare writes each model's answers scored under earlier models here
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -103,7 +107,8 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
 
   models: the models compared, in order; default eval_config.json's 'models', else every model in
   the generations (summarize).
-  A preference.json in eval_dir (evaluate.compare) adds the held-out preference accuracies.
+  A preference.json in eval_dir (evaluate.compare) adds the held-out preference accuracies, a
+  drift.jsonl the reward-against-KL section (report_preference.py).
 
   Paths default to generations.jsonl / scores.jsonl / heldout.json / metrics.jsonl in eval_dir.
   Without a scores file the report says scoring was skipped, with skip_reason (or the text of
@@ -131,12 +136,14 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
   if os.path.exists(preference_path):
     with open(preference_path) as f:
       preference = json.load(f)
+  drift_path = os.path.join(eval_dir, DRIFT_FILE)
+  drift = read_jsonl(drift_path) if os.path.exists(drift_path) else None
   if scores is None and skip_reason is None:
     reason_file = os.path.join(eval_dir, SKIP_REASON_FILE)
     skip_reason = (open(reason_file).read().strip() if os.path.exists(reason_file)
                    else f"no scores file at {scores_path}")
   summary = summarize(generations, scores, heldout, base=base, tuned=tuned, models=models,
-                      preference=preference, n_boot=n_boot, seed=seed)
+                      preference=preference, drift=drift, n_boot=n_boot, seed=seed)
   summary["inputs"] = {"generations": generations_path, "scores": scores_path if scores else None,
                        "heldout": heldout_path if heldout else None,
                        "metrics": metrics_path if metrics else None, "reward_model": reward_model,
@@ -151,7 +158,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
            + (f", `{heldout_path}`" if heldout else "") + (f", `{metrics_path}`" if metrics else "")
            + f". Every number is also in `summary.json`. Intervals: 95% percentile bootstrap, "
            f"{n_boot} resamples, seed {seed}.", ""]
-  lines += _evaluated(eval_config, reward_model)
+  lines += _evaluated(eval_config, reward_model, preference)
 
   lines += ["## Answers", "", "| model | answers | prompts left-truncated | empty answers | stop reasons "
             "| answer tokens mean | median | p90 |", "|---|---|---|---|---|---|---|---|"]
@@ -208,7 +215,8 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     lines += ["![reward histogram](reward_hist.png)", ""]
     lines += _length_section(summary, generations, scores, models, eval_dir)
 
-  lines += _preference_section(summary.get("preference"), models)
+  lines += report_preference.preference_section(summary.get("preference"), models)
+  lines += report_preference.drift_section(summary.get("drift"))
   lines += ["## Held-out loss", ""]
   if heldout:
     lines += ["| model | loss (nats/token) | perplexity | tokens |", "|---|---|---|---|"]
@@ -281,30 +289,7 @@ def _length_section(summary, generations, scores, models, eval_dir) -> list[str]
   return lines + ["", "![reward vs length](reward_vs_length.png)", ""]
 
 
-def _preference_section(preference: Optional[dict], models: Sequence[str]) -> list[str]:
-  """Held-out preference accuracy (preference.json); nothing when it was not measured."""
-  if not preference:
-    return []
-  lines = ["## Held-out preference accuracy", "",
-           f"On {preference['pairs']} held-out (chosen, rejected) pairs of the test split. "
-           "Log-prob accuracy: the share of pairs where the model gives the chosen reply a higher "
-           "log-probability than the rejected one. Implicit-reward accuracy of a model against an "
-           "earlier one (its DPO reference, when it is the SFT model): the share where "
-           "log pi(chosen) - log ref(chosen) > log pi(rejected) - log ref(rejected), DPO's "
-           "preference accuracy.", "",
-           "| model | log-prob accuracy | mean log p(chosen) | mean log p(rejected) |", "|---|---|---|---|"]
-  for m in models:
-    v = preference["models"].get(m)
-    if v:
-      lines.append(f"| {m} | {fmt(v['logp_accuracy'])} | {fmt(v['logp_chosen'], 2)} | "
-                   f"{fmt(v['logp_rejected'], 2)} |")
-  lines += ["", "| model vs reference | implicit-reward accuracy |", "|---|---|"]
-  for name, acc in preference["implicit"].items():
-    lines.append(f"| {name} | {fmt(acc)} |")
-  return lines + [""]
-
-
-def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
+def _evaluated(cfg: Optional[dict], reward_model: str, preference: Optional[dict] = None) -> list[str]:
   """The 'What was evaluated' section from eval_config.json (evaluate.write_eval_config)."""
   lines = ["## What was evaluated", ""]
   if not cfg:
@@ -325,7 +310,7 @@ def _evaluated(cfg: Optional[dict], reward_model: str) -> list[str]:
             f"sampling {top}, at most {cfg.get('max_new_tokens')} new tokens, stop at "
             f"{cfg.get('stop_strings')} or end-of-text, sampling seed {cfg.get('seed')}.",
             f"- Reward model: `{reward_model or cfg.get('reward_model') or 'none'}`.", ""]
-  return lines
+  return lines + report_preference.subsets_section(cfg, preference)
 
 
 def _samples(generations, scores, models, n, seed) -> list[str]:

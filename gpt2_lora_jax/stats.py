@@ -4,8 +4,10 @@ Pure functions of the rows in generations.jsonl / scores.jsonl (see report.py fo
 report.py turns their summary into report.md and plots.
 
 Percentile bootstrap (seeded) 95% intervals for each model's mean reward, for the paired mean
-difference over prompts both models answered, for the win rate (a tie counts as half a win), and
-for the share of correct answers.
+difference over prompts both models answered, for the win rate (a tie counts as half a win), for
+the share of correct answers and for KL estimates. Held-out preference accuracies (ties count half)
+get Wilson score intervals, and two models on the same pairs a paired bootstrap interval of their
+difference and McNemar's exact test.
 """
 from __future__ import annotations
 
@@ -92,15 +94,110 @@ def pair_stats(r_a, r_b, n_boot: int, seed: int) -> dict:
           "n_losses": int(np.sum(r_a < r_b))}
 
 
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+  """Wilson's score interval for a proportion (Wilson 1927); successes may hold halves (ties)."""
+  if n == 0:
+    return math.nan, math.nan
+  p = successes / n
+  center = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+  """Two-sided exact McNemar p-value: b and c pairs where only one of two classifiers is right;
+  under no difference b ~ Binomial(b + c, 1/2). p = min(1, 2 P(X <= min(b, c)))."""
+  n = b + c
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+  return min(1.0, 2 * tail / 2 ** n)  # exact integers, one rounding
+
+
+def accuracy(outcomes) -> dict:
+  """Mean of per-pair outcomes (1 right, 0.5 tie, 0 wrong) with its Wilson interval."""
+  o = np.asarray(outcomes, np.float64)
+  low, high = wilson_interval(float(o.sum()), len(o))
+  return {"accuracy": float(o.mean()) if len(o) else math.nan, "ci": [low, high], "n": len(o),
+          "n_ties": int(np.sum(o == 0.5))}
+
+
+def paired_accuracy_test(o_a, o_b, n_boot: int, seed: int) -> dict:
+  """Accuracy of a minus b on the same pairs: paired bootstrap interval (ties count half) and the
+  exact McNemar test over the pairs where neither ties (b: only a right; c: only b right)."""
+  o_a, o_b = np.asarray(o_a, np.float64), np.asarray(o_b, np.float64)
+  diff, low, high = bootstrap_ci(o_a - o_b, n_boot=n_boot, seed=seed)
+  decided = (o_a != 0.5) & (o_b != 0.5)
+  b = int(np.sum(decided & (o_a == 1) & (o_b == 0)))
+  c = int(np.sum(decided & (o_a == 0) & (o_b == 1)))
+  return {"difference": diff, "difference_ci": [low, high], "mcnemar_b": b, "mcnemar_c": c,
+          "mcnemar_p": mcnemar_exact(b, c), "n_pairs": len(o_a), "n_with_a_tie": int(np.sum(~decided))}
+
+
+def preference_summary(raw: dict, models: Sequence[str], n_boot: int, seed: int) -> dict:
+  """Accuracies of preference.json's pairs (preference_eval.py): per model, the share of pairs whose
+  chosen reply has the higher summed log-prob and the higher log-prob per token (length-normalised);
+  per two models (later, earlier), the later's implicit-reward accuracy against the earlier (DPO's
+  accuracy when the earlier is its reference) and paired tests of both accuracies. Ties count half."""
+  tokens = np.maximum(np.asarray(raw["reply_tokens"], np.float64), 1.0)  # (P, 2)
+  logps = {m: np.asarray(v, np.float64).reshape(-1, 2) for m, v in raw["logps"].items()}
+  models = [m for m in models if m in logps] + [m for m in logps if m not in models]
+  outcomes = {m: {"summed": wins(lp[:, 0], lp[:, 1]),
+                  "per_token": wins(lp[:, 0] / tokens[:, 0], lp[:, 1] / tokens[:, 1])}
+              for m, lp in logps.items()}
+  out = {"pairs": int(raw["pairs"]), "models": {}, "implicit": {}, "implicit_ci": {}, "paired": {},
+         "chosen_shorter_share": float(np.mean(tokens[:, 0] < tokens[:, 1])) if len(tokens) else math.nan,
+         "data": raw.get("data", {})}
+  for m in models:
+    summed, per_token = accuracy(outcomes[m]["summed"]), accuracy(outcomes[m]["per_token"])
+    out["models"][m] = {"logp_accuracy": summed["accuracy"], "logp_accuracy_ci": summed["ci"],
+                        "length_normalised_accuracy": per_token["accuracy"],
+                        "length_normalised_ci": per_token["ci"],
+                        "logp_chosen": float(logps[m][:, 0].mean()), "logp_rejected": float(logps[m][:, 1].mean())}
+  for a, b in model_pairs(models):
+    ratio = logps[a] - logps[b]
+    implicit = accuracy(wins(ratio[:, 0], ratio[:, 1]))
+    out["implicit"][f"{a} vs {b}"] = implicit["accuracy"]
+    out["implicit_ci"][f"{a} vs {b}"] = {"ci": implicit["ci"], "n_ties": implicit["n_ties"]}
+    out["paired"][f"{a} vs {b}"] = {
+        kind: paired_accuracy_test(outcomes[a][kind], outcomes[b][kind], n_boot, seed)
+        for kind in ("summed", "per_token")}
+  return out
+
+
+def drift_summary(rows: Sequence[dict], pairs: Optional[dict], n_boot: int, seed: int) -> dict:
+  """Per (model, reference) of drift.jsonl (preference_eval.py): the mean of log pi_model - log
+  pi_reference over the model's own answers (a KL estimate) with a bootstrap interval, per answer
+  token, beside the model's paired reward gain over the reference (summary['pairs'])."""
+  out = {}
+  for key in dict.fromkeys((r["model"], r["reference"]) for r in rows):
+    mine = [r for r in rows if (r["model"], r["reference"]) == key]
+    ratio = np.array([r["logp_model"] - r["logp_reference"] for r in mine])
+    kl, low, high = bootstrap_ci(ratio, n_boot=n_boot, seed=seed)
+    tokens = sum(r["n_tokens"] for r in mine)
+    gain = (pairs or {}).get(f"{key[0]} vs {key[1]}")
+    out[f"{key[0]} vs {key[1]}"] = {
+        "model": key[0], "reference": key[1], "n_answers": len(mine), "kl": kl, "kl_ci": [low, high],
+        "kl_per_token": float(ratio.sum() / tokens) if tokens else math.nan,
+        "temperature": mine[0]["temperature"], "top_k": mine[0]["top_k"], "top_p": mine[0]["top_p"],
+        "reward_gain": gain["mean_difference"] if gain else None,
+        "reward_gain_ci": gain["difference_ci"] if gain else None}
+  return out
+
+
 def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
               heldout: Optional[dict] = None, *, base: str = BASE, tuned: str = TUNED,
               models: Optional[Sequence[str]] = None, preference: Optional[dict] = None,
-              n_boot: int = 10000, seed: int = 0) -> dict:
+              drift: Optional[Sequence[dict]] = None, n_boot: int = 10000, seed: int = 0) -> dict:
   """Every number the report shows, as a JSON-able dict.
 
   models: the models compared, in order; default every model in the files, base and tuned first.
   Every two are paired (model_pairs: later minus earlier); summary['paired'] is the (tuned, base)
-  pair. preference: held-out preference accuracies (preference.json, written by evaluate.compare).
+  pair. preference: held-out preference log-probs (preference.json, written by evaluate.compare);
+  drift: each model's answers scored under earlier models (drift.jsonl).
   """
   models = (list(models) if models else
             [base, tuned] + sorted({g["model"] for g in generations} - {base, tuned}))
@@ -159,7 +256,10 @@ def summarize(generations: list[dict], scores: Optional[list[dict]] = None,
                           "tokens": None if v.get("tokens") is None else int(v["tokens"])}
                       for m, v in heldout.items()}
   if preference:
-    out["preference"] = preference
+    out["preference"] = (preference_summary(preference, models, n_boot, seed) if "logps" in preference
+                         else preference)
+  if drift:
+    out["drift"] = drift_summary(drift, out.get("pairs"), n_boot, seed)
   return out
 
 

@@ -353,11 +353,15 @@ def test_json_and_parquet_files_read_like_jsonl(tmp_path, tokenizer):
   datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
   with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)
+  sampled = []
   for name in ("rows.json", "rows.parquet", "rows.jsonl.gz"):
     packed, summary = data.build(data_config(eval_files=(str(tmp_path / name),), max_eval_rows=1),
                                  tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)
     assert (summary["rows_read"], summary["rows_used"]) == (1, 1), name
-    assert decode(tokenizer, packed.targets[0, :packed.num_tokens]) == HELLO + EOT
+    row = int(packed.conversation_rows[0])  # the held-out sample's row
+    sampled.append(row)
+    assert decode(tokenizer, packed.targets[0, :packed.num_tokens]) == rows[row]["chosen"] + EOT
+  assert len(set(sampled)) == 1  # the same row whatever the format and the file's name
 
 
 def test_a_second_build_reads_the_token_cache(tmp_path, tokenizer, monkeypatch):
@@ -397,3 +401,93 @@ def test_seed_study_reads_helpful_base_as_the_study_did(monkeypatch):
   assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "chosen"),
                    ("Anthropic/hh-rlhf", "helpful-base", "test", "chosen")]
   assert cfg.max_eval_rows == 0  # held-out loss on every test row
+
+
+# --- the held-out sample ---------------------------------------------------------------------------
+
+def test_stratified_sample_allocates_by_largest_remainder():
+  """Four subsets of 2,312 / 2,354 / 1,137 / 2,749 rows (the first two: harmless-base's and
+  helpful-base's test splits; the last two made up) sampled to 2,000: quotas
+  2000 n_s / 8552 = 540.69, 550.51, 265.90, 642.89 -> floors 540, 550, 265, 642 (1,997) and the 3
+  left go to the largest remainders (0.90, 0.89, 0.69): 541, 550, 266, 643."""
+  sizes = {"harmless-base": 2312, "helpful-base": 2354, "helpful-online": 1137, "helpful-rejection-sampled": 2749}
+  labels = [name for name, n in sizes.items() for _ in range(n)]
+  picked = data.stratified_sample(labels, 2000, seed=0)
+  counts = {name: sum(labels[i] == name for i in picked) for name in sizes}
+  assert counts == {"harmless-base": 541, "helpful-base": 550, "helpful-online": 266,
+                    "helpful-rejection-sampled": 643}
+  assert len(set(picked.tolist())) == 2000 and list(picked) == sorted(picked)
+  np.testing.assert_array_equal(picked, data.stratified_sample(labels, 2000, seed=0))  # seeded
+  assert not np.array_equal(picked, data.stratified_sample(labels, 2000, seed=1))
+  # Not the first rows: the sample spreads over each subset's rows.
+  first = [i for i in picked if labels[i] == "harmless-base"]
+  assert max(first) > 2000 and min(first) < 300
+  np.testing.assert_array_equal(data.stratified_sample(labels, 0, seed=0), np.arange(len(labels)))
+
+
+def test_held_out_rows_are_one_stratified_sample_for_loss_pairs_and_prompts(hh_test_file, tokenizer, tmp_path):
+  """Real harmless-base rows and a helpful-base file (demo rows, 400): 300 held-out rows are drawn
+  from both subsets in proportion (2,312 : 400 -> 256 : 44), where the first 300 rows would all be
+  harmless-base; SFT's held-out rows, the preference pairs and the prompts come from that sample."""
+  from gpt2_lora_jax import demo_data, evaluate, preference
+  helpful = tmp_path / "helpful-base" / "test.jsonl"
+  helpful.parent.mkdir()
+  demo_data.write_jsonl(str(helpful), "test", 400)
+  cfg = data_config(eval_files=(hh_test_file, str(helpful)), max_eval_rows=300)
+  assert [data.subset_of_path(p) for p in cfg.eval_files] == ["harmless-base", "helpful-base"]
+  packed, summary = data.build(cfg, tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)
+  assert {k: v["rows_read"] for k, v in summary["subsets"].items()} == {"harmless-base": 256, "helpful-base": 44}
+  assert summary["subsets"]["harmless-base"]["rows_in_split"] == REAL_ROWS
+  sampled = set(data.stratified_sample(["harmless-base"] * REAL_ROWS + ["helpful-base"] * 400, 300, 0).tolist())
+  assert set(packed.conversation_rows.tolist()) <= sampled and summary["rows_read"] == 300
+  pairs, pair_summary = preference.build(cfg, tokenizer, "eval", 16, str(tmp_path / "cache"), log=None)
+  assert set(pairs.pair_rows.tolist()) <= sampled
+  assert pair_summary["subsets"]["helpful-base"]["rows_used"] == 44  # demo pairs: none malformed
+  rows, counts = data.read_heldout(cfg)
+  assert {i for i, _, _ in rows} <= sampled and counts == {k: {"rows_in_split": v["rows_in_split"],
+                                                               "rows_read": v["rows_read"]}
+                                                           for k, v in summary["subsets"].items()}
+  prompts = evaluate.choose_prompts(rows, 50, seed=0)
+  by_subset = {s: sum(p[3] == s for p in prompts) for s in ("harmless-base", "helpful-base")}
+  n_harmless = sum(s == "harmless-base" for _, _, s in rows)  # 256 less its malformed rows
+  assert abs(by_subset["harmless-base"] - 50 * n_harmless / len(rows)) < 1 and sum(by_subset.values()) == 50
+  assert all(p[0] in sampled and p[1].endswith("\n\nAssistant:") for p in prompts)
+
+
+def test_hub_all_is_read_as_its_four_subsets_and_demo_rows_carry_their_task(monkeypatch):
+  calls = []
+  monkeypatch.setattr(data, "read_hub", lambda hub_id, subset, split, field: calls.append(subset)
+                      or [(HELLO, None)] * {"harmless-base": 30, "helpful-base": 30, "helpful-online": 15,
+                                            "helpful-rejection-sampled": 25}[subset])
+  cfg = data_config(source="hub", subset="all", max_eval_rows=10)
+  split = data.read_split(cfg, "eval")
+  assert calls == list(data.SUBSETS)
+  assert {k: v["rows_read"] for k, v in split.subset_counts.items()} == {
+      "harmless-base": 3, "helpful-base": 3, "helpful-online": 2, "helpful-rejection-sampled": 2}
+  demo = data.read_split(data_config(source="demo", demo_rows=200, max_eval_rows=20), "eval")
+  from gpt2_lora_jax import demo_data
+  rows = demo_data.rows("test", 200)
+  assert all(demo.subsets[i] == demo_data.task_of(data.parse_conversation(rows[i]["chosen"])[-2].text.strip())
+             for i in demo.subsets)
+  assert len(demo.subset_counts) >= 4
+
+
+def test_a_bad_row_in_a_small_held_out_sample_is_judged_against_the_whole_input(tmp_path, tokenizer):
+  """One malformed row of 200 (0.5%, under data.max_bad_fraction=0.01) drawn into a 10-row held-out
+  sample is 10% of the sample: it is counted, and the input is judged on all its rows."""
+  from gpt2_lora_jax import preference
+  bad_row = int(data.stratified_sample([path := str(tmp_path / "rows.jsonl")] * 200, 10, 0)[3])
+  lines = [json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: A{i}.", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."})
+           for i in range(200)]
+  lines[bad_row] = "{not json"
+  write_jsonl(tmp_path / "rows.jsonl", lines)
+  cfg = data_config(eval_files=(path,), max_eval_rows=10)
+  _, summary = data.build(cfg, tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)
+  assert summary["rows_skipped"] == {"invalid_json": {"count": 1, "first_rows": [bad_row]}}
+  assert (summary["rows_read"], summary["rows_used"]) == (10, 9)
+  _, pair_summary = preference.build(cfg, tokenizer, "eval", 4, str(tmp_path / "cache"), log=None)
+  assert pair_summary["rows_skipped"] == {"invalid_json": {"count": 1, "first_rows": [bad_row]}}
+  lines[(bad_row + 1) % 200] = lines[(bad_row + 2) % 200] = "{not json"  # 3 of 200: over 1%
+  write_jsonl(tmp_path / "rows.jsonl", lines)
+  with pytest.raises(data.BadDataError, match=r"3 of 200 rows are malformed"):
+    data.build(cfg, tokenizer, "eval", cache_dir=str(tmp_path / "cache"), log=None)

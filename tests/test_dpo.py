@@ -114,7 +114,7 @@ def test_reply_logps_match_transformers_pair_by_pair(random_gpt2, tokenizer, hh_
   got = dpo.reference_logps(gpt2_model.GPT2(gpt2_config), {}, params, pairs, mesh, batch_size=8)
 
   with gzip.open(hh_test_file, "rt") as f:
-    rows = [json.loads(line) for _, line in zip(range(16), f)]
+    rows = [json.loads(line) for line in f]  # the held-out sample's rows are spread over the file
   compared = 0
   for p, row in enumerate(pairs.pair_rows):
     prompt_ids = conversation.prompt_token_ids(tokenizer, rows[row]["chosen"])
@@ -247,6 +247,33 @@ def test_preference_study_end_to_end(study_run):
   assert "Win rate of dpo over sft" in report_md and "| dpo vs sft |" in report_md
   for png in ("reward_hist.png", "reward_vs_length.png", "loss_curve.png"):
     assert os.path.exists(f"{out}/{png}"), png
+  from gpt2_lora_jax import report
+  # The held-out sample: 24 rows stratified over the demo's task subsets in proportion to their rows,
+  # the rows of held-out loss, preference pairs and prompts alike; the report names each subset.
+  with open(f"{out}/eval_config.json") as f:
+    subsets = json.load(f)["subsets"]
+  in_split = sum(c["rows_in_split"] for c in subsets.values())
+  assert len(subsets) >= 4 and sum(c["heldout_rows"] for c in subsets.values()) == 24
+  for name, c in subsets.items():
+    assert abs(c["heldout_rows"] - 24 * c["rows_in_split"] / in_split) < 1, name
+    assert pref["data"]["subsets"][name]["rows_read"] == c["heldout_rows"]
+    assert f"| {name} | {c['rows_in_split']} | {c['heldout_rows']} |" in report_md
+  assert sum(c["prompts"] for c in subsets.values()) == 4
+  # Every accuracy with its Wilson interval, length-normalised beside summed, DPO vs SFT paired.
+  dpo_acc = pref["models"]["dpo"]
+  assert dpo_acc["logp_accuracy_ci"][0] <= dpo_acc["logp_accuracy"] <= dpo_acc["logp_accuracy_ci"][1]
+  assert "length-normalised accuracy" in report_md and "| dpo vs sft | log-prob |" in report_md
+  test = pref["paired"]["dpo vs sft"]["summed"]
+  assert test["mcnemar_b"] + test["mcnemar_c"] <= pref["pairs"] and 0 < test["mcnemar_p"] <= 1
+  # Reward against KL: DPO's own answers scored under DPO and under SFT (drift.jsonl).
+  with open(f"{out}/drift.jsonl") as f:
+    drift = [json.loads(line) for line in f]
+  mine = [r for r in drift if (r["model"], r["reference"]) == ("dpo", "sft")]
+  assert len(mine) == 4 and {r["n_tokens"] for r in mine} <= set(range(1, 8))
+  kl = summary["drift"]["dpo vs sft"]
+  assert kl["kl"] == pytest.approx(np.mean([r["logp_model"] - r["logp_reference"] for r in mine]))
+  assert kl["reward_gain"] == summary["pairs"]["dpo vs sft"]["mean_difference"]
+  assert "## Reward against KL" in report_md and f"| dpo vs sft | 4 | {report.fmt(kl['kl'])} |" in report_md
 
 
 def test_reference_free_loss_and_trl_metrics_match_transformers(random_gpt2, tokenizer, hh_test_file):
@@ -266,7 +293,7 @@ def test_reference_free_loss_and_trl_metrics_match_transformers(random_gpt2, tok
   loss_fn = jax.jit(lambda b: dpo.make_loss_fn(gpt2_model.GPT2(gpt2_config), dpo_cfg)({}, params, b, None))
 
   with gzip.open(hh_test_file, "rt") as f:
-    rows = [json.loads(line) for _, line in zip(range(16), f)]
+    rows = [json.loads(line) for line in f]  # the held-out sample's rows are spread over the file
   hf_pairs = {}  # (packed row, slot) -> (logp chosen, logp rejected, mean logit chosen, rejected)
   for p, row in enumerate(pairs.pair_rows):
     prompt_ids = conversation.prompt_token_ids(tokenizer, rows[row]["chosen"])

@@ -100,8 +100,10 @@ def test_bf16_base_evaluates_the_model_training_evaluated(tmp_path):
   assert trained[-1]["step"] == 4
   heldout = json.load(open(os.path.join(workdir, "eval", "step_4", "heldout.json")))
   assert heldout["finetuned"]["tokens"] == trained[-1]["loss_tokens"]  # the same rows
-  assert heldout["finetuned"]["loss"] == pytest.approx(trained[-1]["loss"], rel=0, abs=2e-6)
-  assert heldout["base"]["loss"] == pytest.approx(trained[0]["loss"], rel=0, abs=2e-6)  # step 0 = base
+  # Two programs summing in other orders: measured 2.0e-6 (fine-tuned; about 2 fp32 ulps at a loss
+  # of 10.6) and 2.9e-7 (base) apart on the 16 sampled held-out rows.
+  assert heldout["finetuned"]["loss"] == pytest.approx(trained[-1]["loss"], rel=0, abs=3e-6)
+  assert heldout["base"]["loss"] == pytest.approx(trained[0]["loss"], rel=0, abs=3e-6)  # step 0 = base
 
 
 def test_eval_without_checkpoints_and_missing_step(trained, tmp_path):

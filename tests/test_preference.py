@@ -117,3 +117,61 @@ def test_real_harmless_base_rows_give_a_summary_with_nothing_lost(hh_test_file, 
   assert len(set(pairs.pair_rows)) == pairs.num_pairs
   text = preference.format_summary(s)
   assert "pairs used" in text and "no_shared_prompt" in text and "2,303 pairs" in text
+
+
+def test_pairs_cut_only_because_paired_are_counted(tmp_path, tokenizer):
+  """Each sequence of rows 0 and 1 fits 64 tokens alone; together they do not. Row 0 then loses its
+  first exchange, row 1 (one exchange) is skipped; row 2's chosen sequence is too long even alone."""
+  filler = "one two three four five six seven eight nine ten"
+  rows = [{"chosen": f"{H} {filler}.{A} Sure.{H} Next?{A} {filler}.", "rejected": f"{H} {filler}.{A} Sure.{H} Next?{A} {filler} no."},
+          {"chosen": f"{H} {filler} {filler}?{A} {filler}.", "rejected": f"{H} {filler} {filler}?{A} {filler}!"},
+          {"chosen": f"{H} {filler} {filler} {filler}.{A} Hello.{H} Go on.{A} " + "word " * 30,
+           "rejected": f"{H} {filler} {filler} {filler}.{A} Hello.{H} Go on.{A} No."},
+          good(0)]
+  path = write_rows(tmp_path / "rows.jsonl", rows)
+  cfg = files_cfg(path, max_length=64)
+  lengths = {}  # tokens of each whole sequence in a row: [EOT] + prompt + reply + [EOT], less one
+  for i, r in enumerate(rows):
+    for field in ("chosen", "rejected"):
+      prompt, reply = data.prompt_and_response(r[field])
+      lengths[i, field] = len(data.prompt_token_ids(tokenizer, prompt)) + len(tokenizer(reply)["input_ids"])
+  assert [max(lengths[i, "chosen"], lengths[i, "rejected"]) <= 64 for i in range(4)] == [True, True, False, True]
+  assert [lengths[i, "chosen"] + lengths[i, "rejected"] <= 64 for i in range(4)] == [False, False, False, True]
+  pairs, s = preference.build(cfg, tokenizer, "train", 2, str(tmp_path / "cache"), log=None)
+  assert s["rows_truncated"]["first_rows"] == [0, 2]
+  assert s["rows_skipped"] == {"final_exchange_too_long": {"count": 1, "first_rows": [1]}}
+  paired = s["cut_because_paired"]
+  assert paired["truncated"]["count"] == 1 and paired["truncated"]["first_rows"] == [0]
+  assert paired["skipped"] == {"count": 1, "first_rows": [1]}
+  assert paired["sequence_alone_too_long"] == 1
+  first_exchange = (len(data.prompt_token_ids(tokenizer, f"{H} {filler}.{A} Sure.{H} Next?{A}"))
+                    - len(data.prompt_token_ids(tokenizer, f"{H} Next?{A}")))
+  assert paired["truncated"]["tokens_cut"] == 2 * first_exchange  # from both segments of row 0
+  assert "only because paired" in preference.format_summary(s)
+
+
+def test_real_pairs_cut_only_because_paired(hh_test_file, tokenizer, tmp_path):
+  """On the 2,303 harmless-base test pairs, the pairs whose two whole sequences each fit a row but
+  not one row together, counted here from token counts: 60 at 1024 tokens (all truncated, as
+  measured with benchmarks/pair_cuts.py); at 512, 371: the 369 truncated only because paired and 2 of
+  the 5 skipped only because paired (the other 3 fit alone once SFT cuts them), and 78 pairs have a
+  sequence longer than 512 alone."""
+  _, _, read, *_ = preference.read_pairs(files_cfg(hh_test_file), "train")
+  whole = []  # (chosen tokens, rejected tokens) in a row, less the one input the last target needs
+  for p in read:
+    prompt = len(data.prompt_token_ids(tokenizer, "".join(data.MARKERS[t.role] + t.text for t in p.prompt) + A))
+    whole.append([prompt + len(tokenizer(reply)["input_ids"]) for reply in (p.chosen, p.rejected)])
+  whole = np.asarray(whole)
+  for max_length in (1024, 512):
+    _, s = preference.build(files_cfg(hh_test_file, max_length=max_length), tokenizer, "train", 16,
+                            str(tmp_path / "cache"), log=None)
+    paired = s["cut_because_paired"]
+    alone_fits = (whole <= max_length).all(1)
+    want = int((alone_fits & (whole.sum(1) > max_length)).sum())
+    assert paired["sequence_alone_too_long"] == int((~alone_fits).sum())
+    assert paired["truncated"]["count"] <= want <= paired["truncated"]["count"] + paired["skipped"]["count"]
+    if max_length == 1024:
+      assert want == paired["truncated"]["count"] == s["rows_truncated"]["count"] == 60
+    else:
+      assert (paired["truncated"]["count"], paired["skipped"]["count"], want) == (369, 5, 371)
+      assert paired["sequence_alone_too_long"] == 78
