@@ -160,8 +160,12 @@ def test_chunked_loss_matches_whole_batch_logits(tiny_exp):
   batch = {k: jnp.asarray(v) for k, v in
            random_batch(np.random.RandomState(2), 2, 32, tiny_exp.gpt2_config.vocab_size).items()}
   trainable, frozen = lora.split(tiny_exp.params, tiny_exp.labels)
-  # Non-zero adapters, so the head adapter's term is part of what is compared.
-  trainable = jax.tree.map(lambda x: x + 0.01, trainable)
+  # Random non-zero adapters, so the head adapter's term is part of what is compared. (A constant
+  # lora_b would make the head's lora_a gradient exactly zero: a position's logit gradients sum to 0
+  # over the vocabulary. What would be left to compare is rounding noise.)
+  leaves, treedef = jax.tree.flatten(trainable)
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  trainable = treedef.unflatten([x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
   def reference(tr):
     logits = tiny_exp.model.apply({"params": lora.combine(tr, frozen)}, batch["inputs"],
@@ -177,7 +181,8 @@ def test_chunked_loss_matches_whole_batch_logits(tiny_exp):
     got, got_grads = jax.value_and_grad(chunked)(trainable, chunk)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+      # fp32 rounding scales with a leaf's largest gradient (measured: 1.4e-7 at a leaf max of 0.23).
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
 def test_non_finite_loss_stops_with_the_step_and_saves_nothing_from_it(tmp_path):
@@ -255,8 +260,14 @@ def test_full_fine_tuning_on_a_bf16_base_trains_fp32_master_weights():
   new_state, m = step(state, frozen, sharding.global_batch(batch, mesh))
   assert m["finite"] and {x.dtype for x in float_leaves(new_state)} == {jnp.dtype(jnp.float32)}
   before = traverse_util.flatten_dict(exp.params, sep="/")
+  D = exp.gpt2_config.n_embd
   for path, new in traverse_util.flatten_dict(jax.device_get(new_state["trainable"]), sep="/").items():
-    changed = np.mean(new != np.asarray(before[path], np.float32))
+    old = np.asarray(before[path], np.float32)
+    if path.endswith("attn/c_attn/bias"):
+      # The key bias adds q.b to every score of a row, which softmax ignores: its gradient is 0 in
+      # exact arithmetic, rounding noise here, and Adam turns noise into a full step or none.
+      new, old = np.delete(new, np.s_[D:2 * D]), np.delete(old, np.s_[D:2 * D])
+    changed = np.mean(new != old)
     assert changed > 0.99, (path, changed)
 
 
