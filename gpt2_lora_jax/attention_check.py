@@ -14,6 +14,8 @@ to the bf16 XLA path's own difference (the rounding every bf16 path has), NaN co
 median time of a jitted forward + backward. A path passes when nothing is NaN and its differences
 are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a cuDNN bound).
 A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
+Each path's row is printed (flushed) and recorded (bench_records.emit, kind 'attention_check') the
+moment it is measured, so a later path that hangs or crashes loses none of the earlier ones.
 Results: attention_check_<device>_<UTC time>.{json,md} in --out_dir. Imports no ml_collections
 or datasets (the GPU machine has neither).
 """
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_lora_jax import attention, packing
+from gpt2_lora_jax import attention, bench_records, packing
 from gpt2_lora_jax.bench_report import slug
 
 # Conversation lengths (tokens of a training row: inputs after shifting) of HH-RLHF harmless-base's
@@ -120,6 +122,8 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
             "segments_per_row": {"mean": float(np.mean(runs_per_row)), "max": max(runs_per_row),
                                  "min": min(runs_per_row), "note": "runs of one id, the padding run included"},
             "path_model_would_use": chosen, "paths": {}}
+  print(f"attention check on {result['platform']['device_kind']}: {shape}, paths {paths}; the model would use "
+        f"{chosen}", flush=True)
   for path in paths:
     row = {}
     try:
@@ -135,18 +139,27 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
              "max_abs_diff_vs_fp32": {n: _max_abs(x, r) for n, x, r in
                                       zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads))}}
     except Exception as e:  # a kernel this device or jax refuses: recorded, the others go on
-      row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      row = {"error": bench_records.error_text(e)}
     result["paths"][path] = row
-  base = result["paths"]["xla"].get("max_abs_diff_vs_fp32", {})
-  for path, row in result["paths"].items():
-    if "error" in row:
-      row["ok"] = False
-      continue
-    row["ok"] = not any(row["nan"].values()) and all(
-        row["max_abs_diff_vs_fp32"][n] <= 2 * base[n] + 1e-3 for n in base)
+    _report_path(path, row, result["paths"]["xla"] if path != "xla" else row)
   if "cudnn_packed" in result["paths"] and "error" not in result["paths"]["cudnn_packed"]:
     result["overflow_row_is_nan"] = _overflow_is_nan(q, k, v, max_segments)
+    bench_records.emit("attention_check", path="cudnn_packed overflow row is NaN", ok=result["overflow_row_is_nan"])
   return result
+
+
+def _report_path(path: str, row: dict, xla_row: dict):
+  """Sets row['ok'] against the bf16 XLA path's differences, prints the row and records it, at once."""
+  base = xla_row.get("max_abs_diff_vs_fp32", {})
+  row["ok"] = "error" not in row and not any(row["nan"].values()) and all(
+      row["max_abs_diff_vs_fp32"][n] <= 2 * base[n] + 1e-3 for n in base)
+  if "error" in row:
+    print(f"{path}: ERROR {row['error']}", flush=True)
+  else:
+    d = row["max_abs_diff_vs_fp32"]
+    print(f"{path}: ok {row['ok']}, max abs diff out {d['out']:.3g} dq {d['dq']:.3g} dk {d['dk']:.3g} "
+          f"dv {d['dv']:.3g}, NaNs {sum(row['nan'].values())}, fwd+bwd {row['fwd_bwd_s'] * 1e3:.3g} ms", flush=True)
+  bench_records.emit("attention_check", path=path, **row)
 
 
 def _overflow_is_nan(q, k, v, max_segments: int) -> bool:
