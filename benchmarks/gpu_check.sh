@@ -85,19 +85,24 @@ finish() {  # the summary and the archive, as the run stands now
     --planned "$PLANNED" "$@" || echo "!! the summary failed (see above); the logs are in logs.tar.gz"
   tar -czf "$OUT_DIR/.logs.tar.gz.part" -C "$WORK" . && mv -f "$OUT_DIR/.logs.tar.gz.part" "$OUT_DIR/logs.tar.gz"
 }
-STAGE_PID=""
+STAGE_PID="" STAGE_NAME="" STAGE_T0=0 STAGE_LIMIT=0
 on_signal() {
   echo "!! gpu_check.sh stopped by a signal: ending the running stage, writing the summary"
-  [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2> /dev/null
+  if [ -n "$STAGE_PID" ]; then
+    kill -TERM "$STAGE_PID" 2> /dev/null
+    printf '%s\tsignal\t%s\t%s\n' "$STAGE_NAME" "$(( $(date +%s) - STAGE_T0 ))" "$STAGE_LIMIT" >> "$WORK/stages.tsv"
+  fi
   finish --quiet
   exit 143
 }
 trap on_signal TERM INT HUP
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$WORK/nvidia-smi.csv" 2>&1 || true
-timeout 120 "$PYTHON" -c "import jax, torch, transformers, peft, flax, optax; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)" \
-  > "$WORK/versions.txt" 2>&1
-cat "$WORK/versions.txt"
+if [ "$SMOKE" != 1 ]; then  # (the smoke run skips these imports' seconds; its stages report their versions)
+  timeout 120 "$PYTHON" -c "import jax, torch, transformers, peft, flax, optax; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)" \
+    > "$WORK/versions.txt" 2>&1
+  cat "$WORK/versions.txt"
+fi
 echo "run $RUN_ID: stages $PLANNED"
 
 status=0
@@ -116,7 +121,7 @@ stage() {  # name, cap s, minimum s, command...
   local t0; t0=$(date +%s)
   GPU_CHECK_STAGE="$name" GPU_CHECK_RECORDS="$WORK/$name.jsonl" \
     timeout --kill-after=10 "$limit" "$@" > >(tee "$WORK/$name.out") 2> "$WORK/$name.err" &
-  STAGE_PID=$!
+  STAGE_PID=$! STAGE_NAME="$name" STAGE_T0="$t0" STAGE_LIMIT="$limit"
   wait "$STAGE_PID"
   local rc=$?
   STAGE_PID=""

@@ -34,7 +34,7 @@ import time
 import jax
 import numpy as np
 
-from gpt2_lora_jax import attention, bench, bench_records, sample, stacking
+from gpt2_lora_jax import attention, bench, bench_records, bench_setup, sample, stacking
 from gpt2_lora_jax import model as gpt2_model
 
 TRAIN_CASES = {"train_auto": ("auto", True), "train_cudnn": ("cudnn", True),
@@ -58,9 +58,9 @@ def train_phases(cfg: bench.BenchConfig):
   box = {}
 
   def setup(_):
-    run = bench.train_setup(cfg)
+    run = bench_setup.train_setup(cfg)
     box["run"] = run
-    return run, {"attention_path": bench.attention_path(run.config, cfg, run.host_batch["segment_ids"])}
+    return run, {"attention_path": bench_setup.attention_path(run.config, cfg, run.host_batch["segment_ids"])}
 
   def lower(run):
     lowered = run.step_fn.lower(run.state, run.frozen, run.batch)
@@ -81,7 +81,7 @@ def train_phases(cfg: bench.BenchConfig):
 
 def sample_phases(cfg: bench.BenchConfig, prompt_len: int, new_tokens: int):
   def setup(_):
-    config = bench.gpt2_config(cfg)
+    config = bench_setup.gpt2_config(cfg)
     config = config.replace(param_dtype=config.dtype)  # sampling reads the weights in compute dtype
     params = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
     if config.scan_layers:

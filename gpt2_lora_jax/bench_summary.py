@@ -24,7 +24,8 @@ from gpt2_lora_jax import bench_records
 # tokens/s >= 1.5x PEFT + torch.compile (gpt2 b16, gpt2-xl b8); gpt2-xl >= 45% of the matmul rate
 # measured in the same run; peak memory <= PEFT + torch.compile; sampler >= 3x generate at batch 64.
 TARGETS = {"compile_s": 60.0, "over_peft_compile": 1.5, "xl_mfu_matmul": 0.45, "decode_b64_over_hf": 3.0}
-STATUS = {"0": "ok", "124": "timed out", "137": "killed (SIGKILL)", "skip": "skipped: out of time"}
+STATUS = {"0": "ok", "124": "timed out", "137": "killed (SIGKILL)", "skip": "skipped: out of time",
+          "signal": "stopped: the check itself was stopped by a signal"}
 
 
 def stage_rows(path: str, planned: list) -> list:
