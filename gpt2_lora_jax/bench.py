@@ -9,10 +9,12 @@ for every setting). One configuration per call; the results go to --out_dir as
 bench_<device kind>_<model>_<UTC timestamp>.{json,md}. benchmarks/README.md explains each field.
 
 Parts (--parts): 'train' times the project's own jitted train step (train.jit_train_step) on
-synthetic fixed-shape batches (random ids, full loss mask, one segment per row): median step time
-after warm-up, each step ended by block_until_ready; tokens/s; MFU against the chip's spec peak
-(flops.peak_flops, None on CPU) and against an N^3 matmul timed in the same run; LoRA-aware
-FLOPs (flops.train_flops_per_token); peak device memory; XLA's memory analysis; lower+compile time.
+synthetic fixed-shape batches (random ids; one segment per row, or HH-like packed rows with
+--segments=hh): median step time after warm-up, each step ended by block_until_ready; tokens/s;
+MFU against the chip's spec peak (flops.peak_flops, None on CPU) and against an N^3 matmul timed
+in the same run; LoRA-aware FLOPs (flops.train_flops_per_token); peak device memory (the
+allocator's high-water mark since the process began); XLA's memory analysis; lower_s, and
+compile_s = lower + compile.
 'decode' times sample.generate_tokens (greedy, end-of-text ignored) at each decode batch size.
 'score' times reward.score_pairs. --compare=peft adds transformers + PEFT (eager, and
 torch.compile unless --no_compile) with the same shapes and targets, and transformers `generate`.
@@ -197,10 +199,10 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   tokens = cfg.batch_size * cfg.seq_len
   seg = run.host_batch["segment_ids"]
   seg = seg if seg is not None else np.ones((cfg.batch_size, cfg.seq_len), np.int32)
-  per_token = flops.train_flops_per_token(run.params, run.labels, config.n_layer, config.n_embd, cfg.seq_len)
+  per_token = flops.train_flops_per_token(run.param_shapes, run.labels, config.n_layer, config.n_embd, cfg.seq_len)
   achieved = per_token["total"] * tokens / step_s / len(devices)  # FLOP/s per device
   peak = flops.peak_flops(devices[0])
-  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: int(np.size(x)), run.params))
+  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: int(np.prod(x.shape)), run.param_shapes))
   flat_labels = traverse_util.flatten_dict(run.labels)
   result = {
       "impl": "jax", **setting_fields(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,

@@ -71,23 +71,26 @@ def setting_fields(cfg: BenchConfig) -> dict:
 
 
 def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
-  """The run's pieces for cfg: config, devices, params (per-layer tree) and labels, the jitted
-  train step, its state, frozen params and one synthetic batch on the mesh (nothing compiled)."""
+  """The run's pieces for cfg: config, devices, param_shapes and labels (per-layer trees), the
+  jitted train step, its state, frozen params and one synthetic batch on the mesh (the step is
+  not compiled yet)."""
   config = gpt2_config(cfg)
   devices = jax.devices()[:cfg.num_devices or None]
   mesh = sharding.make_mesh(devices=devices)
   sharding.check_batch_divides(cfg.batch_size, cfg.micro_batches, mesh)
   lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              targets=cfg.lora_targets)
-  # Built on the device (a host-side threefry init of gpt2-xl takes minutes); the init's own
-  # memory is freed before the step runs, and the step's peak (weights included) is far above it.
-  base = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
-  params = lora.add(base, lora_cfg, jax.random.PRNGKey(cfg.seed + 1))
-  del base
+  # Base + adapters built in one program on the device (a host-side threefry init of gpt2-xl takes
+  # minutes; op by op, the adapters are one small compile each); the init's own memory is freed
+  # before the step runs, and the step's peak (weights included) is far above it.
+  base_key, lora_key = jax.random.PRNGKey(cfg.seed), jax.random.PRNGKey(cfg.seed + 1)
+  params = jax.jit(lambda: lora.add(gpt2_model.init_params(config, base_key), lora_cfg, lora_key))()
   labels = lora.labels(params, lora_cfg)
+  param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   run_params, run_labels = params, labels
   if config.scan_layers:  # the blocks stacked under 'h', as a scanned run holds them (experiment.py)
-    run_params, run_labels = stacking.stack_layers(params), stacking.stack_layers(labels)
+    run_params, run_labels = jax.jit(stacking.stack_layers)(params), stacking.stack_layers(labels)
+  del params  # only the run's copy stays on the device
   total_steps = cfg.warmup_steps + cfg.timed_steps + 1
   optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
                                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
@@ -100,7 +103,7 @@ def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
   batch = sharding.global_batch({k: v for k, v in host_batch.items() if v is not None}, mesh)
   if not cfg.segment_ids:
     batch["segment_ids"] = None
-  return types.SimpleNamespace(config=config, devices=devices, params=params, labels=labels, step_fn=step_fn,
+  return types.SimpleNamespace(config=config, devices=devices, param_shapes=param_shapes, labels=labels, step_fn=step_fn,
                                state=state, frozen=frozen, batch=batch, host_batch=host_batch)
 
 
