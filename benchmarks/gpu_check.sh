@@ -103,7 +103,7 @@ if [ "$SMOKE" != 1 ]; then  # (the smoke run skips these imports' seconds; its s
     > "$WORK/versions.txt" 2>&1
   cat "$WORK/versions.txt"
 fi
-echo "run $RUN_ID: stages $PLANNED"
+echo "run $RUN_ID: stages $PLANNED; working folder $WORK"
 
 status=0
 stage() {  # name, cap s, minimum s, command...
@@ -157,5 +157,5 @@ done
 
 finish
 echo "== done in $(( $(date +%s) - START ))s ($(date -u +%H:%M:%S)); run $RUN_ID; files in $OUT_DIR"
-rm -rf "$WORK"
+[ -s "$OUT_DIR/logs.tar.gz" ] && rm -rf "$WORK"  # else the logs stay there: the script said where
 exit $status

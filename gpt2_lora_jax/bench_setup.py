@@ -2,6 +2,7 @@
 synthetic batch, and the train step set up on the devices, for bench.py and bench_preflight.py."""
 from __future__ import annotations
 
+import functools
 import types
 
 import jax
@@ -70,6 +71,14 @@ def setting_fields(cfg: BenchConfig) -> dict:
           "segment_ids": cfg.segment_ids, "segments": cfg.segments}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_with_adapters(config, lora_cfg, base_key, lora_key):
+  return lora.add(gpt2_model.init_params(config, base_key), lora_cfg, lora_key)
+
+
+_stack_layers = jax.jit(stacking.stack_layers)
+
+
 def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
   """The run's pieces for cfg: config, devices, param_shapes and labels (per-layer trees), the
   jitted train step, its state, frozen params and one synthetic batch on the mesh (the step is
@@ -83,13 +92,14 @@ def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
   # Base + adapters built in one program on the device (a host-side threefry init of gpt2-xl takes
   # minutes; op by op, the adapters are one small compile each); the init's own memory is freed
   # before the step runs, and the step's peak (weights included) is far above it.
-  base_key, lora_key = jax.random.PRNGKey(cfg.seed), jax.random.PRNGKey(cfg.seed + 1)
-  params = jax.jit(lambda: lora.add(gpt2_model.init_params(config, base_key), lora_cfg, lora_key))()
+  # (the weights do not depend on the attention kernel: one init program serves every path)
+  params = _init_with_adapters(config.replace(attention_impl="xla"), lora_cfg, jax.random.PRNGKey(cfg.seed),
+                               jax.random.PRNGKey(cfg.seed + 1))
   labels = lora.labels(params, lora_cfg)
   param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   run_params, run_labels = params, labels
   if config.scan_layers:  # the blocks stacked under 'h', as a scanned run holds them (experiment.py)
-    run_params, run_labels = jax.jit(stacking.stack_layers)(params), stacking.stack_layers(labels)
+    run_params, run_labels = _stack_layers(params), stacking.stack_layers(labels)
   del params  # only the run's copy stays on the device
   total_steps = cfg.warmup_steps + cfg.timed_steps + 1
   optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
