@@ -70,7 +70,7 @@ else
   DECODE=(--decode_batch_sizes=1,64 --decode_new_tokens=128 --decode_repeats=2)
   TORCH=()
 fi
-BENCH+=(--segments=hh --out_dir="$WORK" --run_id="$RUN_ID" --tag=gpu_check)
+BENCH+=(--segments=hh --out_dir="$WORK" --run_id="$RUN_ID" --tag=gpu_check --stall_dump_s=30)
 JAX_TRAIN=(--side=jax --parts=train)
 
 PLANNED="preflight,xla_attention,xla_attention_autotune0,gpt2_b16_user,gpt2_b16_like_peft,gpt2_decode,attention_check"
@@ -140,7 +140,8 @@ stage gpt2_b16_like_peft 60 30 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setti
   "${JAX_TRAIN[@]}" "${BENCH[@]}" "${B16[@]}"
 stage gpt2_decode 50 20 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setting=user --side=jax --parts=decode \
   "${BENCH[@]}" "${B16[@]}" "${DECODE[@]}"
-stage attention_check 60 20 "$P" -m gpt2_lora_jax.attention_check --out_dir="$WORK" --run_id="$RUN_ID" "${CHECK[@]}"
+stage attention_check 60 20 "$P" -m gpt2_lora_jax.attention_check --out_dir="$WORK" --run_id="$RUN_ID" \
+  --stall_dump_s=30 "${CHECK[@]}"
 stage gpt2_b16_torch 200 40 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setting=like_peft --side=torch \
   --parts=train,decode,score --torch_timeout_s="$TORCH_TIMEOUT_S" "${BENCH[@]}" "${B16[@]}" "${DECODE[@]}" "${TORCH[@]}"
 stage gpt2-xl_b8_user 90 45 "$P" -m gpt2_lora_jax.bench --preset=gpt2-xl --setting=user "${JAX_TRAIN[@]}" "${BENCH[@]}" "${XL8[@]}"

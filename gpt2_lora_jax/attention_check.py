@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import statistics
@@ -203,8 +204,12 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--out_dir", default="benchmarks/results")
   parser.add_argument("--run_id", default="", help="groups the files of one gpu_check.sh run")
+  parser.add_argument("--stall_dump_s", type=float, default=0.0,
+                      help="a stack dump of every thread to stderr every this many seconds (0 = none)")
   args = parser.parse_args(argv)
-  settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "run_id")}
+  if args.stall_dump_s > 0:
+    faulthandler.dump_traceback_later(args.stall_dump_s, repeat=True)
+  settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "run_id", "stall_dump_s")}
   result = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "run_id": args.run_id,
             **check(**settings)}
   text = to_markdown(result)

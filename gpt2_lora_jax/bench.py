@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import faulthandler
 import os
 import platform
 import statistics
@@ -118,6 +119,8 @@ class BenchConfig:
   out_dir: str = _flag("benchmarks/results", "where the JSON and Markdown go ('' = write nothing)")
   tag: str = _flag("", "free text stored with the results (e.g. 'baseline')")
   run_id: str = _flag("", "the gpu_check.sh run these files belong to (stored with the results)")
+  stall_dump_s: int = _flag(0, "CLI: a stack dump of every thread to stderr every this many seconds "
+                            "(faulthandler), so a stall shows where it sits; 0 = none")
 
   def __post_init__(self):
     for name in ("lora_targets", "parts", "decode_batch_sizes"):
@@ -339,6 +342,8 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(argv=None) -> int:
   cfg = parse_args(argv)
+  if cfg.stall_dump_s > 0:
+    faulthandler.dump_traceback_later(cfg.stall_dump_s, repeat=True)
   result = run_benchmark(**dataclasses.asdict(cfg))
   print(to_markdown(result), flush=True)
   if "files" in result:

@@ -45,10 +45,11 @@ def to_markdown(result: dict) -> str:
     lines += [f"Reference matmul {result['matmul']['n']}^3 {result['matmul']['dtype']}: "
               f"{_fmt(result['matmul']['flops_per_s'], '.4g', 1e-12)} TFLOP/s", ""]
   for name, row in result.get("torch", {}).items():  # --side=torch: the children's own numbers
+    runs = [f"batch {r['batch_size']}: {_fmt(r['tokens_per_s'], ',.4g')} tokens/s" for r in row.get("runs", [])]
     lines.append(f"PyTorch {name}: " + (f"error: {' '.join(row['error'].split())[:200]}" if "error" in row else
-                 ", ".join(f"{k} {_fmt(row[k], ',.4g')}" for k in ("tokens_per_s", "step_time_s", "compile_s",
-                                                                 "sequences_per_s", "peak_bytes_in_use")
-                           if isinstance(row.get(k), (int, float)))))
+                 ", ".join(runs + [f"{k} {_fmt(row[k], ',.4g')}" for k in ("tokens_per_s", "step_time_s", "compile_s",
+                                                                         "sequences_per_s", "peak_bytes_in_use")
+                                   if isinstance(row.get(k), (int, float))])))
   if "train" in result:
     jax_row = result["train"]["jax"]
     lines += [f"Train: {jax_row['dtype']} compute, base params {jax_row['param_dtype']}; "
