@@ -25,7 +25,8 @@
 #   gpt2-xl_b8_user, gpt2-xl_b8_like_peft, gpt2-xl_b8_torch   the same for gpt2-xl at batch 8
 #   flag_*                     gpt2 b16 (user setting) again under one XLA flag each
 # Each stage gets min(its cap, the time left before TOTAL_S less a reserve); one that would get less
-# than its minimum is skipped and says so.
+# than its minimum is skipped and says so. Every JAX stage writes a stack dump of all its threads
+# to its stderr every 30 s (faulthandler), so a stall shows where it sits.
 # Knobs (environment): PYTHON (default python3), ATTENTION (the like_peft stages' attention_impl,
 # default auto), TOTAL_S (default 540), GPU_CHECK_STAGES (comma-separated stage names to run;
 # default all), TORCH_TIMEOUT_S (each gpt2 PyTorch child, default 80), TORCH_TIMEOUT_XL_S (default
