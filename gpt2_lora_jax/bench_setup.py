@@ -7,6 +7,7 @@ import types
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from gpt2_lora_jax import attention_check, bench_records, lora, optim, sharding, stacking, train
 from gpt2_lora_jax import model as gpt2_model
@@ -79,6 +80,26 @@ def _init_with_adapters(config, lora_cfg, base_key, lora_key):
 _stack_layers = jax.jit(stacking.stack_layers)
 
 
+def _lora_config(cfg: BenchConfig) -> lora.LoraConfig:
+  return lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+
+
+def _params(config, cfg: BenchConfig) -> dict:
+  """Base + adapters (per-layer tree), built in one program on the device: a host-side threefry
+  init of gpt2-xl takes minutes, and op by op each adapter is a small compile of its own. The
+  weights do not depend on the attention kernel, so one program serves every path. The init's own
+  memory is freed before a step runs, and the step's peak (weights included) is far above it."""
+  return _init_with_adapters(config.replace(attention_impl="xla"), _lora_config(cfg), jax.random.PRNGKey(cfg.seed),
+                             jax.random.PRNGKey(cfg.seed + 1))
+
+
+def base_params(config, cfg: BenchConfig) -> dict:
+  """The base weights of `config` (per-layer tree) from the program train_setup runs for cfg (one
+  compile serves both: the adapters are dropped; lora.add leaves the base untouched)."""
+  flat = traverse_util.flatten_dict(_params(config, cfg))
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
+
+
 def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
   """The run's pieces for cfg: config, devices, param_shapes and labels (per-layer trees), the
   jitted train step, its state, frozen params and one synthetic batch on the mesh (the step is
@@ -87,14 +108,8 @@ def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
   devices = jax.devices()[:cfg.num_devices or None]
   mesh = sharding.make_mesh(devices=devices)
   sharding.check_batch_divides(cfg.batch_size, cfg.micro_batches, mesh)
-  lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             targets=cfg.lora_targets)
-  # Base + adapters built in one program on the device (a host-side threefry init of gpt2-xl takes
-  # minutes; op by op, the adapters are one small compile each); the init's own memory is freed
-  # before the step runs, and the step's peak (weights included) is far above it.
-  # (the weights do not depend on the attention kernel: one init program serves every path)
-  params = _init_with_adapters(config.replace(attention_impl="xla"), lora_cfg, jax.random.PRNGKey(cfg.seed),
-                               jax.random.PRNGKey(cfg.seed + 1))
+  lora_cfg = _lora_config(cfg)
+  params = _params(config, cfg)
   labels = lora.labels(params, lora_cfg)
   param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   run_params, run_labels = params, labels
