@@ -206,6 +206,11 @@ def test_case_phases_record_errors_and_timeouts(tmp_path, monkeypatch):
   assert rows["good"]["status"] == "stopped after compile"  # no second step was recorded
   assert rows["bad"]["status"] == "error in compile: AssertionError" and rows["bad"]["lower_s"] >= 0
   assert rows["hangs"]["status"].startswith("timeout in compile")
+  summary = bench_summary.summarize(str(tmp_path), "run", ["preflight"])  # reads tmp_path/*.jsonl
+  assert summary["unreadable_record_lines"] == 1
+  met = {t["target"].split()[1]: t["met"] for t in summary["targets"]}
+  assert met == {"good": False, "bad": False, "hangs": False}  # none ran a step; a hung path fails
+  assert summary["stages"] == [{"stage": "preflight", "status": "not run (yet)", "seconds": 0.0, "limit_s": 0.0}]
 
 
 def test_gpu_check_script_cpu_smoke(tmp_path):
