@@ -190,17 +190,13 @@ def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None, referen
     T, S = q.shape[1], k.shape[1]
     prefill = build_lengths_mask(kernel_path, T, S, prefill_lengths_B, 0)
     decode = build_lengths_mask(kernel_path, 1, S, decode_slots_B + 1, decode_slots_B)
-    if reference:
-      return attend(q, k, v, prefill), attend(q[:, -1:], k, v, decode)
-    return _cudnn(prefill, q, k, v), _cudnn(decode, q[:, -1:], k, v)
+    return attend(q, k, v, prefill, fallback=False), attend(q[:, -1:], k, v, decode, fallback=False)
 
   def fwd_bwd(q, k, v, g, seg, dense):
     mask = (Mask("cudnn_causal") if kernel_path == "cudnn_causal"
             else build_mask(kernel_path, dense, seg, PROBE_SEGMENTS))
 
-    def kernel(q, k, v):  # cuDNN without attend's fallback: a refusal is the probe's answer
-      return attend(q, k, v, mask) if kernel_path == "xla" else _cudnn(mask, q, k, v)
-
+    kernel = lambda q, k, v: attend(q, k, v, mask, fallback=False)  # a refusal is the answer
     out, vjp = jax.vjp(kernel, q, k, v)
     return (out, *vjp(g))
 
@@ -470,16 +466,19 @@ def _cudnn(mask: Mask, q_BTHK, k_BSHK, v_BSHK):
   return jnp.where(mask.overflow_B[:, None, None, None], jnp.nan, out).astype(out.dtype)
 
 
-def attend(q_BTHK, k_BSHK, v_BSHK, mask: Mask):
+def attend(q_BTHK, k_BSHK, v_BSHK, mask: Mask, fallback: bool = True):
   """softmax(q k^T / sqrt(K) + mask) v through mask.path; (B, T, H, K) like q.
 
   A cuDNN path that jax refuses while tracing (an exception of any kind) falls back to XLA with the
-  same mask, logged once with the exception's type and message.
+  same mask, logged once with the exception's type and message; fallback=False raises instead
+  (the probe and the attention check measure the kernel itself, never XLA under its name).
   """
   if mask.path not in PATHS:
     raise ValueError(f"attention path {mask.path!r}: choose one of {PATHS}")
   if mask.path == "xla":
     return xla_attention(q_BTHK, k_BSHK, v_BSHK, mask.dense_B1TS)
+  if not fallback:
+    return _cudnn(mask, q_BTHK, k_BSHK, v_BSHK)
   try:
     return _cudnn(mask, q_BTHK, k_BSHK, v_BSHK)
   except Exception as e:  # e.g. NotImplementedError or a version check of jax's cuDNN wrapper

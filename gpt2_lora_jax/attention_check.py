@@ -14,6 +14,8 @@ to the bf16 XLA path's own difference (the rounding every bf16 path has), NaN co
 median time of a jitted forward + backward. A path passes when nothing is NaN and its differences
 are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a cuDNN bound).
 A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
+Each path's row is printed (flushed) and recorded (bench_records.emit, kind 'attention_check') the
+moment it is measured, so a later path that hangs or crashes loses none of the earlier ones.
 Results: attention_check_<device>_<UTC time>.{json,md} in --out_dir. Imports no ml_collections
 or datasets (the GPU machine has neither).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import statistics
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_lora_jax import attention, packing
+from gpt2_lora_jax import attention, bench_records, packing
 from gpt2_lora_jax.bench_report import slug
 
 # Conversation lengths (tokens of a training row: inputs after shifting) of HH-RLHF harmless-base's
@@ -87,7 +90,7 @@ def _run(path: str, q, k, v, g, seg, max_segments: int):
     else:
       dense = gpt2_model.make_attention_mask(T, T, segment_ids=seg)
       mask = attention.build_mask(path, dense, seg, max_segments)
-    return attention.attend(q, k, v, mask)
+    return attention.attend(q, k, v, mask, fallback=False)  # the kernel itself, or its error
 
   def fwd_bwd(q, k, v, g):
     out, vjp = jax.vjp(f, q, k, v)
@@ -120,6 +123,8 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
             "segments_per_row": {"mean": float(np.mean(runs_per_row)), "max": max(runs_per_row),
                                  "min": min(runs_per_row), "note": "runs of one id, the padding run included"},
             "path_model_would_use": chosen, "paths": {}}
+  print(f"attention check on {result['platform']['device_kind']}: {shape}, paths {paths}; the model would use "
+        f"{chosen}", flush=True)
   for path in paths:
     row = {}
     try:
@@ -137,16 +142,25 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
     except Exception as e:  # a kernel this device or jax refuses: recorded, the others go on
       row = {"error": attention.describe_exception(e)}  # a message may be empty
     result["paths"][path] = row
-  base = result["paths"]["xla"].get("max_abs_diff_vs_fp32", {})
-  for path, row in result["paths"].items():
-    if "error" in row:
-      row["ok"] = False
-      continue
-    row["ok"] = not any(row["nan"].values()) and all(
-        row["max_abs_diff_vs_fp32"][n] <= 2 * base[n] + 1e-3 for n in base)
+    _report_path(path, row, result["paths"]["xla"] if path != "xla" else row)
   if "cudnn_packed" in result["paths"] and "error" not in result["paths"]["cudnn_packed"]:
     result["overflow_row_is_nan"] = _overflow_is_nan(q, k, v, max_segments)
+    bench_records.emit("attention_check", path="cudnn_packed overflow row is NaN", ok=result["overflow_row_is_nan"])
   return result
+
+
+def _report_path(path: str, row: dict, xla_row: dict):
+  """Sets row['ok'] against the bf16 XLA path's differences, prints the row and records it, at once."""
+  base = xla_row.get("max_abs_diff_vs_fp32", {})
+  row["ok"] = "error" not in row and not any(row["nan"].values()) and all(
+      row["max_abs_diff_vs_fp32"][n] <= 2 * base[n] + 1e-3 for n in base)
+  if "error" in row:
+    print(f"{path}: ERROR {row['error']}", flush=True)
+  else:
+    d = row["max_abs_diff_vs_fp32"]
+    print(f"{path}: ok {row['ok']}, max abs diff out {d['out']:.3g} dq {d['dq']:.3g} dk {d['dk']:.3g} "
+          f"dv {d['dv']:.3g}, NaNs {sum(row['nan'].values())}, fwd+bwd {row['fwd_bwd_s'] * 1e3:.3g} ms", flush=True)
+  bench_records.emit("attention_check", path=path, **row)
 
 
 def _overflow_is_nan(q, k, v, max_segments: int) -> bool:
@@ -190,8 +204,12 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--out_dir", default="benchmarks/results")
   parser.add_argument("--run_id", default="", help="groups the files of one gpu_check.sh run")
+  parser.add_argument("--stall_dump_s", type=float, default=0.0,
+                      help="a stack dump of every thread to stderr every this many seconds (0 = none)")
   args = parser.parse_args(argv)
-  settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "run_id")}
+  if args.stall_dump_s > 0:
+    faulthandler.dump_traceback_later(args.stall_dump_s, repeat=True)
+  settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "run_id", "stall_dump_s")}
   result = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "run_id": args.run_id,
             **check(**settings)}
   text = to_markdown(result)

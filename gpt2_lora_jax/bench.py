@@ -9,18 +9,28 @@ for every setting). One configuration per call; the results go to --out_dir as
 bench_<device kind>_<model>_<UTC timestamp>.{json,md}. benchmarks/README.md explains each field.
 
 Parts (--parts): 'train' times the project's own jitted train step (train.jit_train_step) on
-synthetic fixed-shape batches (random ids, full loss mask, one segment per row): median step time
-after warm-up, each step ended by block_until_ready; tokens/s; MFU against the chip's spec peak
-(flops.peak_flops, None on CPU) and against an N^3 matmul timed in the same run; LoRA-aware
-FLOPs (flops.train_flops_per_token); peak device memory; XLA's memory analysis; lower+compile time.
+synthetic fixed-shape batches (random ids; one segment per row, or HH-like packed rows with
+--segments=hh): median step time after warm-up, each step ended by block_until_ready; tokens/s;
+MFU against the chip's spec peak (flops.peak_flops, None on CPU) and against an N^3 matmul timed
+in the same run; LoRA-aware FLOPs (flops.train_flops_per_token); peak device memory (the
+allocator's high-water mark since the process began); XLA's memory analysis; lower_s, and
+compile_s = lower + compile.
 'decode' times sample.generate_tokens (greedy, end-of-text ignored) at each decode batch size.
 'score' times reward.score_pairs. --compare=peft adds transformers + PEFT (eager, and
 torch.compile unless --no_compile) with the same shapes and targets, and transformers `generate`.
 
-Process order: every PyTorch part runs first, each in a child process (bench_peft.py), and exits
-before this process first touches the device, because JAX preallocates most of a GPU's memory at
-its first use and keeps it; PyTorch then never competes with JAX for memory. Run the CLI (a fresh
-process) on GPU: a caller that already initialised JAX on the GPU would starve the children.
+Settings (--setting): 'user' runs what configs/gpt2_hh.py runs for the preset (its model and LoRA
+settings, read from the file without importing it: user_settings); 'like_peft' runs LoRA r8,
+alpha 16, no dropout, unscanned, no remat: the setting PEFT is timed at; 'flags' (default) takes
+every field as given.
+
+Sides (--side): 'jax' runs the JAX parts only, 'torch' the PyTorch children only (and never
+touches the device from JAX), 'all' both. With 'all', every PyTorch part runs first, each in a child
+process (bench_peft.py), and exits before this process first touches the device, because JAX
+preallocates most of a GPU's memory at its first use and keeps it; gpu_check.sh instead runs
+'jax' and 'torch' as separate stages, JAX first. Each measurement is also appended to the record
+log the moment it exists (bench_records.py; gpu_check.sh sets it), and each child's JSON lands
+next to that log, so a later crash loses nothing.
 This module needs no ml_collections and no datasets (it builds the run from model, lora, optim,
 train, sharding, flops, sample directly).
 """
@@ -29,25 +39,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
+import faulthandler
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import types
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import attention_check, flops, lora, optim, sample, sharding, train
+from gpt2_lora_jax import bench_records, flops, sample, stacking
+from gpt2_lora_jax.bench_settings import LIKE_PEFT, user_settings
+from gpt2_lora_jax.bench_setup import (_on_accelerator, attention_path, gpt2_config, model_name,  # noqa: F401
+                                       setting_fields, synthetic_batch, train_setup)  # (bench.X for callers)
+from gpt2_lora_jax.bench_torch import run_torch_part
 from gpt2_lora_jax.bench_report import to_markdown, write_results
 from gpt2_lora_jax import model as gpt2_model
 
 PARTS = ("train", "decode", "score")
+SETTINGS = ("flags", "user", "like_peft")
+SIDES = ("all", "jax", "torch")
 
 
 def _flag(default, help_text):
@@ -67,8 +80,14 @@ class BenchConfig:
   micro_batches: int = _flag(1, "gradient accumulation passes per step")
   lora_rank: int = _flag(8, "LoRA rank; 0 = full fine-tuning")
   lora_alpha: float = _flag(16.0, "LoRA alpha (scale = alpha / rank)")
+  lora_dropout: float = _flag(0.0, "LoRA dropout on the adapters' input")
   lora_targets: tuple = _flag(("c_attn", "c_proj", "c_fc"), "LoRA target modules, comma-separated")
   remat: str = _flag("none", "rematerialisation: none, full, dots")
+  scan_layers: bool = _flag(False, "blocks under nn.scan (model.scan_layers)")
+  setting: str = _flag("flags", "'user': configs/gpt2_hh.py's settings for the preset; 'like_peft': "
+                       "LoRA r8 alpha 16, no dropout, no remat, unscanned (as PEFT is timed); "
+                       "'flags': as given (see the module docstring)")
+  side: str = _flag("all", "'jax', 'torch' (PyTorch children only) or 'all'")
   attention: str = _flag("xla", "attention implementation: xla, cudnn, auto (see attention.py)")
   segment_ids: bool = _flag(True, "pass segment ids as packed training does (--no_segment_ids: "
                             "plain causal attention over whole rows)")
@@ -99,7 +118,9 @@ class BenchConfig:
   seed: int = _flag(0, "seed of weights and synthetic data")
   out_dir: str = _flag("benchmarks/results", "where the JSON and Markdown go ('' = write nothing)")
   tag: str = _flag("", "free text stored with the results (e.g. 'baseline')")
-  run_id: str = _flag("", "groups the files of one gpu_check.sh run (bench_report --summarize)")
+  run_id: str = _flag("", "the gpu_check.sh run these files belong to (stored with the results)")
+  stall_dump_s: int = _flag(0, "CLI: a stack dump of every thread to stderr every this many seconds "
+                            "(faulthandler), so a stall shows where it sits; 0 = none")
 
   def __post_init__(self):
     for name in ("lora_targets", "parts", "decode_batch_sizes"):
@@ -108,37 +129,17 @@ class BenchConfig:
       object.__setattr__(self, name, tuple(int(x) for x in items) if name == "decode_batch_sizes" else items)
     if set(self.parts) - set(PARTS):
       raise ValueError(f"parts={self.parts}: choose from {PARTS}")
+    if self.setting not in SETTINGS:
+      raise ValueError(f"setting={self.setting!r}: choose from {SETTINGS}")
+    if self.side not in SIDES:
+      raise ValueError(f"side={self.side!r}: choose from {SIDES}")
+    fixed = user_settings(self.preset) if self.setting == "user" else LIKE_PEFT if self.setting == "like_peft" else {}
+    for name, value in fixed.items():  # the setting wins over the flags it fixes
+      object.__setattr__(self, name, value)
     if self.compare not in ("", "peft"):
       raise ValueError(f"compare={self.compare!r}: '' or 'peft'")
     if self.segments not in ("one", "hh"):
       raise ValueError(f"segments={self.segments!r}: 'one' or 'hh'")
-
-
-def _on_accelerator() -> bool:
-  return jax.devices()[0].platform != "cpu"
-
-
-def gpt2_config(cfg: BenchConfig) -> gpt2_model.GPT2Config:
-  """The GPT-2 shape (preset + overrides) and how to run it, with 'auto' dtypes resolved."""
-  accel = _on_accelerator()
-  dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if accel else "float32")
-  param_dtype = cfg.param_dtype
-  if param_dtype == "auto":
-    param_dtype = "bfloat16" if accel and cfg.lora_rank > 0 else "float32"
-  if cfg.preset not in gpt2_model.PRESETS:
-    raise ValueError(f"unknown GPT-2 size {cfg.preset!r}: choose one of {sorted(gpt2_model.PRESETS)}")
-  shape = {k: getattr(cfg, k) or v for k, v in gpt2_model.PRESETS[cfg.preset].items()}
-  config = gpt2_model.GPT2Config(vocab_size=cfg.vocab_size, dtype=dtype, param_dtype=param_dtype,
-                                 attention_impl=cfg.attention, remat=cfg.remat,
-                                 max_segments_per_row=cfg.max_segments, **shape)
-  if cfg.seq_len > config.n_positions:
-    raise ValueError(f"seq_len={cfg.seq_len} is longer than GPT-2's {config.n_positions} positions")
-  return config
-
-
-def model_name(cfg: BenchConfig) -> str:
-  overrides = [f"{k}={getattr(cfg, k)}" for k in ("n_layer", "n_embd", "n_head") if getattr(cfg, k)]
-  return cfg.preset + (f"[{','.join(overrides)}]" if overrides else "")
 
 
 def device_info() -> dict:
@@ -162,30 +163,6 @@ def time_matmul(n: int, dtype: str, repeats: int = 10) -> dict:
   return {"n": n, "dtype": dtype, "seconds": seconds, "flops_per_s": 2.0 * n ** 3 / seconds}
 
 
-def synthetic_batch(cfg: BenchConfig, vocab_size: int) -> dict:
-  """Random ids and targets; numpy (B, T). segments='one': one segment per row, every token a
-  loss token; 'hh': HH-like packed rows (attention_check.hh_like_segment_ids), positions restarting
-  per conversation, padding (segment 0) outside the loss."""
-  rng = np.random.default_rng(cfg.seed)
-  shape = (cfg.batch_size, cfg.seq_len)
-  segment_ids = np.ones(shape, np.int32)
-  positions = np.broadcast_to(np.arange(cfg.seq_len, dtype=np.int32), shape).copy()
-  if cfg.segments == "hh":
-    segment_ids = attention_check.hh_like_segment_ids(cfg.seed, cfg.batch_size, cfg.seq_len, cfg.max_segments)
-    for b in range(cfg.batch_size):  # positions restart at each conversation's first token
-      starts = np.r_[True, segment_ids[b, 1:] != segment_ids[b, :-1]]
-      first = np.maximum.accumulate(np.where(starts, np.arange(cfg.seq_len), 0))
-      positions[b] = np.arange(cfg.seq_len) - first
-  batch = {"inputs": rng.integers(0, vocab_size, shape, dtype=np.int32),
-           "targets": rng.integers(0, vocab_size, shape, dtype=np.int32),
-           "positions": positions,
-           "loss_mask": (segment_ids > 0).astype(np.int32),
-           "segment_ids": segment_ids}
-  if not cfg.segment_ids:
-    batch["segment_ids"] = None  # the model then builds no mask: plain causal attention
-  return batch
-
-
 def _memory_analysis(compiled) -> dict:
   stats = compiled.memory_analysis()
   fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
@@ -207,32 +184,12 @@ def peak_bytes_in_use(devices):
 
 def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   """Times train.jit_train_step on synthetic batches; see the module docstring for the fields."""
-  config = gpt2_config(cfg)
-  devices = jax.devices()[:cfg.num_devices or None]
-  mesh = sharding.make_mesh(devices=devices)
-  sharding.check_batch_divides(cfg.batch_size, cfg.micro_batches, mesh)
-  lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0, targets=cfg.lora_targets)
-  # Built on the device (a host-side threefry init of gpt2-xl takes minutes); the init's own
-  # memory is freed before the step runs, and the step's peak (weights included) is far above it.
-  base = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
-  params = lora.add(base, lora_cfg, jax.random.PRNGKey(cfg.seed + 1))
-  del base
-  labels = lora.labels(params, lora_cfg)
-  total_steps = cfg.warmup_steps + cfg.timed_steps + 1
-  optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
-                                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
-  tx = optim.make_optimizer(optim_cfg, total_steps, labels)
-  schedule = optim.make_schedule(optim_cfg, total_steps)
-  state, frozen, state_sh, frozen_sh = train.init_state(params, labels, cfg.seed, mesh, tx)
-  step_fn = train.jit_train_step(lora.make_model(config, lora_cfg), labels, cfg.micro_batches, tx,
-                                 schedule, mesh, state_sh, frozen_sh)
-  batch = sharding.global_batch({k: v for k, v in synthetic_batch(cfg, config.vocab_size).items()
-                                 if v is not None}, mesh)
-  if not cfg.segment_ids:
-    batch["segment_ids"] = None
-
+  run = train_setup(cfg)
+  config, devices, state, frozen, batch = run.config, run.devices, run.state, run.frozen, run.batch
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, frozen, batch).compile()
+  lowered = run.step_fn.lower(state, frozen, batch)
+  lower_s = time.perf_counter() - t0
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   times = []
   for i in range(cfg.warmup_steps + cfg.timed_steps):
@@ -243,16 +200,16 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
       times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   tokens = cfg.batch_size * cfg.seq_len
-  seg = synthetic_batch(cfg, config.vocab_size)["segment_ids"]
-  path = gpt2_model.layer_mask(config, cfg.seq_len, cfg.seq_len, None, seg).path
-  per_token = flops.train_flops_per_token(params, labels, config.n_layer, config.n_embd, cfg.seq_len)
+  seg = run.host_batch["segment_ids"]
+  seg = seg if seg is not None else np.ones((cfg.batch_size, cfg.seq_len), np.int32)
+  per_token = flops.train_flops_per_token(run.param_shapes, run.labels, config.n_layer, config.n_embd, cfg.seq_len)
   achieved = per_token["total"] * tokens / step_s / len(devices)  # FLOP/s per device
   peak = flops.peak_flops(devices[0])
-  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: int(np.size(x)), params))
-  flat_labels = traverse_util.flatten_dict(labels)
+  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: int(np.prod(x.shape)), run.param_shapes))
+  flat_labels = traverse_util.flatten_dict(run.labels)
   result = {
-      "impl": "jax", "model": model_name(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,
-      "attention_path": path, "padding_fraction": float(np.mean(seg == 0)),
+      "impl": "jax", **setting_fields(cfg), "dtype": config.dtype, "param_dtype": config.param_dtype,
+      "attention_path": attention_path(config, cfg, seg), "padding_fraction": float(np.mean(seg == 0)),
       "step_time_s": step_s, "step_times_s": times, "tokens_per_s": tokens / step_s,
       "flops_per_token": per_token, "flops_per_step": per_token["total"] * tokens,
       # cost_analysis describes the per-device (SPMD-partitioned) program: x devices for the step.
@@ -260,12 +217,15 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
       "achieved_flops_per_s_per_device": achieved,
       "peak_flops_spec": peak, "mfu_spec": achieved / peak if peak else None,
       "mfu_matmul": achieved / matmul["flops_per_s"],
+      # The allocator's high-water mark since the process began: one train setting per process
+      # (gpu_check.sh) makes it this step's.
       "peak_bytes_in_use": peak_bytes_in_use(devices), "memory_analysis": _memory_analysis(compiled),
-      "compile_s": compile_s, "final_loss": float(metrics["loss"]),
+      "lower_s": lower_s, "compile_s": compile_s, "final_loss": float(metrics["loss"]),
       "trainable_params": sum(n for p, n in sizes.items() if flat_labels[p] == "trainable"),
-      "total_params": sum(sizes.values()), "num_devices": len(devices),
+      "total_params": sum(sizes.values()), "num_devices": len(devices), "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
-  del state, frozen, compiled, step_fn
+  bench_records.emit("train", **result)
+  del state, frozen, compiled, run
   return result
 
 
@@ -274,6 +234,8 @@ def bench_decode(cfg: BenchConfig) -> list:
   config = gpt2_config(cfg)
   config = config.replace(param_dtype=config.dtype)  # decoding reads the weights in compute dtype
   params = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
+  if config.scan_layers:  # as a scanned run holds them (experiment.py)
+    params = stacking.stack_layers(params)
   model = gpt2_model.GPT2(config)
   rng = np.random.default_rng(cfg.seed)
   rows = []
@@ -287,41 +249,12 @@ def bench_decode(cfg: BenchConfig) -> list:
                                    temperature=0.0, eos_id=None)  # ends in a host copy: synced
       times.append(time.perf_counter() - t0)
     seconds = statistics.median(times[1:])
-    rows.append({"impl": "jax_sampler", "batch_size": batch, "prompt_len": cfg.decode_prompt_len,
+    rows.append({"impl": "jax_sampler", "model": model_name(cfg), "attention": cfg.attention,
+                 "batch_size": batch, "prompt_len": cfg.decode_prompt_len,
                  "new_tokens": int(out["num_steps"]), "seconds": seconds, "first_call_s": times[0],
                  "tokens_per_s": batch * int(out["num_steps"]) / seconds, "dtype": config.dtype})
+    bench_records.emit("decode", **rows[-1])
   return rows
-
-
-def run_torch_part(mode: str, cfg: BenchConfig, config: dict, compile_: bool = False) -> dict:
-  """Runs `python -m gpt2_lora_jax.bench_peft --mode <mode>` in a child process; returns its JSON."""
-  args = {"vocab_size": cfg.vocab_size, "n_embd": config["n_embd"], "n_layer": config["n_layer"],
-          "n_head": config["n_head"], "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-          "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": ",".join(cfg.lora_targets),
-          "warmup_steps": cfg.warmup_steps, "timed_steps": cfg.timed_steps, "seed": cfg.seed,
-          "decode_prompt_len": cfg.decode_prompt_len, "decode_new_tokens": cfg.decode_new_tokens,
-          "decode_repeats": cfg.decode_repeats, "decode_batch_sizes": ",".join(map(str, cfg.decode_batch_sizes)),
-          "score_pairs": cfg.score_pairs, "score_batch_size": cfg.score_batch_size,
-          "score_words": cfg.score_words, "reward_model": cfg.reward_model}
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, f"{mode}.json")
-    cmd = [sys.executable, "-m", "gpt2_lora_jax.bench_peft", "--mode", mode, "--out", out]
-    cmd += [f"--{k}={v}" for k, v in args.items()] + (["--compile"] if compile_ else [])
-    env = dict(os.environ)
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable from a checkout
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
-    t0 = time.perf_counter()
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.torch_timeout_s or None)
-    except subprocess.TimeoutExpired:
-      return {"error": f"timed out after {cfg.torch_timeout_s} s (--torch_timeout_s)", "command": " ".join(cmd)}
-    if proc.returncode != 0 or not os.path.exists(out):
-      tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-      return {"error": f"exit code {proc.returncode}: {tail}", "command": " ".join(cmd)}
-    with open(out) as f:
-      result = json.load(f)
-  result["process_wall_s"] = time.perf_counter() - t0
-  return result
 
 
 def _ratio(a, b):
@@ -337,56 +270,70 @@ def run_benchmark(**settings) -> dict:
   cfg = BenchConfig(**settings)
   shape = {k: getattr(cfg, k) or gpt2_model.PRESETS[cfg.preset][k] for k in ("n_layer", "n_embd", "n_head")}
   torch_results = {}
-  if cfg.compare == "peft":  # before JAX first touches the device: see the module docstring
+  if cfg.side in ("all", "torch") and (cfg.compare == "peft" or cfg.side == "torch"):
+    # Before JAX first touches the device (see the module docstring); each is recorded as it ends.
     if "train" in cfg.parts:
-      torch_results["peft_eager"] = run_torch_part("train", cfg, shape)
+      torch_results["peft_eager"] = run_torch_part("train", cfg, shape, model_name=model_name(cfg))
       if cfg.torch_compile:
-        torch_results["peft_compile"] = run_torch_part("train", cfg, shape, compile_=True)
+        torch_results["peft_compile"] = run_torch_part("train", cfg, shape, compile_=True, model_name=model_name(cfg))
     if "decode" in cfg.parts:
-      torch_results["hf_generate"] = run_torch_part("generate", cfg, shape)
-  if "score" in cfg.parts:
-    torch_results["score"] = run_torch_part("score", cfg, shape)
+      torch_results["hf_generate"] = run_torch_part("generate", cfg, shape, model_name=model_name(cfg))
+  if cfg.side in ("all", "torch") and "score" in cfg.parts:
+    torch_results["score"] = run_torch_part("score", cfg, shape, model_name=model_name(cfg))
 
-  result = {"schema_version": 1, "run_id": cfg.run_id, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "device": device_info(), "model": model_name(cfg), "config": dataclasses.asdict(cfg)}
-  dtype = gpt2_config(cfg).dtype
-  n = cfg.matmul_n or (8192 if _on_accelerator() else 1024)
-  result["matmul"] = time_matmul(n, dtype if cfg.matmul_dtype == "auto" else cfg.matmul_dtype)
-  if "train" in cfg.parts:
-    jax_train = bench_train(cfg, result["matmul"])
-    rows = {"jax": jax_train}
-    for name in ("peft_eager", "peft_compile"):
-      if name in torch_results:
-        row = rows[name] = torch_results[name]
-        if "error" not in row:  # the same FLOP count: PEFT computes no frozen weight gradients either
-          achieved = jax_train["flops_per_step"] / row["step_time_s"]
-          row["mfu_spec"] = achieved / jax_train["peak_flops_spec"] if jax_train["peak_flops_spec"] else None
-          row["mfu_matmul"] = achieved / result["matmul"]["flops_per_s"]
-          row["jax_over_this_tokens_per_s"] = _ratio(jax_train["tokens_per_s"], row["tokens_per_s"])
-          row["jax_over_this_peak_bytes"] = _ratio(jax_train["peak_bytes_in_use"], row["peak_bytes_in_use"])
-    result["train"] = rows
-  if "decode" in cfg.parts:
-    decode = {"jax_sampler": bench_decode(cfg)}
-    if "hf_generate" in torch_results:
-      hf = torch_results["hf_generate"]
-      decode["hf_generate"] = hf.get("runs", hf)
-      for jax_row, hf_row in zip(decode["jax_sampler"], hf.get("runs", [])):
-        jax_row["jax_over_hf_tokens_per_s"] = _ratio(jax_row["tokens_per_s"], hf_row["tokens_per_s"])
-    result["decode"] = decode
-  if "score" in cfg.parts:
-    result["score"] = torch_results["score"]
+  result = {"schema_version": 2, "run_id": cfg.run_id, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "model": model_name(cfg), "config": dataclasses.asdict(cfg)}
+  if cfg.side == "torch":  # JAX never touches the device here: PyTorch's numbers only
+    result["device"] = {"platform": "torch", "device_kind": next(
+        (r["device_name"] for r in torch_results.values() if "device_name" in r), "unknown"), "num_devices": 0,
+        "jax_version": "-", "python": platform.python_version(), "host": platform.node(), "xla_flags": ""}
+    result["torch"] = torch_results
+  else:
+    result["device"] = device_info()
+    if "train" in cfg.parts:  # the reference of the train step's MFU
+      dtype = gpt2_config(cfg).dtype
+      n = cfg.matmul_n or (8192 if _on_accelerator() else 1024)
+      result["matmul"] = time_matmul(n, dtype if cfg.matmul_dtype == "auto" else cfg.matmul_dtype)
+      bench_records.emit("matmul", model=model_name(cfg), **result["matmul"])
+      _train_rows(result, bench_train(cfg, result["matmul"]), torch_results)
+    if "decode" in cfg.parts:
+      decode = {"jax_sampler": bench_decode(cfg)}
+      if "hf_generate" in torch_results:
+        hf = torch_results["hf_generate"]
+        decode["hf_generate"] = hf.get("runs", hf)
+        for jax_row, hf_row in zip(decode["jax_sampler"], hf.get("runs", [])):
+          jax_row["jax_over_hf_tokens_per_s"] = _ratio(jax_row["tokens_per_s"], hf_row["tokens_per_s"])
+      result["decode"] = decode
+    if "score" in torch_results:
+      result["score"] = torch_results["score"]
   if cfg.out_dir:
     result["files"] = write_results(result, cfg.out_dir)
   return result
+
+
+def _train_rows(result: dict, jax_train: dict, torch_results: dict):
+  rows = {"jax": jax_train}
+  for name in ("peft_eager", "peft_compile"):
+    if name in torch_results:
+      row = rows[name] = torch_results[name]
+      if "error" not in row:  # the same FLOP count: PEFT computes no frozen weight gradients either
+        achieved = jax_train["flops_per_step"] / row["step_time_s"]
+        row["mfu_spec"] = achieved / jax_train["peak_flops_spec"] if jax_train["peak_flops_spec"] else None
+        row["mfu_matmul"] = achieved / result["matmul"]["flops_per_s"]
+        row["jax_over_this_tokens_per_s"] = _ratio(jax_train["tokens_per_s"], row["tokens_per_s"])
+        row["jax_over_this_peak_bytes"] = _ratio(jax_train["peak_bytes_in_use"], row["peak_bytes_in_use"])
+  result["train"] = rows
 
 
 def parse_args(argv=None) -> BenchConfig:
   parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench", description=__doc__.split("\n")[0])
   for field in dataclasses.fields(BenchConfig):
     help_text = f"{field.metadata['help']} (default: {field.default})"
-    if field.type in ("bool", bool):  # True by default: the flag turns it off
+    if field.type in ("bool", bool) and field.default:  # True by default: the flag turns it off
       flag = "--no_compile" if field.name == "torch_compile" else f"--no_{field.name}"
       parser.add_argument(flag, dest=field.name, action="store_false", help=help_text)
+    elif field.type in ("bool", bool):
+      parser.add_argument(f"--{field.name}", dest=field.name, action="store_true", help=help_text)
     else:
       kind = {"int": int, "float": float}.get(str(field.type), str)
       parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=help_text)
@@ -395,8 +342,10 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(argv=None) -> int:
   cfg = parse_args(argv)
+  if cfg.stall_dump_s > 0:
+    faulthandler.dump_traceback_later(cfg.stall_dump_s, repeat=True)
   result = run_benchmark(**dataclasses.asdict(cfg))
-  print(to_markdown(result))
+  print(to_markdown(result), flush=True)
   if "files" in result:
     print(f"wrote {result['files']['json']} and {result['files']['markdown']}", file=sys.stderr)
   return 0

@@ -155,31 +155,121 @@ def test_cli_flags_parse():
     bench.BenchConfig(parts=("train", "speed"))
 
 
+def test_user_setting_is_what_configs_gpt2_hh_runs():
+  """bench_settings reads configs/gpt2_hh.py without ml_collections: it must agree with the loaded config."""
+  import importlib.util
+  import pathlib
+  from gpt2_lora_jax import bench_settings
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpt2_hh.py"
+  spec = importlib.util.spec_from_file_location("gpt2_hh_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for size in module.RECIPE:
+    c = module.get_config(size)
+    assert bench_settings.user_settings(size) == {
+        "lora_rank": c.lora.rank, "lora_alpha": c.lora.alpha, "lora_dropout": c.lora.dropout,
+        "lora_targets": tuple(c.lora.targets), "scan_layers": c.model.scan_layers, "remat": c.model.remat,
+        "attention": c.model.attention_impl, "dtype": c.model.dtype, "param_dtype": c.model.base_param_dtype}
+  cfg = bench.BenchConfig(preset="gpt2-xl", setting="user", lora_rank=4)
+  assert cfg.lora_rank == 16 and cfg.remat == module.REMAT["gpt2-xl"] and cfg.scan_layers  # the setting wins
+  cfg = bench.BenchConfig(setting="like_peft", lora_rank=4, remat="full")
+  assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.remat, cfg.scan_layers) == (8, 16.0, 0.0, "none", False)
+
+
+def test_case_phases_record_errors_and_timeouts(tmp_path, monkeypatch):
+  """A phase that raises with an empty message and one that never returns are both recorded, and
+  the summary folds them into one status per case; a cut-short last line is counted, not read."""
+  import threading
+  from gpt2_lora_jax import bench_records, bench_summary
+  log = tmp_path / "preflight.jsonl"
+  monkeypatch.setenv("GPU_CHECK_RECORDS", str(log))
+  monkeypatch.setenv("GPU_CHECK_STAGE", "preflight")
+
+  def empty_assert(_):
+    raise AssertionError()  # str(e) == ""
+
+  never = threading.Event()
+  ok = [("lower", lambda _: (1, {"dots": 3})), ("compile", lambda v: (v + 1, {}))]
+  assert bench_records.run_phases("preflight", "good", ok, 30.0)["status"] == "ok"
+  assert bench_records.run_phases("preflight", "bad", ok[:1] + [("compile", empty_assert)], 30.0)["status"] == \
+      "error in compile: AssertionError"
+  assert bench_records.run_phases("preflight", "hangs", [("compile", lambda _: never.wait())], 0.2)["status"] == \
+      "timeout in compile"
+  never.set()
+  with open(log, "a") as f:
+    f.write('{"stage": "preflight", "kind": "prefl')  # a line a SIGKILL cut short
+  records, bad = bench_records.read(str(log))
+  assert bad == 1 and [(r["case"], r["phase"]) for r in records] == [
+      ("good", "lower"), ("good", "compile"), ("bad", "lower"), ("bad", "error"), ("hangs", "timeout")]
+  assert records[0]["dots"] == 3 and records[3]["error"] == "AssertionError" and records[3]["in_phase"] == "compile"
+  rows = {r["case"]: r for r in bench_summary.fold_cases(records, "preflight")}
+  assert rows["good"]["status"] == "stopped after compile"  # no second step was recorded
+  assert rows["bad"]["status"] == "error in compile: AssertionError" and rows["bad"]["lower_s"] >= 0
+  assert rows["hangs"]["status"].startswith("timeout in compile")
+  summary = bench_summary.summarize(str(tmp_path), "run", ["preflight"])  # reads tmp_path/*.jsonl
+  assert summary["unreadable_record_lines"] == 1
+  met = {t["target"].split()[1]: t["met"] for t in summary["targets"]}
+  assert met == {"good": False, "bad": False, "hangs": False}  # none ran a step; a hung path fails
+  assert summary["stages"] == [{"stage": "preflight", "status": "not run (yet)", "seconds": 0.0, "limit_s": 0.0}]
+
+
 def test_gpu_check_script_cpu_smoke(tmp_path):
-  """benchmarks/gpu_check.sh --cpu_smoke: the attention check and one XLA-flag bench stage at tiny
-  shapes, then the run's summary (JSON + Markdown, the device in the name)."""
+  """benchmarks/gpu_check.sh --cpu_smoke at tiny shapes, with two stages killed by SIGKILL mid-way
+  (GPU_CHECK_KILL_AFTER): the JAX train stage after its second record (the matmul, then the train
+  step; before its own files) and the PyTorch stage after its first child (PEFT eager). What comes
+  back is at most 8 files, no folders: the summary (every stage with its status), the logs archive
+  with each stage's record log, and the numbers written before each kill are all there; the stages
+  after a kill still ran. (Every stage of the smoke mode: benchmarks/README.md; this runs the ones
+  that differ in kind, to keep the test short.)"""
+  import io
   import os
   import pathlib
   import subprocess
   import sys
+  import tarfile
+  from gpt2_lora_jax import bench_preflight, bench_xla
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STAGES": "attention,xla_no_command_buffer",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--cpu_smoke", str(tmp_path)],
-                        capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-  summaries = list(tmp_path.glob("gpu_check_cpu_*.json"))
-  assert len(summaries) == 1 and summaries[0].with_suffix(".md").exists()
-  summary = json.loads(summaries[0].read_text())
-  assert [(s["stage"], s["status"]) for s in summary["stages"]] == [("attention", "ok"),
-                                                                   ("xla_no_command_buffer", "ok")]
-  paths = summary["attention_check"][0]["paths"]
-  assert set(paths) == {"xla", "layout_xla"} and all(p["ok"] for p in paths.values())
-  # The layout rebuilt into a mask gives the segment mask's results (same kernel, same mask).
-  assert paths["layout_xla"]["max_abs_diff_vs_fp32"] == paths["xla"]["max_abs_diff_vs_fp32"]
-  (train,) = summary["train"]
-  assert "--xla_gpu_enable_command_buffer=" in train["xla_flags"] and train["jax_tokens_per_s"] > 0
-  assert train["attention_path"] == "xla"
+  stages = ["preflight", "xla_attention", "gpt2_b16_like_peft", "gpt2_b16_torch"]
+  env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STAGES": ",".join(stages),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "GPU_CHECK_KILL_AFTER": "gpt2_b16_like_peft:2,gpt2_b16_torch:1"}
+  out = tmp_path / "out"
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--cpu_smoke", str(out)],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]  # the killed stages
+  files = sorted(p.name for p in out.iterdir())
+  assert files == ["console.log", "logs.tar.gz", "summary.json", "summary.md"]  # <= 8 files, no folders
+  summary = json.loads((out / "summary.json").read_text())
+  assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
+      ("preflight", "ok"), ("xla_attention", "ok"), ("gpt2_b16_like_peft", "killed (SIGKILL)"),
+      ("gpt2_b16_torch", "killed (SIGKILL)")]
+  markdown = (out / "summary.md").read_text()
+  for s in summary["stages"]:
+    assert f"| {s['stage']} | {s['status']} |" in markdown
+  assert markdown.index("Did every path run") < markdown.index("## Targets") < markdown.index("## Stages")
+  with tarfile.open(out / "logs.tar.gz") as tar:
+    logs = {pathlib.PurePath(m.name).name: m for m in tar.getmembers() if m.isfile()}
+    read = lambda name: tar.extractfile(logs[name]).read().decode()
+    jsonl = {name: [json.loads(line) for line in io.StringIO(read(f"{name}.jsonl"))] for name in stages}
+    assert "torch_gpt2_b16_torch_peft_eager.json" in logs  # the child's own file
+  # Preflight: every case, phase by phase, as JSON lines; each ran here.
+  pre = jsonl["preflight"]
+  for case in bench_preflight.CASES:
+    last = "second_step" if case.startswith("train") else "second_call"
+    assert [r["phase"] for r in pre if r.get("case") == case][-1] == last, case
+  assert {p["case"]: p["status"] for p in summary["paths"]} == {c: "ok" for c in ("platform",) + bench_preflight.CASES}
+  assert {r["case"] for r in jsonl["xla_attention"] if r["phase"] == "steady"} == set(bench_xla.CASES) - {"nn_cudnn"}
+  # The killed JAX stage kept what it had measured (it died before writing its bench_*.json).
+  assert [r["kind"] for r in jsonl["gpt2_b16_like_peft"]] == ["matmul", "train"]
+  assert not [name for name in logs if name.startswith("bench_")]
+  like = jsonl["gpt2_b16_like_peft"][1]
+  assert like["lora_rank"] == 8 and like["lora_dropout"] == 0.0 and like["tokens_per_s"] > 0
+  # The killed PyTorch stage kept PEFT eager, written before the next child began.
+  (eager,) = jsonl["gpt2_b16_torch"]
+  assert eager["impl"] == "peft_eager" and eager["tokens_per_s"] > 0 and eager["trainable_params"] == like["trainable_params"]
+  (row,) = summary["train"]
+  assert row["stage"] == "gpt2_b16_like_peft" and row["peft_eager"]["tokens_per_s"] == eager["tokens_per_s"]
+  assert [m["stage"] for m in summary["matmul"]] == ["gpt2_b16_like_peft"]
 
 
 def test_gpu_check_modules_import_neither_ml_collections_nor_datasets():
@@ -187,7 +277,9 @@ def test_gpu_check_modules_import_neither_ml_collections_nor_datasets():
   import subprocess
   import sys
   code = ("import sys; import gpt2_lora_jax.bench, gpt2_lora_jax.bench_peft, gpt2_lora_jax.bench_report, "
-          "gpt2_lora_jax.attention_check, gpt2_lora_jax.reward; "
+          "gpt2_lora_jax.attention_check, gpt2_lora_jax.reward, gpt2_lora_jax.bench_preflight, "
+          "gpt2_lora_jax.bench_xla, gpt2_lora_jax.bench_summary, gpt2_lora_jax.bench_records, "
+          "gpt2_lora_jax.bench_settings, gpt2_lora_jax.bench_torch; "
           "bad = {'ml_collections', 'datasets'} & set(sys.modules); assert not bad, bad")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
