@@ -32,7 +32,7 @@ longer than a row on its own. On the 2,303 harmless-base test pairs (benchmarks/
 512, 441 truncated (369 only because paired), 8 skipped (5 only because paired), 78 with a sequence
 longer than 512 alone. Letting those pairs span two rows instead would train on 3.9% more tokens in
 774 rows instead of 745 at 1024 (1,521 instead of 1,209 at 512, padding 7.0% instead of 1.3%), with
-119 rows (720 at 512) holding half a pair; the loss (dpo.py) and the cached reference read a pair
+119 rows (720 at 512) holding half a pair; the loss and its in-step reference (dpo.py) read a pair
 inside one row (reply_index, pair_mask (B, J)) and the batch order draws rows independently, so
 spanning would change both. Pairs stay in one row, and these cuts are counted and reported.
 
