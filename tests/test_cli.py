@@ -129,21 +129,36 @@ def test_offline_hub_error_does_not_suggest_going_offline(monkeypatch):
 
 
 def test_runs_keep_compiled_programs_in_the_persistent_cache(tmp_path):
-  """By default under ~/.cache (HOME moved here), off with --compilation_cache_dir= ; JAX_COMPILATION_CACHE_DIR (set by conftest) is removed to see the default."""
+  """By default under ~/.cache (HOME moved here; JAX_COMPILATION_CACHE_DIR, which conftest sets, is
+  removed to see the default): a run leaves its compiled programs there."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   default = tmp_path / "home" / ".cache" / "gpt2_lora_jax" / "jax_compilation_cache"
-
-  def run(name, *flags):
-    result = subprocess.run(
-        [sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}", "--mode=train",
-         f"--workdir={tmp_path / name}", "--config.train.steps=1", "--config.train.eval_every=0",
-         "--config.optim.warmup_steps=0", *flags], capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**env, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu",
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-
-  run("off", "--compilation_cache_dir=")
-  assert not default.exists()
-  run("default")
+  result = subprocess.run(
+      [sys.executable, "-m", "gpt2_lora_jax.main", f"--config={TINY_CONFIG}", "--mode=train",
+       f"--workdir={tmp_path / 'run'}", "--config.train.steps=1", "--config.train.eval_every=0",
+       "--config.optim.warmup_steps=0"], capture_output=True, text=True, cwd=REPO, timeout=300,
+      env={**env, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert result.returncode == 0, result.stderr[-3000:]
   assert default.is_dir() and len(list(default.iterdir())) >= 1
+
+
+def test_the_compilation_cache_flag_moves_or_turns_off_the_cache(tmp_path, monkeypatch):
+  import jax
+  from gpt2_lora_jax import main
+  keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+          "jax_remove_custom_partitioning_ptr_from_cache_key")
+  saved = {k: jax.config.values[k] for k in keys}
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/from/the/environment")
+  try:
+    main.use_compilation_cache(main.DEFAULT_COMPILATION_CACHE, given=False)  # the variable wins
+    assert jax.config.values["jax_compilation_cache_dir"] == saved["jax_compilation_cache_dir"]
+    main.use_compilation_cache(str(tmp_path / "elsewhere"), given=True)
+    assert jax.config.values["jax_compilation_cache_dir"] == str(tmp_path / "elsewhere")
+    assert jax.config.values["jax_remove_custom_partitioning_ptr_from_cache_key"]
+    main.use_compilation_cache("", given=True)
+    assert jax.config.values["jax_enable_compilation_cache"] is False
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)
