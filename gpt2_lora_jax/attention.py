@@ -276,17 +276,14 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
     note(f"attention: XLA instead of cuDNN: {reason}")
     return "xla"
   probed = lambda path: "" if probe is None else probe(path)
-  if kind == "causal":
-    problem = probed("cudnn_causal")
+  single = {"causal": ("cudnn_causal", "cuDNN's causal kernel"),
+            "lengths": ("cudnn_lengths", "cuDNN with per-row kv lengths (the sampler)")}
+  if kind in single:  # one cuDNN path, else XLA
+    path, name = single[kind]
+    problem = probed(path)
     if not problem:
-      return "cudnn_causal"
-    note(f"attention: XLA instead of cuDNN's causal kernel: {problem}")
-    return "xla"
-  if kind == "lengths":
-    problem = probed("cudnn_lengths")
-    if not problem:
-      return "cudnn_lengths"
-    note(f"attention: XLA instead of cuDNN with per-row kv lengths (the sampler): {problem}")
+      return path
+    note(f"attention: XLA instead of {name}: {problem}")
     return "xla"
   # Packed segments: the packed layout, else cuDNN with the dense mask, else XLA.
   if segment_cap < 1:
