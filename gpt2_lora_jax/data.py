@@ -146,7 +146,7 @@ def _inputs(data_cfg, split: str, with_subsets: bool = False) -> list[tuple]:
   with_subsets: (name, read, subsets) where subsets(n) lists the subset of each of the input's n
   rows: the hub subset it was loaded from (subset 'all' is read as its four subsets, each with
   datasets.load_dataset(hub_id, data_dir=subset)), a file's subset_of_path, a demo row's task
-  (demo_data.task_of), and for tfds the whole staged split as one subset.
+  (demo/data.py's task_of), and for tfds the whole staged split as one subset.
   """
   inputs = _inputs_with_subsets(data_cfg, split)
   return inputs if with_subsets else [(name, read) for name, read, _ in inputs]
@@ -190,8 +190,8 @@ def _inputs_with_subsets(data_cfg, split: str) -> list[tuple[str, Callable[[], l
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
     name, read = tfds_source.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)
     return [(name, read, _constant(f"tfds split {split_name}"))]
-  if data_cfg.source == "demo":  # conversations written for the offline demo (demo_data.py)
-    from gpt2_lora_jax import demo_data
+  if data_cfg.source == "demo":  # conversations written for the offline demo (demo/data.py)
+    from gpt2_lora_jax.demo import data as demo_data
     demo_split = "train" if split == "train" else "test"
     read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows)]
     tasks = lambda n: [row["subset"] for row in demo_data.rows(demo_split, data_cfg.demo_rows)][:n]
