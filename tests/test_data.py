@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt2_lora_jax import config, data, hub
+from gpt2_lora_jax import config, data, hub, sources
 from gpt2_lora_jax.tokenizer import EOT, EOT_ID
 
 REAL_ROWS = 2312
@@ -396,7 +396,7 @@ def test_seed_study_reads_helpful_base_as_the_study_did(monkeypatch):
   spec.loader.exec_module(module)
   cfg = module.get_config().data
   calls = []
-  monkeypatch.setattr(data, "read_hub", lambda *args: calls.append(args) or [(HELLO, None)])
+  monkeypatch.setattr(sources, "read_hub", lambda *args: calls.append(args) or [(HELLO, None)])
   assert data.read_texts(cfg, "train") == data.read_texts(cfg, "eval") == [HELLO]
   assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "chosen"),
                    ("Anthropic/hh-rlhf", "helpful-base", "test", "chosen")]
@@ -457,7 +457,7 @@ def test_held_out_rows_are_one_stratified_sample_for_loss_pairs_and_prompts(hh_t
 
 def test_hub_all_is_read_as_its_four_subsets_and_demo_rows_carry_their_task(monkeypatch):
   calls = []
-  monkeypatch.setattr(data, "read_hub", lambda hub_id, subset, split, field: calls.append(subset)
+  monkeypatch.setattr(sources, "read_hub", lambda hub_id, subset, split, field: calls.append(subset)
                       or [(HELLO, None)] * {"harmless-base": 30, "helpful-base": 30, "helpful-online": 15,
                                             "helpful-rejection-sampled": 25}[subset])
   cfg = data_config(source="hub", subset="all", max_eval_rows=10)

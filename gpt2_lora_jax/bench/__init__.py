@@ -10,6 +10,8 @@
   report.py           a run's JSON and Markdown files
   preflight.py, xla_attention.py, attention_check.py, records.py, summary.py
                       the stages of benchmarks/gpu_check.sh, its record log and its summary
+  step_plan.py        the compiler's plan (memory, FLOPs, compile time) of one train step on
+                      abstract shapes (BUILD.md's memory table, benchmarks/compile_plan.py)
 
 benchmarks/README.md explains every field and stage.
 """
