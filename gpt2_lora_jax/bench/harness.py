@@ -53,8 +53,8 @@ from flax import traverse_util
 from gpt2_lora_jax import flops, sample, stacking
 from gpt2_lora_jax.bench import records
 from gpt2_lora_jax.bench.settings import LIKE_PEFT, user_settings
-from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, gpt2_config, model_name,  # noqa: F401
-                                           setting_fields, synthetic_batch, train_setup)  # (harness.X for callers)
+from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, gpt2_config, model_name,
+                                           setting_fields, train_setup)
 from gpt2_lora_jax.bench.torch_runner import run_torch_part
 from gpt2_lora_jax.bench.report import to_markdown, write_results
 from gpt2_lora_jax import model as gpt2_model
