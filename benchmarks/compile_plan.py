@@ -1,6 +1,6 @@
 r"""Compile time, planned memory and FLOPs of the LoRA train step per GPT-2 size, on abstract shapes.
 
-Nothing is allocated or executed: the step of sharding.abstract_train_step (bf16 frozen base, LoRA
+Nothing is allocated or executed: the step of bench.step_plan.abstract_train_step (bf16 frozen base, LoRA
 on every block linear, AdamW, bf16 compute, one device) is lowered and compiled for the backend at
 hand, and the compiler's own numbers are read back:
 
@@ -27,12 +27,12 @@ import time
 
 import jax
 
-from gpt2_lora_jax import sharding
+from gpt2_lora_jax.bench import step_plan
 
 
 def measure(preset: str, scan_layers: bool, remat: str, rank: int, batch_size: int, seq_len: int) -> dict:
-  step_fn, args, _ = sharding.abstract_train_step(preset, rank, batch_size, seq_len, remat=remat,
-                                                  scan_layers=scan_layers)
+  step_fn, args, _ = step_plan.abstract_train_step(preset, rank, batch_size, seq_len, remat=remat,
+                                                   scan_layers=scan_layers)
   t0 = time.perf_counter()
   lowered = step_fn.lower(*args)
   t1 = time.perf_counter()

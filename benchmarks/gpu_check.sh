@@ -31,7 +31,7 @@
 # default auto), TOTAL_S (default 540), GPU_CHECK_STAGES (comma-separated stage names to run;
 # default all), TORCH_TIMEOUT_S (each gpt2 PyTorch child, default 80), TORCH_TIMEOUT_XL_S (default
 # 190: gpt2-xl's torch.compile took 178 s on an H200, DESIGN.md), GPU_CHECK_KILL_AFTER
-# (bench_records.py: a stage kills itself after N records, to test that nothing is lost).
+# (bench/records.py: a stage kills itself after N records, to test that nothing is lost).
 set -uo pipefail
 SMOKE="${GPU_CHECK_CPU_SMOKE:-0}"
 if [ "${1:-}" = "--cpu_smoke" ]; then SMOKE=1; shift; fi
@@ -82,7 +82,7 @@ if [ -n "${GPU_CHECK_STAGES:-}" ]; then
 fi
 
 finish() {  # the summary and the archive, as the run stands now
-  timeout 60 "$PYTHON" -m gpt2_lora_jax.bench_summary --work "$WORK" --out "$OUT_DIR" --run_id "$RUN_ID" \
+  timeout 60 "$PYTHON" -m gpt2_lora_jax.bench.summary --work "$WORK" --out "$OUT_DIR" --run_id "$RUN_ID" \
     --planned "$PLANNED" "$@" || echo "!! the summary failed (see above); the logs are in logs.tar.gz"
   tar -czf "$OUT_DIR/.logs.tar.gz.part" -C "$WORK" . && mv -f "$OUT_DIR/.logs.tar.gz.part" "$OUT_DIR/logs.tar.gz"
 }
@@ -132,16 +132,16 @@ stage() {  # name, cap s, minimum s, command...
 }
 
 P="$PYTHON"
-stage preflight 90 30 "$P" -m gpt2_lora_jax.bench_preflight --case_timeout_s=$(( 30 * CAP_SCALE )) "${PREFLIGHT[@]}"
-stage xla_attention 45 15 "$P" -m gpt2_lora_jax.bench_xla --case_timeout_s=$(( 20 * CAP_SCALE )) "${XLA_ATTN[@]}"
+stage preflight 90 30 "$P" -m gpt2_lora_jax.bench.preflight --case_timeout_s=$(( 30 * CAP_SCALE )) "${PREFLIGHT[@]}"
+stage xla_attention 45 15 "$P" -m gpt2_lora_jax.bench.xla_attention --case_timeout_s=$(( 20 * CAP_SCALE )) "${XLA_ATTN[@]}"
 stage xla_attention_autotune0 45 15 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  "$P" -m gpt2_lora_jax.bench_xla --case_timeout_s=$(( 20 * CAP_SCALE )) "${XLA_ATTN[@]}"
+  "$P" -m gpt2_lora_jax.bench.xla_attention --case_timeout_s=$(( 20 * CAP_SCALE )) "${XLA_ATTN[@]}"
 stage gpt2_b16_user 60 30 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setting=user "${JAX_TRAIN[@]}" "${BENCH[@]}" "${B16[@]}"
 stage gpt2_b16_like_peft 60 30 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setting=like_peft --attention="$ATTENTION" \
   "${JAX_TRAIN[@]}" "${BENCH[@]}" "${B16[@]}"
 stage gpt2_decode 50 20 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setting=user --side=jax --parts=decode \
   "${BENCH[@]}" "${B16[@]}" "${DECODE[@]}"
-stage attention_check 60 20 "$P" -m gpt2_lora_jax.attention_check --out_dir="$WORK" --run_id="$RUN_ID" \
+stage attention_check 60 20 "$P" -m gpt2_lora_jax.bench.attention_check --out_dir="$WORK" --run_id="$RUN_ID" \
   --stall_dump_s=30 "${CHECK[@]}"
 stage gpt2_b16_torch 200 40 "$P" -m gpt2_lora_jax.bench --preset=gpt2 --setting=like_peft --side=torch \
   --parts=train,decode,score --torch_timeout_s="$TORCH_TIMEOUT_S" "${BENCH[@]}" "${B16[@]}" "${DECODE[@]}" "${TORCH[@]}"

@@ -131,7 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.step = -1  # checkpoint step to evaluate (-1: latest)
   c.eval.reward_model = "OpenAssistant/reward-model-deberta-v3-large-v2"  # '' skips scoring
   # Offline demo only: with no reward_model, train a tiny classifier on the demo data's right vs wrong
-  # replies (demo_scorer.py, seconds) and score with it, labelled "demo scorer" in the report.
+  # replies (demo/scorer.py, seconds) and score with it, labelled "demo scorer" in the report.
   c.eval.demo_scorer = False
   c.eval.reward_batch_size = 16
   c.eval.reward_max_length = 512

@@ -11,8 +11,9 @@
     data.prompt_and_response("\\n\\nHuman: Hi\\n\\nAssistant: Hello!")
     # -> ("\\n\\nHuman: Hi\\n\\nAssistant:", " Hello!")
 
-How one text becomes token ids and a loss mask (and why) is in conversation.py; packing and the
-order of batches are in packing.py. Their public names are re-exported here, so callers need
+The rows are read by sources.py (local files, the hub, a staged TFDS dataset); how one text
+becomes token ids and a loss mask (and why) is in conversation.py; packing and the order of batches
+are in packing.py. Their public names are re-exported here, so callers need
 only `data`. Every skipped or truncated row is counted in the summary with its reason and first
 row indices; rows are indexed 0, 1, ... in reading order over all inputs of the split (files in the
 given order). Every row knows its subset (read_inputs); an eval split is read as its held-out
@@ -22,7 +23,6 @@ each subset's rows in the split, read and used.
 from __future__ import annotations
 
 import collections
-import gzip
 import hashlib
 import json
 import os
@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from gpt2_lora_jax import hub
+from gpt2_lora_jax import sources
 from gpt2_lora_jax.errors import UserError
 from gpt2_lora_jax.conversation import (  # noqa: F401 (re-exported)
     ASSISTANT, HUMAN, LOSS_MASKS, MALFORMED_REASONS, MARKERS, ROLE_CODE, MalformedConversation, Turn,
@@ -41,10 +41,8 @@ from gpt2_lora_jax.heldout import (  # noqa: F401 (re-exported)
 from gpt2_lora_jax.packing import (  # noqa: F401 (re-exported)
     PackedData, batch_for_step, batch_row_indices, eval_batches, pack, steps_per_epoch)
 
-SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
 SOURCES = ("hub", "files", "tfds", "demo")
 SPLITS = ("train", "eval")
-FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Malformed rows; their share of an input is held against data.max_bad_fraction.
 BAD_REASONS = ("invalid_json", "missing_field", "field_not_string", "not_utf8") + MALFORMED_REASONS
 # Well-formed rows that cannot be trained on.
@@ -57,85 +55,6 @@ class BadDataError(UserError):
   """More malformed rows in an input than data.max_bad_fraction allows."""
 
 
-# --- reading rows --------------------------------------------------------------------------------
-
-def _field_of(obj, field: str) -> tuple[Optional[str], Optional[str]]:
-  """(text, None) or (None, reason) for one decoded row."""
-  if not isinstance(obj, dict) or obj.get(field) is None:
-    return None, "missing_field"
-  text = obj[field]
-  if not isinstance(text, str):
-    return None, "field_not_string"
-  try:
-    text.encode("utf-8")  # lone surrogates from JSON escapes cannot reach the Rust tokenizer
-  except UnicodeEncodeError:
-    return None, "not_utf8"
-  return text, None
-
-
-def _json_lines(lines, field: str) -> list[tuple[Optional[str], Optional[str]]]:
-  rows = []
-  for line in lines:
-    if not line.strip():  # blank lines (a trailing newline) are not rows
-      continue
-    try:
-      obj = json.loads(line)
-    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
-      rows.append((None, "invalid_json"))
-      continue
-    rows.append(_field_of(obj, field))
-  return rows
-
-
-def read_file(path: str, field: str) -> list[tuple[Optional[str], Optional[str]]]:
-  """Rows of a .jsonl(.gz), .json(.gz) (an array or JSON lines) or .parquet file: (text, bad reason).
-
-  JSON lines are decoded one by one here (datasets' json loader stops at the first bad line), so a
-  bad line becomes a counted row instead of a failed load.
-  """
-  opener = gzip.open if path.endswith(".gz") else open
-  if path.endswith((".jsonl", ".jsonl.gz")):
-    with opener(path, "rb") as f:
-      return _json_lines(f, field)
-  if path.endswith((".json", ".json.gz")):
-    with opener(path, "rb") as f:
-      content = f.read()
-    try:
-      obj = json.loads(content)
-    except ValueError:  # not one JSON document: read it as JSON lines
-      return _json_lines(content.splitlines(), field)
-    if not isinstance(obj, list):
-      raise UserError(f"{path}: expected a JSON array of rows or JSON lines, found a "
-                       f"{type(obj).__name__}")
-    return [_field_of(row, field) for row in obj]
-  if path.endswith(".parquet"):
-    import datasets
-    table = datasets.load_dataset("parquet", data_files=path, split="train")
-    if field not in table.column_names:
-      return [(None, "missing_field")] * len(table)
-    return [_field_of({field: text}, field) for text in table[field]]
-  raise UserError(f"data file {path!r} has an unknown type: use one of {', '.join(FILE_SUFFIXES)}")
-
-
-def read_hub(hub_id: str, subset: str, split_name: str, field: str):
-  """Rows of the hub dataset through datasets.load_dataset; subsets are data_dirs of the repo."""
-  import datasets
-  try:
-    table = datasets.load_dataset(hub_id, data_dir=None if subset == "all" else subset, split=split_name)
-  except Exception as e:  # offline, firewalled, unknown id or split: one message that says what to do
-    first_line = str(e).splitlines()[0] if str(e) else ""
-    raise hub.HubUnreachableError(
-        f"could not load {hub_id!r} (subset {subset!r}, split {split_name!r}) with "
-        f"datasets.load_dataset ({type(e).__name__}: {first_line}). The Hugging Face hub is "
-        "unreachable from here or refused the request. Train from local copies of the rows instead: "
-        "--config.data.source=files --config.data.train_files=path/train.jsonl.gz "
-        "--config.data.eval_files=path/test.jsonl.gz (.jsonl, .jsonl.gz, .json or .parquet rows "
-        f"with a {field!r} field).") from e
-  if field not in table.column_names:
-    raise UserError(f"{hub_id!r} has no field {field!r} (data.field); its fields: {table.column_names}")
-  return [_field_of({field: text}, field) for text in table[field]]
-
-
 def _constant(label: str) -> Callable[[int], list]:
   return lambda n: [label] * n
 
@@ -146,7 +65,7 @@ def _inputs(data_cfg, split: str, with_subsets: bool = False) -> list[tuple]:
   with_subsets: (name, read, subsets) where subsets(n) lists the subset of each of the input's n
   rows: the hub subset it was loaded from (subset 'all' is read as its four subsets, each with
   datasets.load_dataset(hub_id, data_dir=subset)), a file's subset_of_path, a demo row's task
-  (demo_data.task_of), and for tfds the whole staged split as one subset.
+  (demo/data.py's task_of), and for tfds the whole staged split as one subset.
   """
   inputs = _inputs_with_subsets(data_cfg, split)
   return inputs if with_subsets else [(name, read) for name, read, _ in inputs]
@@ -161,13 +80,13 @@ def _inputs_with_subsets(data_cfg, split: str) -> list[tuple[str, Callable[[], l
     raise UserError(f"data.max_length={data_cfg.max_length} must be at least 2")
   field = data_cfg.field
   if data_cfg.source == "hub":
-    if data_cfg.subset not in SUBSET_CHOICES:
+    if data_cfg.subset not in sources.SUBSET_CHOICES:
       raise UserError(f"unknown HH-RLHF subset {data_cfg.subset!r} (data.subset): choose one of "
-                       f"{', '.join(SUBSET_CHOICES)}")
+                       f"{', '.join(sources.SUBSET_CHOICES)}")
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
     subsets = SUBSETS if data_cfg.subset == "all" else (data_cfg.subset,)
     return [(f"{data_cfg.hub_id} (subset {subset}, split {split_name})",
-             lambda subset=subset: read_hub(data_cfg.hub_id, subset, split_name, field), _constant(subset))
+             lambda subset=subset: sources.read_hub(data_cfg.hub_id, subset, split_name, field), _constant(subset))
             for subset in subsets]
   if data_cfg.source == "files":
     flag = "data.train_files" if split == "train" else "data.eval_files"
@@ -179,19 +98,18 @@ def _inputs_with_subsets(data_cfg, split: str) -> list[tuple[str, Callable[[], l
     if not files:
       raise UserError(f"data.source='files' needs {flag}: --config.{flag}=path/rows.jsonl.gz")
     for path in files:
-      if not path.endswith(FILE_SUFFIXES):
+      if not path.endswith(sources.FILE_SUFFIXES):
         raise UserError(f"data file {path!r} ({flag}) has an unknown type: use one of "
-                         f"{', '.join(FILE_SUFFIXES)}")
+                         f"{', '.join(sources.FILE_SUFFIXES)}")
       if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} ({flag}) does not exist")
-    return [(path, lambda path=path: read_file(path, field), _constant(subset_of_path(path))) for path in files]
-  if data_cfg.source == "tfds":  # rows staged once by tfds_source.py, for pods
-    from gpt2_lora_jax import tfds_source  # imports this module; needs the 'tfds' extra
+    return [(path, lambda path=path: sources.read_file(path, field), _constant(subset_of_path(path))) for path in files]
+  if data_cfg.source == "tfds":  # rows staged once by tfds_source.py, for pods (the 'tfds' extra)
     split_name = data_cfg.train_split if split == "train" else data_cfg.eval_split
-    name, read = tfds_source.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)
+    name, read = sources.input_for(getattr(data_cfg, "tfds_dir", ""), split_name, field)
     return [(name, read, _constant(f"tfds split {split_name}"))]
-  if data_cfg.source == "demo":  # conversations written for the offline demo (demo_data.py)
-    from gpt2_lora_jax import demo_data
+  if data_cfg.source == "demo":  # conversations written for the offline demo (demo/data.py)
+    from gpt2_lora_jax.demo import data as demo_data
     demo_split = "train" if split == "train" else "test"
     read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows)]
     tasks = lambda n: [row["subset"] for row in demo_data.rows(demo_split, data_cfg.demo_rows)][:n]

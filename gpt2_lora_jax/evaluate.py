@@ -18,7 +18,7 @@ so evaluating another step never overwrites one) so any one can be rerun alone:
 Generations are written before scoring starts, so a scorer failure never loses them:
 `--mode=score` picks them up again (from eval.step's directory; -1: the highest evaluated step).
 eval_config.json records what was evaluated (step, base, data and sampling settings) for the report;
-demo rows are graded (demo_data.is_correct) into each generation's 'correct'.
+demo rows are graded (demo/data.py's is_correct) into each generation's 'correct'.
 
 Multi-host: every process restores (a collective read), gathers the fine-tuned tree to host memory
 and evaluates it on its own devices; only process 0 writes files and runs the scorer. The workdir
@@ -33,11 +33,12 @@ import os
 import jax
 import numpy as np
 
-from gpt2_lora_jax import checkpoint, data, demo_scorer, experiment, lora, report, reward, sample, sharding, train
+from gpt2_lora_jax import checkpoint, data, experiment, lora, report, reward, sample, sharding, train
+from gpt2_lora_jax.demo import scorer as demo_scorer
 from gpt2_lora_jax.errors import UserError
 
 EVAL_DIR = "eval"
-DEMO_SCORER_DIR = "demo_scorer"  # eval.demo_scorer builds it here (demo_scorer.py)
+DEMO_SCORER_DIR = "demo_scorer"  # eval.demo_scorer builds it here (demo/scorer.py)
 DEMO_SCORER_LABEL = ("demo scorer (a tiny classifier trained on the demo's right vs wrong replies; "
                      "not a reward model of answer quality)")
 
@@ -153,7 +154,7 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
       row["subset"] = subset
     rows += model_rows
   if config.data.source == "demo":  # demo tasks have one right reply each: grade every answer
-    from gpt2_lora_jax import demo_data
+    from gpt2_lora_jax.demo import data as demo_data
     for row in rows:
       row["correct"] = demo_data.is_correct(row["answer"], row["reference"])
   generations = os.path.join(out, "generations.jsonl")

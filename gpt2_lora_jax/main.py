@@ -103,7 +103,8 @@ def main(argv):
   use_compilation_cache(_COMPILATION_CACHE.value, given=flags.FLAGS["compilation_cache_dir"].present)
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt2_lora_jax import evaluate, experiment, hub, preemption, pretrain, reward, study, train
+  from gpt2_lora_jax import evaluate, experiment, hub, preemption, reward, study, train
+  from gpt2_lora_jax.demo import pretrain
   from gpt2_lora_jax.errors import UserError
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value

@@ -24,13 +24,13 @@ The statistics (bootstrap intervals, paired differences, win rates, length match
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from gpt2_lora_jax import metrics as metrics_lib, report_preference
+from gpt2_lora_jax.report_preference import fmt  # the float format of report.md (report.fmt in tests)
 from gpt2_lora_jax.stats import BASE, LENGTH_TOLERANCE, TUNED, model_pairs, summarize  # noqa: F401 (BASE, TUNED used as report.BASE)
 
 SKIP_REASON_FILE = "scoring_skipped.txt"  # evaluate.py writes why scoring was skipped here
@@ -87,11 +87,6 @@ def plot_reward_histogram(scores: list[dict], models: Sequence[str], path: str,
 
 
 # --- report.md ----------------------------------------------------------------------------------
-def fmt(x, digits: int = 4) -> str:
-  """How every float appears in report.md (tests format the numbers they recompute the same way)."""
-  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
 def _fence(text: str, limit: int = 1500) -> str:
   text = text if len(text) <= limit else "..." + text[-limit:]  # prompts: the end matters most
   return "~~~~text\n" + text.replace("~~~~", "~ ~ ~ ~") + "\n~~~~"
@@ -174,7 +169,7 @@ def write_report(eval_dir: str, *, generations_path: Optional[str] = None,
     p = summary["correct_paired"]
     lines += ["## Correct answers", "", "Each task has one right reply (the reference shown with the "
               "samples); an answer is correct when it states that reply's key fact (the data set's "
-              "grader; for the demo, demo_data.is_correct).", "",
+              "grader; for the demo, demo/data.py's is_correct).", "",
               "| model | graded | correct | share correct | 95% CI |", "|---|---|---|---|---|"]
     for m in (m for m in models if "n_graded" in stats[m]):
       s = stats[m]

@@ -1,13 +1,15 @@
 """report.md's sections on the held-out sample's subsets, held-out preference accuracy and reward
-against KL (numbers from stats.preference_summary and stats.drift_summary)."""
+against KL (numbers from stats.preference_summary and stats.drift_summary), and fmt, the format of
+every float in report.md (here, below report.py, so that neither module imports the other back)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 
 def fmt(x, digits: int = 4) -> str:
-  from gpt2_lora_jax.report import fmt as report_fmt
-  return report_fmt(x, digits)
+  """How every float appears in report.md (tests format the numbers they recompute the same way)."""
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def _ci(ci, digits: int = 3) -> str:

@@ -17,16 +17,17 @@ A directory on a bucket (or a gcsfuse mount, or NFS) is the one place they all r
 
 What is stored. One row per input row, in reading order (files in the given order), with both
 text fields: 'chosen' and 'rejected' (the text, '' when unusable), 'chosen_bad' and
-'rejected_bad' (data.read_file's bad-row reason, '' when usable), 'row' (its index in the split)
-and 'source' (the file or hub id it came from). The rows are read with data.read_file /
-data.read_hub, so a bad row is kept as a counted bad row with the same reason, and
-read_rows(...) returns exactly the (text, reason) list that those readers return for the same
-inputs; data.build then packs identical batches from either source.
+'rejected_bad' (sources.read_file's bad-row reason, '' when usable), 'row' (its index in the
+split) and 'source' (the file or hub id it came from). The rows are read with sources.read_file /
+sources.read_hub, so a bad row is kept as a counted bad row with the same reason, and
+sources.read_rows(...) returns exactly the (text, reason) list that those readers return for the
+same inputs; data.build then packs identical batches from either source.
 
 TFDS is used without TensorFlow: a GeneratorBasedBuilder with file_format='array_record' writes
-the dataset, and as_data_source() reads it by random access. A remote data_dir (gs://, or any
-fsspec URL) is copied once to a local cache directory and read there; array_record files are
-read through local paths, and a few hundred MB of text per host is cheap next to a checkpoint.
+the dataset (this module: the builder, prepare() and the command line), and sources.py reads it
+by random access with as_data_source(). A remote data_dir (gs://, or any fsspec URL) is copied
+once to a local cache directory and read there; array_record files are read through local paths,
+and a few hundred MB of text per host is cheap next to a checkpoint.
 Needs the 'tfds' extra: pip install -e '.[tfds]' (tensorflow-datasets, array_record,
 importlib_resources; gcsfs for gs://).
 """
@@ -38,25 +39,18 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from gpt2_lora_jax import data
-from gpt2_lora_jax.errors import MissingPackageError, UserError
-
-NAME = "hh_rlhf_rows"  # the builder's name: datasets live in <data_dir>/hh_rlhf_rows/<DATASET_VERSION>/
-DATASET_VERSION = "1.0.0"
-FIELDS = ("chosen", "rejected")  # the text fields of an HH-RLHF row
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gpt2_lora_jax", "tfds")
-INSTALL_HINT = "install the tfds extra: pip install -e '.[tfds]'"
+from gpt2_lora_jax import sources
+from gpt2_lora_jax.sources import DATASET_VERSION, FIELDS, FILE_SUFFIXES, SUBSET_CHOICES
 
 
 class HubRows(NamedTuple):
-  """One split of a hub dataset as an input of prepare(), read with data.read_hub."""
+  """One split of a hub dataset as an input of prepare(), read with sources.read_hub."""
   hub_id: str
   subset: str
   split: str
@@ -68,18 +62,10 @@ class HubRows(NamedTuple):
 Input = Union[str, HubRows]  # a local rows file (.jsonl, .jsonl.gz, .json, .parquet) or hub rows
 
 
-def _tfds():
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError as e:
-    raise MissingPackageError(f"data.source='tfds' needs tensorflow-datasets ({e}); {INSTALL_HINT}") from e
-  return tfds
-
-
 def _read_input(source: Input, field: str) -> list[tuple[Optional[str], Optional[str]]]:
   if isinstance(source, HubRows):
-    return data.read_hub(source.hub_id, source.subset, source.split, field)
-  return data.read_file(source, field)
+    return sources.read_hub(source.hub_id, source.subset, source.split, field)
+  return sources.read_file(source, field)
 
 
 def _fingerprint(source: Input) -> str:
@@ -96,10 +82,11 @@ def _fingerprint(source: Input) -> str:
 @functools.cache
 def builder_class():
   """The GeneratorBasedBuilder class, defined on first use so this module imports without tfds."""
-  tfds = _tfds()
+  tfds = sources.import_tfds()
 
   class HhRlhfRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """HH-RLHF rows (both text fields and their bad-row reasons), in reading order."""
+    # Its name, from the class name, is sources.NAME: the datasets live in <data_dir>/hh_rlhf_rows/.
     # skip_registration: the class is private to this module (no tfds.builder('hh_rlhf_rows')),
     # so running this file as __main__ beside an import of it cannot register the name twice.
     VERSION = tfds.core.Version(DATASET_VERSION)
@@ -157,10 +144,6 @@ def describe_inputs(inputs: dict[str, Sequence[Input]]) -> dict:
           for split, sources in inputs.items()}
 
 
-def dataset_dir(data_dir: str) -> str:
-  return os.path.join(data_dir, NAME, DATASET_VERSION)
-
-
 def _check_inputs(inputs: dict[str, Sequence[Input]]):
   if not inputs:
     raise ValueError("no splits to prepare: give at least one split with its inputs")
@@ -172,30 +155,16 @@ def _check_inputs(inputs: dict[str, Sequence[Input]]):
     for source in sources:
       if isinstance(source, HubRows):
         continue
-      if not source.endswith(data.FILE_SUFFIXES):
+      if not source.endswith(FILE_SUFFIXES):
         raise ValueError(f"rows file {source!r} (split {split}) has an unknown type: use one of "
-                         f"{', '.join(data.FILE_SUFFIXES)}")
+                         f"{', '.join(FILE_SUFFIXES)}")
       if not os.path.isfile(source):
         raise FileNotFoundError(f"rows file {source!r} (split {split}) does not exist")
 
 
-def _is_remote(path: str) -> bool:
-  return "://" in path and not path.startswith("file://")
-
-
-def _filesystem(data_dir: str):
-  """(fsspec filesystem, path) of data_dir's dataset directory: local, gs:// or any fsspec URL."""
-  import fsspec
-  url = dataset_dir(data_dir.rstrip("/"))
-  try:
-    return fsspec.core.url_to_fs(url)
-  except (ImportError, ValueError) as e:  # gs:// without gcsfs, an unknown protocol
-    raise MissingPackageError(f"cannot open {url}: {e}; for gs:// {INSTALL_HINT} (it brings gcsfs)") from e
-
-
 def stored_inputs(data_dir: str) -> Optional[dict]:
   """What the dataset under data_dir was made from (describe_inputs), or None if none is there."""
-  fs, path = _filesystem(data_dir)
+  fs, path = sources.filesystem(data_dir)
   if not fs.exists(path + "/dataset_info.json"):
     return None
   if not fs.exists(path + "/metadata.json"):
@@ -222,18 +191,18 @@ def prepare(inputs: dict[str, Sequence[Input]], data_dir: str, *, overwrite: boo
   inputs = {split: list(sources) for split, sources in inputs.items()}
   wanted = describe_inputs(inputs)
   stored = stored_inputs(data_dir)
-  fs, path = _filesystem(data_dir)
+  fs, path = sources.filesystem(data_dir)
   if stored is not None:
     def fingerprints(described):
       return {split: [s["fingerprint"] for s in sources] for split, sources in described.items()}
     if fingerprints(stored) == fingerprints(wanted) and not overwrite:
-      return dataset_dir(data_dir)
+      return sources.dataset_dir(data_dir)
     if not overwrite:
-      raise ValueError(f"{dataset_dir(data_dir)} already holds a dataset made from other inputs "
+      raise ValueError(f"{sources.dataset_dir(data_dir)} already holds a dataset made from other inputs "
                        f"({json.dumps(stored)}); pass overwrite=True (--overwrite) to replace it, "
                        "or choose another data_dir")
     fs.rm(path, recursive=True)
-  if not _is_remote(data_dir):
+  if not sources.is_remote(data_dir):
     return _prepare_local(inputs, data_dir.removeprefix("file://"))
   with tempfile.TemporaryDirectory(prefix="tfds-stage-") as local_root:
     local = _prepare_local(inputs, local_root)
@@ -241,106 +210,7 @@ def prepare(inputs: dict[str, Sequence[Input]], data_dir: str, *, overwrite: boo
     names = sorted(os.listdir(local), key=lambda name: name == "dataset_info.json")  # it goes last
     for name in names:
       fs.put_file(os.path.join(local, name), f"{path}/{name}")
-  return dataset_dir(data_dir)
-
-
-def local_copy(data_dir: str, cache_dir: Optional[str] = None) -> str:
-  """A local data_dir holding a copy of the prepared dataset of a remote one (gs://, fsspec URLs).
-
-  The copy is keyed by the URL and refreshed when the remote dataset_info.json or metadata.json
-  differs (the dataset was prepared again); it is written to a temporary directory and renamed into place, so
-  an interrupted copy is never read.
-  """
-  fs, remote_path = _filesystem(data_dir)
-  if not fs.exists(remote_path + "/dataset_info.json"):
-    raise FileNotFoundError(f"no prepared dataset at {dataset_dir(data_dir)}: stage it once with "
-                            f"python -m gpt2_lora_jax.tfds_source --data_dir={data_dir} --files=...")
-  # What identifies a prepared dataset: its split sizes and its inputs' fingerprints.
-  stamp_files = ("dataset_info.json", "metadata.json")
-  remote_stamp = b"".join(fs.cat_file(f"{remote_path}/{name}") for name in stamp_files
-                          if fs.exists(f"{remote_path}/{name}"))
-  key = hashlib.sha256(data_dir.rstrip("/").encode()).hexdigest()[:16]
-  root = os.path.join(cache_dir or DEFAULT_CACHE, key)
-  local = dataset_dir(root)
-  info_file = os.path.join(local, "dataset_info.json")
-
-  def copy_is_current() -> bool:
-    if not os.path.exists(info_file):
-      return False
-    stamp = b""
-    for name in stamp_files:
-      if os.path.exists(os.path.join(local, name)):
-        with open(os.path.join(local, name), "rb") as f:
-          stamp += f.read()
-    return stamp == remote_stamp
-
-  if copy_is_current():
-    return root
-  os.makedirs(os.path.dirname(local), exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(local))
-  try:
-    for name in fs.ls(remote_path, detail=False):
-      fs.get_file(name, os.path.join(staging, os.path.basename(name.rstrip("/"))))
-    # Several processes of a host (or of hosts sharing a home directory) may copy at once: the
-    # first rename wins and the others keep its copy; an outdated copy is moved aside first.
-    if not copy_is_current():
-      if os.path.exists(local):
-        os.rename(local, f"{local}.stale-{os.getpid()}")
-      os.rename(staging, local)
-  except OSError:
-    if not copy_is_current():
-      raise
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-    for name in os.listdir(os.path.dirname(local)):
-      if name.startswith(os.path.basename(local) + ".stale-"):
-        shutil.rmtree(os.path.join(os.path.dirname(local), name), ignore_errors=True)
-  return root
-
-
-def _reader(data_dir: str, cache_dir: Optional[str] = None):
-  """The builder for reading data_dir (a remote one through its local copy), checked to exist."""
-  local = local_copy(data_dir, cache_dir) if _is_remote(data_dir) else data_dir.removeprefix("file://")
-  if not os.path.isfile(os.path.join(dataset_dir(local), "dataset_info.json")):
-    raise FileNotFoundError(f"no prepared dataset at {dataset_dir(data_dir)} (data.tfds_dir="
-                            f"{data_dir!r}): stage it once with python -m gpt2_lora_jax.tfds_source "
-                            f"--data_dir={data_dir} --files=train=rows.jsonl.gz --files=test=...")
-  return builder_class()(data_dir=local, file_format="array_record")
-
-
-def _check_split_and_field(builder, data_dir: str, split: str, field: str):
-  if field not in FIELDS:
-    raise UserError(f"data.field={field!r}: a tfds dataset stores only {FIELDS}")
-  splits = sorted(builder.info.splits.keys())
-  if split not in splits:
-    raise UserError(f"the tfds dataset at {data_dir} has no split {split!r} (data.train_split / "
-                     f"data.eval_split); it has {splits}")
-
-
-def read_rows(data_dir: str, split: str, field: str,
-              cache_dir: Optional[str] = None) -> list[tuple[Optional[str], Optional[str]]]:
-  """(text, bad reason) for each row of `split`, as data.read_file returns them for the inputs."""
-  builder = _reader(data_dir, cache_dir)
-  _check_split_and_field(builder, data_dir, split, field)
-  source = builder.as_data_source(split=split)
-  examples = source.__getitems__(list(range(len(source))))  # one batched read, in row order
-  rows = []
-  for i, example in enumerate(examples):
-    assert int(example["row"]) == i, f"row {i} of {data_dir} split {split} is stored as {example['row']}"
-    reason = example[field + "_bad"].decode("utf-8")
-    rows.append((None, reason) if reason else (example[field].decode("utf-8"), None))
-  return rows
-
-
-def input_for(data_dir: str, split: str, field: str,
-              cache_dir: Optional[str] = None) -> tuple[str, Callable[[], list]]:
-  """(name, read) for data._inputs; checks the dataset, split and field now, before any work."""
-  if not data_dir:
-    raise UserError("data.source='tfds' needs data.tfds_dir: --config.data.tfds_dir=gs://bucket/tfds "
-                     "(a directory prepared by python -m gpt2_lora_jax.tfds_source)")
-  _check_split_and_field(_reader(data_dir, cache_dir), data_dir, split, field)
-  return (f"tfds {dataset_dir(data_dir)} (split {split})",
-          lambda: read_rows(data_dir, split, field, cache_dir))
+  return sources.dataset_dir(data_dir)
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -362,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--files", action="append", default=[],
                       help="SPLIT=PATH[,PATH...] (repeatable): rows files of one split, in order")
   parser.add_argument("--hub", default="", help="a hub dataset id (e.g. Anthropic/hh-rlhf) instead of --files")
-  parser.add_argument("--subset", default="all", help=f"with --hub: one of {', '.join(data.SUBSET_CHOICES)}")
+  parser.add_argument("--subset", default="all", help=f"with --hub: one of {', '.join(SUBSET_CHOICES)}")
   parser.add_argument("--splits", default="train,test", help="with --hub: the hub splits to stage")
   parser.add_argument("--overwrite", action="store_true", help="replace a dataset made from other inputs")
   args = parser.parse_args(argv)

@@ -86,8 +86,8 @@ def hh_test_file():
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory):
   """A DeBERTa-v3-shaped sequence classifier (1 label, random weights) with a WordPiece tokenizer."""
-  from gpt2_lora_jax import bench_peft
-  return bench_peft.random_reward_model(str(tmp_path_factory.mktemp("tiny_reward_model")),
+  from gpt2_lora_jax.bench import peft_peer
+  return peft_peer.random_reward_model(str(tmp_path_factory.mktemp("tiny_reward_model")),
                                         hidden_size=32, num_layers=2)
 
 

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_lora_jax import bench, flops, lora
+from gpt2_lora_jax import flops, lora
+from gpt2_lora_jax.bench import harness
 from gpt2_lora_jax import model as gpt2_model
 
 D, L, H, T, B, V, R = 64, 2, 4, 32, 2, 50257, 8  # width, layers, heads, seq, batch, vocab, rank
@@ -44,7 +45,7 @@ def hand_count(rank: int, vocab=V, width=D, layers=L, seq=T) -> float:
 def cli_run(tmp_path_factory):
   """One CLI run (in-process main) with every part and the PEFT comparison; returns (json, md)."""
   out_dir = tmp_path_factory.mktemp("bench_results")
-  assert bench.main(TINY_FLAGS + [f"--out_dir={out_dir}", "--tag=test"]) == 0
+  assert harness.main(TINY_FLAGS + [f"--out_dir={out_dir}", "--tag=test"]) == 0
   json_files = list(out_dir.glob("bench_cpu_*.json"))
   md_files = list(out_dir.glob("bench_cpu_*.md"))
   assert len(json_files) == 1 and len(md_files) == 1, list(out_dir.iterdir())
@@ -118,7 +119,7 @@ def test_decode_and_score(cli_run):
 
 
 def test_full_fine_tuning_run_and_flops():
-  result = bench.run_benchmark(n_layer=L, n_embd=D, n_head=H, vocab_size=512, batch_size=B, seq_len=T,
+  result = harness.run_benchmark(n_layer=L, n_embd=D, n_head=H, vocab_size=512, batch_size=B, seq_len=T,
                                lora_rank=0, warmup_steps=1, timed_steps=1, matmul_n=128, num_devices=1,
                                parts=("train",), out_dir="")
   row = result["train"]["jax"]
@@ -144,7 +145,7 @@ def test_flop_formula_matches_hand_count(rank):
 
 
 def test_cli_flags_parse():
-  cfg = bench.parse_args(["--preset=gpt2-xl", "--batch_size=8", "--lora_targets=c_attn,c_fc",
+  cfg = harness.parse_args(["--preset=gpt2-xl", "--batch_size=8", "--lora_targets=c_attn,c_fc",
                           "--parts=train,decode", "--decode_batch_sizes=1,64", "--no_compile",
                           "--no_segment_ids", "--lora_alpha=32"])
   assert cfg.preset == "gpt2-xl" and cfg.batch_size == 8 and cfg.lora_alpha == 32.0
@@ -152,27 +153,27 @@ def test_cli_flags_parse():
   assert cfg.decode_batch_sizes == (1, 64)
   assert cfg.torch_compile is False and cfg.segment_ids is False
   with pytest.raises(ValueError, match="parts"):
-    bench.BenchConfig(parts=("train", "speed"))
+    harness.BenchConfig(parts=("train", "speed"))
 
 
 def test_user_setting_is_what_configs_gpt2_hh_runs():
-  """bench_settings reads configs/gpt2_hh.py without ml_collections: it must agree with the loaded config."""
+  """bench.settings reads configs/gpt2_hh.py without ml_collections: it must agree with the loaded config."""
   import importlib.util
   import pathlib
-  from gpt2_lora_jax import bench_settings
+  from gpt2_lora_jax.bench import settings
   path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpt2_hh.py"
   spec = importlib.util.spec_from_file_location("gpt2_hh_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   for size in module.RECIPE:
     c = module.get_config(size)
-    assert bench_settings.user_settings(size) == {
+    assert settings.user_settings(size) == {
         "lora_rank": c.lora.rank, "lora_alpha": c.lora.alpha, "lora_dropout": c.lora.dropout,
         "lora_targets": tuple(c.lora.targets), "scan_layers": c.model.scan_layers, "remat": c.model.remat,
         "attention": c.model.attention_impl, "dtype": c.model.dtype, "param_dtype": c.model.base_param_dtype}
-  cfg = bench.BenchConfig(preset="gpt2-xl", setting="user", lora_rank=4)
+  cfg = harness.BenchConfig(preset="gpt2-xl", setting="user", lora_rank=4)
   assert cfg.lora_rank == 16 and cfg.remat == module.REMAT["gpt2-xl"] and cfg.scan_layers  # the setting wins
-  cfg = bench.BenchConfig(setting="like_peft", lora_rank=4, remat="full")
+  cfg = harness.BenchConfig(setting="like_peft", lora_rank=4, remat="full")
   assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.remat, cfg.scan_layers) == (8, 16.0, 0.0, "none", False)
 
 
@@ -180,7 +181,7 @@ def test_case_phases_record_errors_and_timeouts(tmp_path, monkeypatch):
   """A phase that raises with an empty message and one that never returns are both recorded, and
   the summary folds them into one status per case; a cut-short last line is counted, not read."""
   import threading
-  from gpt2_lora_jax import bench_records, bench_summary
+  from gpt2_lora_jax.bench import records as record_log, summary as run_summary
   log = tmp_path / "preflight.jsonl"
   monkeypatch.setenv("GPU_CHECK_RECORDS", str(log))
   monkeypatch.setenv("GPU_CHECK_STAGE", "preflight")
@@ -190,23 +191,23 @@ def test_case_phases_record_errors_and_timeouts(tmp_path, monkeypatch):
 
   never = threading.Event()
   ok = [("lower", lambda _: (1, {"dots": 3})), ("compile", lambda v: (v + 1, {}))]
-  assert bench_records.run_phases("preflight", "good", ok, 30.0)["status"] == "ok"
-  assert bench_records.run_phases("preflight", "bad", ok[:1] + [("compile", empty_assert)], 30.0)["status"] == \
+  assert record_log.run_phases("preflight", "good", ok, 30.0)["status"] == "ok"
+  assert record_log.run_phases("preflight", "bad", ok[:1] + [("compile", empty_assert)], 30.0)["status"] == \
       "error in compile: AssertionError"
-  assert bench_records.run_phases("preflight", "hangs", [("compile", lambda _: never.wait())], 0.2)["status"] == \
+  assert record_log.run_phases("preflight", "hangs", [("compile", lambda _: never.wait())], 0.2)["status"] == \
       "timeout in compile"
   never.set()
   with open(log, "a") as f:
     f.write('{"stage": "preflight", "kind": "prefl')  # a line a SIGKILL cut short
-  records, bad = bench_records.read(str(log))
+  records, bad = record_log.read(str(log))
   assert bad == 1 and [(r["case"], r["phase"]) for r in records] == [
       ("good", "lower"), ("good", "compile"), ("bad", "lower"), ("bad", "error"), ("hangs", "timeout")]
   assert records[0]["dots"] == 3 and records[3]["error"] == "AssertionError" and records[3]["in_phase"] == "compile"
-  rows = {r["case"]: r for r in bench_summary.fold_cases(records, "preflight")}
+  rows = {r["case"]: r for r in run_summary.fold_cases(records, "preflight")}
   assert rows["good"]["status"] == "stopped after compile"  # no second step was recorded
   assert rows["bad"]["status"] == "error in compile: AssertionError" and rows["bad"]["lower_s"] >= 0
   assert rows["hangs"]["status"].startswith("timeout in compile")
-  summary = bench_summary.summarize(str(tmp_path), "run", ["preflight"])  # reads tmp_path/*.jsonl
+  summary = run_summary.summarize(str(tmp_path), "run", ["preflight"])  # reads tmp_path/*.jsonl
   assert summary["unreadable_record_lines"] == 1
   met = {t["target"].split()[1]: t["met"] for t in summary["targets"]}
   assert met == {"good": False, "bad": False, "hangs": False}  # none ran a step; a hung path fails
@@ -227,7 +228,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
   import subprocess
   import sys
   import tarfile
-  from gpt2_lora_jax import bench_preflight, bench_xla
+  from gpt2_lora_jax.bench import preflight, xla_attention
   repo = pathlib.Path(__file__).resolve().parents[1]
   stages = ["preflight", "xla_attention", "gpt2_b16_like_peft", "gpt2_b16_torch"]
   env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STAGES": ",".join(stages),
@@ -254,11 +255,11 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     assert "torch_gpt2_b16_torch_peft_eager.json" in logs  # the child's own file
   # Preflight: every case, phase by phase, as JSON lines; each ran here.
   pre = jsonl["preflight"]
-  for case in bench_preflight.CASES:
+  for case in preflight.CASES:
     last = "second_step" if case.startswith("train") else "second_call"
     assert [r["phase"] for r in pre if r.get("case") == case][-1] == last, case
-  assert {p["case"]: p["status"] for p in summary["paths"]} == {c: "ok" for c in ("platform",) + bench_preflight.CASES}
-  assert {r["case"] for r in jsonl["xla_attention"] if r["phase"] == "steady"} == set(bench_xla.CASES) - {"nn_cudnn"}
+  assert {p["case"]: p["status"] for p in summary["paths"]} == {c: "ok" for c in ("platform",) + preflight.CASES}
+  assert {r["case"] for r in jsonl["xla_attention"] if r["phase"] == "steady"} == set(xla_attention.CASES) - {"nn_cudnn"}
   # The killed JAX stage kept what it had measured (it died before writing its bench_*.json).
   assert [r["kind"] for r in jsonl["gpt2_b16_like_peft"]] == ["matmul", "train"]
   assert not [name for name in logs if name.startswith("bench_")]
@@ -276,17 +277,17 @@ def test_gpu_check_modules_import_neither_ml_collections_nor_datasets():
   """The GPU machine has neither package: the script's modules must not import them at import time."""
   import subprocess
   import sys
-  code = ("import sys; import gpt2_lora_jax.bench, gpt2_lora_jax.bench_peft, gpt2_lora_jax.bench_report, "
-          "gpt2_lora_jax.attention_check, gpt2_lora_jax.reward, gpt2_lora_jax.bench_preflight, "
-          "gpt2_lora_jax.bench_xla, gpt2_lora_jax.bench_summary, gpt2_lora_jax.bench_records, "
-          "gpt2_lora_jax.bench_settings, gpt2_lora_jax.bench_torch; "
+  code = ("import sys; import gpt2_lora_jax.bench.harness, gpt2_lora_jax.bench.peft_peer, "
+          "gpt2_lora_jax.bench.report, gpt2_lora_jax.bench.attention_check, gpt2_lora_jax.reward, "
+          "gpt2_lora_jax.bench.preflight, gpt2_lora_jax.bench.xla_attention, gpt2_lora_jax.bench.summary, "
+          "gpt2_lora_jax.bench.records, gpt2_lora_jax.bench.settings, gpt2_lora_jax.bench.torch_runner; "
           "bad = {'ml_collections', 'datasets'} & set(sys.modules); assert not bad, bad")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_hh_like_rows_follow_the_packer_and_the_quantiles():
-  from gpt2_lora_jax import attention_check
+  from gpt2_lora_jax.bench import attention_check
   lengths = attention_check.hh_like_lengths(np.random.default_rng(0), 20000, 1024)
   assert abs(np.median(lengths) - 133) <= 3 and abs(np.percentile(lengths, 90) - 340) <= 8
   seg = attention_check.hh_like_segment_ids(0, 16, 1024, 32)

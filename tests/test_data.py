@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt2_lora_jax import config, data, hub
+from gpt2_lora_jax import config, data, hub, sources
 from gpt2_lora_jax.tokenizer import EOT, EOT_ID
 
 REAL_ROWS = 2312
@@ -396,7 +396,7 @@ def test_seed_study_reads_helpful_base_as_the_study_did(monkeypatch):
   spec.loader.exec_module(module)
   cfg = module.get_config().data
   calls = []
-  monkeypatch.setattr(data, "read_hub", lambda *args: calls.append(args) or [(HELLO, None)])
+  monkeypatch.setattr(sources, "read_hub", lambda *args: calls.append(args) or [(HELLO, None)])
   assert data.read_texts(cfg, "train") == data.read_texts(cfg, "eval") == [HELLO]
   assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "chosen"),
                    ("Anthropic/hh-rlhf", "helpful-base", "test", "chosen")]
@@ -429,7 +429,8 @@ def test_held_out_rows_are_one_stratified_sample_for_loss_pairs_and_prompts(hh_t
   """Real harmless-base rows and a helpful-base file (demo rows, 400): 300 held-out rows are drawn
   from both subsets in proportion (2,312 : 400 -> 256 : 44), where the first 300 rows would all be
   harmless-base; SFT's held-out rows, the preference pairs and the prompts come from that sample."""
-  from gpt2_lora_jax import demo_data, evaluate, preference
+  from gpt2_lora_jax import evaluate, preference
+  from gpt2_lora_jax.demo import data as demo_data
   helpful = tmp_path / "helpful-base" / "test.jsonl"
   helpful.parent.mkdir()
   demo_data.write_jsonl(str(helpful), "test", 400)
@@ -456,7 +457,7 @@ def test_held_out_rows_are_one_stratified_sample_for_loss_pairs_and_prompts(hh_t
 
 def test_hub_all_is_read_as_its_four_subsets_and_demo_rows_carry_their_task(monkeypatch):
   calls = []
-  monkeypatch.setattr(data, "read_hub", lambda hub_id, subset, split, field: calls.append(subset)
+  monkeypatch.setattr(sources, "read_hub", lambda hub_id, subset, split, field: calls.append(subset)
                       or [(HELLO, None)] * {"harmless-base": 30, "helpful-base": 30, "helpful-online": 15,
                                             "helpful-rejection-sampled": 25}[subset])
   cfg = data_config(source="hub", subset="all", max_eval_rows=10)
@@ -465,7 +466,7 @@ def test_hub_all_is_read_as_its_four_subsets_and_demo_rows_carry_their_task(monk
   assert {k: v["rows_read"] for k, v in split.subset_counts.items()} == {
       "harmless-base": 3, "helpful-base": 3, "helpful-online": 2, "helpful-rejection-sampled": 2}
   demo = data.read_split(data_config(source="demo", demo_rows=200, max_eval_rows=20), "eval")
-  from gpt2_lora_jax import demo_data
+  from gpt2_lora_jax.demo import data as demo_data
   rows = demo_data.rows("test", 200)
   assert all(demo.subsets[i] == demo_data.task_of(data.parse_conversation(rows[i]["chosen"])[-2].text.strip())
              for i in demo.subsets)

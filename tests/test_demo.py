@@ -1,7 +1,7 @@
 """The offline demo's data, its grader and its demo scorer."""
 import re
 
-from gpt2_lora_jax import demo_data
+from gpt2_lora_jax.demo import data as demo_data
 
 
 def replies(text):
@@ -39,7 +39,8 @@ def test_demo_references_are_right_and_the_pretraining_text_is_all_wrong():
 
 def test_demo_scorer_loads_and_scores_through_the_reward_path(tmp_path):
   import json
-  from gpt2_lora_jax import demo_scorer, reward
+  from gpt2_lora_jax import reward
+  from gpt2_lora_jax.demo import scorer as demo_scorer
   info = demo_scorer.build(str(tmp_path / "scorer"), rows=200, steps=5, batch=8, test_rows=20,
                            log=None)
   assert info["steps"] == 5 and info["test_pairs"] == 20

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import TINY
-from gpt2_lora_jax import attention, attention_check, dpo, lora, optim, sample, sharding, stacking, train
+from gpt2_lora_jax import attention, dpo, lora, optim, sample, sharding, stacking, train
+from gpt2_lora_jax.bench import attention_check
 from gpt2_lora_jax import model as gpt2_model
 
 V, V_PADDED = 50257, 50304  # GPT-2's vocabulary; the loss pads it to a multiple of 128
@@ -324,7 +325,7 @@ def test_the_probe_lowers_for_cuda(simulated_gpu, path):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
-  """python -m gpt2_lora_jax.attention_check: every jitted program it runs on a GPU (the fp32
+  """python -m gpt2_lora_jax.bench.attention_check: every jitted program it runs on a GPU (the fp32
   reference, each bf16 path forward + backward on HH-like packed rows, the overflow row)."""
   plat = simulated_gpu(packed=packed)
   Bc, Tc, H, K, cap = 2, 256, 4, 64, 8

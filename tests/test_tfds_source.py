@@ -1,6 +1,6 @@
-"""tfds_source: rows staged as a TFDS array_record dataset read back exactly as data.read_file reads
-the files (bad rows and reasons included), from a local dir or a remote (fsspec) one, and data.build
-packs identical batches from 'files' and 'tfds'.
+"""tfds_source: rows staged as a TFDS array_record dataset read back (sources.read_rows) exactly as
+sources.read_file reads the files (bad rows and reasons included), from a local dir or a remote
+(fsspec) one, and data.build packs identical batches from 'files' and 'tfds'.
 """
 import gzip
 import json
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed: pip install -e '.[tfds]'")
 
-from gpt2_lora_jax import config, data, tfds_source  # noqa: E402
+from gpt2_lora_jax import config, data, sources, tfds_source  # noqa: E402
 
 FIELDS = ("chosen", "rejected")
 
@@ -30,7 +30,7 @@ def write_rows(path, lines):
 
 @pytest.fixture()
 def small_files(tmp_path):
-  """Two train files (one gzipped) and a test file, with every kind of bad row data.read_file knows."""
+  """Two train files (one gzipped) and a test file, with every kind of bad row sources.read_file knows."""
   good = [json.dumps({"chosen": conversation(i), "rejected": conversation(i, "No.")}) for i in range(6)]
   bad = ['{"chosen": "unterminated',  # invalid_json in both fields
          json.dumps({"chosen": conversation(90)}),  # rejected: missing_field
@@ -44,18 +44,18 @@ def small_files(tmp_path):
 
 
 def file_rows(paths, field):
-  return [row for path in paths for row in data.read_file(path, field)]
+  return [row for path in paths for row in sources.read_file(path, field)]
 
 
 def test_rows_equal_the_local_file_rows_bad_rows_included(small_files, tmp_path):
   data_dir = str(tmp_path / "tfds")
   out_dir = tfds_source.prepare(small_files, data_dir)
-  assert out_dir == tfds_source.dataset_dir(data_dir) and os.path.isdir(out_dir)
+  assert out_dir == sources.dataset_dir(data_dir) and os.path.isdir(out_dir)
   for split, paths in small_files.items():
     for field in FIELDS:
       expected = file_rows(paths, field)
-      assert tfds_source.read_rows(data_dir, split, field) == expected
-  reasons = [reason for _, reason in tfds_source.read_rows(data_dir, "train", "chosen")]
+      assert sources.read_rows(data_dir, split, field) == expected
+  reasons = [reason for _, reason in sources.read_rows(data_dir, "train", "chosen")]
   assert reasons[3:7] == ["invalid_json", None, "field_not_string", "not_utf8"]
   assert tfds_source.stored_inputs(data_dir) == tfds_source.describe_inputs(small_files)
 
@@ -64,13 +64,13 @@ def test_real_hh_rows_round_trip(hh_test_file, tmp_path):
   data_dir = str(tmp_path / "tfds")
   tfds_source.prepare({"test": [hh_test_file]}, data_dir)
   for field in FIELDS:
-    rows = tfds_source.read_rows(data_dir, "test", field)
+    rows = sources.read_rows(data_dir, "test", field)
     assert len(rows) == 2312
-    assert rows == data.read_file(hh_test_file, field)
+    assert rows == sources.read_file(hh_test_file, field)
 
 
 def test_data_build_gives_identical_batches_from_files_and_tfds(hh_test_file, tokenizer, tmp_path):
-  assert "tfds" in data.SOURCES  # data._inputs dispatches source='tfds' to tfds_source.input_for
+  assert "tfds" in data.SOURCES  # data._inputs dispatches source='tfds' to sources.input_for
   data_dir = str(tmp_path / "tfds")
   tfds_source.prepare({"train": [hh_test_file], "test": [hh_test_file]}, data_dir)
 
@@ -90,7 +90,7 @@ def test_data_build_gives_identical_batches_from_files_and_tfds(hh_test_file, to
                                            cache_dir=str(tmp_path / "cache_files"), log=None)
   packed_tfds, summary_tfds = data.build(tfds_cfg, tokenizer, "train", batch_size,
                                          cache_dir=str(tmp_path / "cache_tfds"), log=None)
-  assert summary_tfds["inputs"] == [f"tfds {tfds_source.dataset_dir(data_dir)} (split train)"]
+  assert summary_tfds["inputs"] == [f"tfds {sources.dataset_dir(data_dir)} (split train)"]
   assert not summary_tfds["token_cache"]["from_cache"]  # tokenised again, independently
   for key in ("rows_read", "rows_used", "rows_truncated", "rows_bad", "rows_skipped", "tokens",
               "loss_tokens", "packed_rows"):
@@ -116,9 +116,9 @@ def test_prepare_reuses_refuses_and_overwrites(small_files, tmp_path):
   with pytest.raises(ValueError, match="other inputs.*overwrite"):
     tfds_source.prepare(other, data_dir)
   tfds_source.prepare(other, data_dir, overwrite=True)
-  assert tfds_source.read_rows(data_dir, "train", "chosen") == file_rows(small_files["test"], "chosen")
+  assert sources.read_rows(data_dir, "train", "chosen") == file_rows(small_files["test"], "chosen")
   with pytest.raises(ValueError, match="no split 'test'.*\\['train'\\]"):
-    tfds_source.read_rows(data_dir, "test", "chosen")
+    sources.read_rows(data_dir, "test", "chosen")
 
 
 def test_remote_data_dir_is_staged_and_read_through_a_local_copy(small_files, tmp_path):
@@ -127,46 +127,46 @@ def test_remote_data_dir_is_staged_and_read_through_a_local_copy(small_files, tm
   remote = f"memory://bucket-{tmp_path.name}/tfds"
   cache = str(tmp_path / "cache")
   try:
-    assert tfds_source.prepare(small_files, remote) == tfds_source.dataset_dir(remote)
-    assert tfds_source.read_rows(remote, "train", "rejected", cache_dir=cache) == \
+    assert tfds_source.prepare(small_files, remote) == sources.dataset_dir(remote)
+    assert sources.read_rows(remote, "train", "rejected", cache_dir=cache) == \
         file_rows(small_files["train"], "rejected")
     (copy_root,) = os.listdir(cache)
-    assert os.path.isdir(tfds_source.dataset_dir(os.path.join(cache, copy_root)))
+    assert os.path.isdir(sources.dataset_dir(os.path.join(cache, copy_root)))
     # Prepared again with other rows: the next read refreshes the local copy.
     tfds_source.prepare({"train": small_files["test"]}, remote, overwrite=True)
-    assert tfds_source.read_rows(remote, "train", "chosen", cache_dir=cache) == \
+    assert sources.read_rows(remote, "train", "chosen", cache_dir=cache) == \
         file_rows(small_files["test"], "chosen")
     assert os.listdir(cache) == [copy_root]  # replaced in place, no staging left behind
   finally:
     fsspec.filesystem("memory").rm(f"/bucket-{tmp_path.name}", recursive=True)
 
 
-def test_hub_rows_are_read_with_data_read_hub(monkeypatch, tmp_path):
+def test_hub_rows_are_read_with_sources_read_hub(monkeypatch, tmp_path):
   calls = []
 
   def fake_read_hub(hub_id, subset, split, field):
     calls.append((hub_id, subset, split, field))
     return [(conversation(i) + field, None) for i in range(3)] + [(None, "field_not_string")]
-  monkeypatch.setattr(data, "read_hub", fake_read_hub)
+  monkeypatch.setattr(sources, "read_hub", fake_read_hub)
   data_dir = str(tmp_path / "tfds")
   tfds_source.prepare({"train": [tfds_source.HubRows("Anthropic/hh-rlhf", "harmless-base", "train")]},
                       data_dir)
   assert sorted(calls) == [("Anthropic/hh-rlhf", "harmless-base", "train", f) for f in FIELDS]
-  assert tfds_source.read_rows(data_dir, "train", "rejected") == fake_read_hub("", "", "", "rejected")
+  assert sources.read_rows(data_dir, "train", "rejected") == fake_read_hub("", "", "", "rejected")
 
 
 def test_errors_name_the_input_and_what_to_do(small_files, tmp_path):
   with pytest.raises(ValueError, match="data.tfds_dir"):
-    tfds_source.input_for("", "train", "chosen")
+    sources.input_for("", "train", "chosen")
   with pytest.raises(FileNotFoundError, match="no prepared dataset.*python -m gpt2_lora_jax.tfds_source"):
-    tfds_source.input_for(str(tmp_path / "nothing"), "train", "chosen")
+    sources.input_for(str(tmp_path / "nothing"), "train", "chosen")
   data_dir = str(tmp_path / "tfds")
   tfds_source.prepare(small_files, data_dir)
   with pytest.raises(ValueError, match="data.field='prompt'"):
-    tfds_source.input_for(data_dir, "train", "prompt")
+    sources.input_for(data_dir, "train", "prompt")
   with pytest.raises(ValueError, match="no split 'validation'"):
-    tfds_source.input_for(data_dir, "validation", "chosen")
-  name, read = tfds_source.input_for(data_dir, "train", "chosen")
+    sources.input_for(data_dir, "validation", "chosen")
+  name, read = sources.input_for(data_dir, "train", "chosen")
   assert data_dir in name and "train" in name
   assert read() == file_rows(small_files["train"], "chosen")
   with pytest.raises(ValueError, match="unknown type"):
@@ -184,7 +184,7 @@ def test_command_line_stages_once(small_files, tmp_path, capsys):
   assert tfds_source.main(argv) == 0
   out = capsys.readouterr().out
   assert "'train': 11" in out and "'test': 2" in out and "--config.data.tfds_dir=" in out
-  assert tfds_source.read_rows(data_dir, "train", "chosen") == file_rows(small_files["train"], "chosen")
+  assert sources.read_rows(data_dir, "train", "chosen") == file_rows(small_files["train"], "chosen")
   assert tfds_source.main([f"--data_dir={data_dir}", "--files=nosplit.jsonl"]) == 1
   assert "SPLIT=PATH" in capsys.readouterr().err
   assert tfds_source.main([f"--data_dir={data_dir}"]) == 1  # neither --files nor --hub

@@ -1,10 +1,10 @@
 """The GPU check's first stage: does every program a user runs lower, compile and run here, and how fast?
 
-    python -m gpt2_lora_jax.bench_preflight                      # gpt2, 2 x 1024, every case
-    python -m gpt2_lora_jax.bench_preflight --cases=train_xla --n_layer=2 --n_embd=64 --n_head=4
+    python -m gpt2_lora_jax.bench.preflight                      # gpt2, 2 x 1024, every case
+    python -m gpt2_lora_jax.bench.preflight --cases=train_xla --n_layer=2 --n_embd=64 --n_head=4
 
 gpt2 at batch 2 x 1024 on HH-like packed rows (attention_check.hh_like_segment_ids) with the model
-and LoRA settings of configs/gpt2_hh.py (bench_settings.user_settings: scanned blocks, its remat,
+and LoRA settings of configs/gpt2_hh.py (settings.user_settings: scanned blocks, its remat,
 LoRA r16 alpha 32 dropout 0.05, bf16 base and compute), one case per attention path, then the
 sampler (sample.generate_tokens: prefill + a few decode steps) per attention_impl:
 
@@ -15,7 +15,7 @@ sampler (sample.generate_tokens: prefill + a few decode steps) per attention_imp
 Default order: the cuDNN and 'auto' cases first, then the sampler, then the XLA cases (the XLA path
 is the one seen not to finish a train step on an H200). Each case's phases (setup, lower, compile,
 first step, second step; the sampler: first call with its compiles, second call) are printed and
-recorded (bench_records.emit, kind 'preflight') the moment each ends, with the attention path the
+recorded (records.emit, kind 'preflight') the moment each ends, with the attention path the
 model chose; an exception is recorded with its type and message and the next case runs; a case
 still running at --case_timeout_s is abandoned (its thread cannot be stopped; the process ends with
 os._exit). A traceback of every thread goes to stderr every --stall_dump_s seconds (faulthandler),
@@ -34,7 +34,8 @@ import time
 import jax
 import numpy as np
 
-from gpt2_lora_jax import attention, bench, bench_records, bench_setup, sample, stacking
+from gpt2_lora_jax import attention, sample, stacking
+from gpt2_lora_jax.bench import harness, records, run_setup
 from gpt2_lora_jax import model as gpt2_model
 
 TRAIN_CASES = {"train_auto": ("auto", True), "train_cudnn": ("cudnn", True),
@@ -43,9 +44,9 @@ SAMPLE_CASES = {"sample_auto": "auto", "sample_xla": "xla"}
 CASES = ("train_auto", "train_cudnn", "train_cudnn_causal", "sample_auto", "train_xla", "sample_xla")
 
 
-def case_config(args, attention_impl: str, segment_ids: bool) -> bench.BenchConfig:
+def case_config(args, attention_impl: str, segment_ids: bool) -> harness.BenchConfig:
   """configs/gpt2_hh.py's settings for args.preset at the preflight's shape, with this attention."""
-  cfg = bench.BenchConfig(preset=args.preset, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+  cfg = harness.BenchConfig(preset=args.preset, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                           vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
                           max_segments=args.max_segments, segments="hh", setting="user", side="jax",
                           warmup_steps=0, timed_steps=1, out_dir="")
@@ -54,13 +55,13 @@ def case_config(args, attention_impl: str, segment_ids: bool) -> bench.BenchConf
   return dataclasses.replace(cfg, setting="flags", attention=attention_impl, segment_ids=segment_ids, **dtypes)
 
 
-def train_phases(cfg: bench.BenchConfig):
+def train_phases(cfg: harness.BenchConfig):
   box = {}
 
   def setup(_):
-    run = bench_setup.train_setup(cfg)
+    run = run_setup.train_setup(cfg)
     box["run"] = run
-    return run, {"attention_path": bench_setup.attention_path(run.config, cfg, run.host_batch["segment_ids"])}
+    return run, {"attention_path": run_setup.attention_path(run.config, cfg, run.host_batch["segment_ids"])}
 
   def lower(run):
     lowered = run.step_fn.lower(run.state, run.frozen, run.batch)
@@ -79,11 +80,11 @@ def train_phases(cfg: bench.BenchConfig):
   return [("setup", setup), ("lower", lower), ("compile", compile_), ("first_step", step), ("second_step", step)]
 
 
-def sample_phases(cfg: bench.BenchConfig, prompt_len: int, new_tokens: int):
+def sample_phases(cfg: harness.BenchConfig, prompt_len: int, new_tokens: int):
   def setup(_):
-    config = bench_setup.gpt2_config(cfg)
+    config = run_setup.gpt2_config(cfg)
     config = config.replace(param_dtype=config.dtype)  # sampling reads the weights in compute dtype
-    params = bench_setup.base_params(config, cfg)  # the train cases' init program (compiled once)
+    params = run_setup.base_params(config, cfg)  # the train cases' init program (compiled once)
     if config.scan_layers:
       params = stacking.stack_layers(params)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (cfg.batch_size, prompt_len), dtype=np.int32)
@@ -99,7 +100,7 @@ def sample_phases(cfg: bench.BenchConfig, prompt_len: int, new_tokens: int):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench_preflight", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench.preflight", description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="gpt2")
   for name, default in (("n_layer", 0), ("n_embd", 0), ("n_head", 0), ("vocab_size", 50257), ("batch_size", 2),
                         ("seq_len", 1024), ("max_segments", 32), ("prompt_len", 64), ("new_tokens", 8)):
@@ -116,10 +117,10 @@ def main(argv=None) -> int:
     parser.error(f"--cases: unknown {unknown}; choose from {CASES}")
   faulthandler.dump_traceback_later(args.stall_dump_s, repeat=True)
   device = jax.devices()[0]
-  bench_records.emit("preflight", case="device", phase="info", device_kind=device.device_kind,
+  records.emit("preflight", case="device", phase="info", device_kind=device.device_kind,
                      platform=device.platform, jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
   print(f"preflight on {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
-  statuses = {"platform": bench_records.run_phases(
+  statuses = {"platform": records.run_phases(
       "preflight", "platform", [("probe", lambda _: (None, _platform_info()))], args.case_timeout_s)["status"]}
   for case in cases:
     t0 = time.perf_counter()
@@ -130,13 +131,13 @@ def main(argv=None) -> int:
       impl = SAMPLE_CASES[case]
       phases = sample_phases(case_config(args, impl, True), args.prompt_len, args.new_tokens)
       meta = {"attention_impl": impl}
-    statuses[case] = bench_records.run_phases("preflight", case, phases, args.case_timeout_s, **meta)["status"]
+    statuses[case] = records.run_phases("preflight", case, phases, args.case_timeout_s, **meta)["status"]
     print(f"{case}: {statuses[case]} after {time.perf_counter() - t0:.1f}s", flush=True)
   failed = {c: s for c, s in statuses.items() if s != "ok"}
   print(f"preflight: {len(statuses) - len(failed)} of {len(statuses)} cases ran" +
         (f"; not: {', '.join(failed)}" if failed else ""), flush=True)
   code = 1 if failed else 0
-  if bench_records.any_timed_out():  # an abandoned thread may never return: do not wait for it
+  if records.any_timed_out():  # an abandoned thread may never return: do not wait for it
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

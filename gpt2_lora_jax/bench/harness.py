@@ -26,10 +26,10 @@ every field as given.
 
 Sides (--side): 'jax' runs the JAX parts only, 'torch' the PyTorch children only (and never
 touches the device from JAX), 'all' both. With 'all', every PyTorch part runs first, each in a child
-process (bench_peft.py), and exits before this process first touches the device, because JAX
+process (peft_peer.py), and exits before this process first touches the device, because JAX
 preallocates most of a GPU's memory at its first use and keeps it; gpu_check.sh instead runs
 'jax' and 'torch' as separate stages, JAX first. Each measurement is also appended to the record
-log the moment it exists (bench_records.py; gpu_check.sh sets it), and each child's JSON lands
+log the moment it exists (records.py; gpu_check.sh sets it), and each child's JSON lands
 next to that log, so a later crash loses nothing.
 This module needs no ml_collections and no datasets (it builds the run from model, lora, optim,
 train, sharding, flops, sample directly).
@@ -50,12 +50,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import bench_records, flops, sample, stacking
-from gpt2_lora_jax.bench_settings import LIKE_PEFT, user_settings
-from gpt2_lora_jax.bench_setup import (_on_accelerator, attention_path, gpt2_config, model_name,  # noqa: F401
-                                       setting_fields, synthetic_batch, train_setup)  # (bench.X for callers)
-from gpt2_lora_jax.bench_torch import run_torch_part
-from gpt2_lora_jax.bench_report import to_markdown, write_results
+from gpt2_lora_jax import flops, sample, stacking
+from gpt2_lora_jax.bench import records
+from gpt2_lora_jax.bench.settings import LIKE_PEFT, user_settings
+from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, gpt2_config, model_name,
+                                           setting_fields, train_setup)
+from gpt2_lora_jax.bench.torch_runner import run_torch_part
+from gpt2_lora_jax.bench.report import to_markdown, write_results
 from gpt2_lora_jax import model as gpt2_model
 
 PARTS = ("train", "decode", "score")
@@ -224,7 +225,7 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
       "trainable_params": sum(n for p, n in sizes.items() if flat_labels[p] == "trainable"),
       "total_params": sum(sizes.values()), "num_devices": len(devices), "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
-  bench_records.emit("train", **result)
+  records.emit("train", **result)
   del state, frozen, compiled, run
   return result
 
@@ -253,7 +254,7 @@ def bench_decode(cfg: BenchConfig) -> list:
                  "batch_size": batch, "prompt_len": cfg.decode_prompt_len,
                  "new_tokens": int(out["num_steps"]), "seconds": seconds, "first_call_s": times[0],
                  "tokens_per_s": batch * int(out["num_steps"]) / seconds, "dtype": config.dtype})
-    bench_records.emit("decode", **rows[-1])
+    records.emit("decode", **rows[-1])
   return rows
 
 
@@ -294,7 +295,7 @@ def run_benchmark(**settings) -> dict:
       dtype = gpt2_config(cfg).dtype
       n = cfg.matmul_n or (8192 if _on_accelerator() else 1024)
       result["matmul"] = time_matmul(n, dtype if cfg.matmul_dtype == "auto" else cfg.matmul_dtype)
-      bench_records.emit("matmul", model=model_name(cfg), **result["matmul"])
+      records.emit("matmul", model=model_name(cfg), **result["matmul"])
       _train_rows(result, bench_train(cfg, result["matmul"]), torch_results)
     if "decode" in cfg.parts:
       decode = {"jax_sampler": bench_decode(cfg)}
@@ -350,6 +351,3 @@ def main(argv=None) -> int:
     print(f"wrote {result['files']['json']} and {result['files']['markdown']}", file=sys.stderr)
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

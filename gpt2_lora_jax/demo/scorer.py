@@ -1,6 +1,6 @@
 r"""The demo scorer: a tiny sequence classifier trained in seconds on the demo's chosen vs rejected replies.
 
-    python -m gpt2_lora_jax.demo_scorer --out DIR [--rows 4000 --steps 300]
+    python -m gpt2_lora_jax.demo.scorer --out DIR [--rows 4000 --steps 300]
 
 It is a stand-in that lets the offline demo exercise the real scoring path (`python -m
 gpt2_lora_jax.reward --reward_model DIR`, the report's reward section) with no download. It is NOT
@@ -52,7 +52,7 @@ def build(out_dir: str, rows: int = 4000, steps: int = 150, batch: int = 16, see
   import torch
   import transformers
 
-  from gpt2_lora_jax import demo_data
+  from gpt2_lora_jax.demo import data as demo_data
   t0 = time.time()
   train_rows, test_rows = demo_data.rows("train", rows, seed), demo_data.rows("test", test_rows, seed)
   os.makedirs(out_dir, exist_ok=True)
@@ -119,10 +119,10 @@ def ensure(out_dir: str, python: str = sys.executable) -> dict:
 def _build_in_child(out_dir: str, python: str):
   import subprocess
   env = dict(os.environ)
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
   print(f"training the demo scorer -> {out_dir}", flush=True)
-  proc = subprocess.run([python, "-m", "gpt2_lora_jax.demo_scorer", "--out", out_dir], env=env,
+  proc = subprocess.run([python, "-m", "gpt2_lora_jax.demo.scorer", "--out", out_dir], env=env,
                         stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
   if proc.returncode != 0:
     raise BuildError("building the demo scorer failed:\n"
@@ -130,7 +130,7 @@ def _build_in_child(out_dir: str, python: str):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.demo_scorer",
+  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.demo.scorer",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="directory to write the classifier to")
   parser.add_argument("--rows", type=int, default=4000, help="demo train rows to learn from")

@@ -1,6 +1,6 @@
-"""The PyTorch side of the benchmark, run as its own process by bench.py (never imports JAX).
+"""The PyTorch side of the benchmark, run as its own process by harness.py (never imports JAX).
 
-    python -m gpt2_lora_jax.bench_peft --mode train --out peft.json --n_layer 12 --n_embd 768 \
+    python -m gpt2_lora_jax.bench.peft_peer --mode train --out peft.json --n_layer 12 --n_embd 768 \
         --n_head 12 --batch_size 16 --seq_len 1024 --lora_rank 8 --lora_targets c_attn,c_proj,c_fc
 
 Modes, each writing one JSON object to --out:
@@ -13,8 +13,8 @@ Modes, each writing one JSON object to --out:
             sequences per second.
 
 Why a separate process: JAX on GPU preallocates most of the memory at its first use and does not
-hand it back, so PyTorch and JAX never share a process; bench.py runs these children *before*
-JAX touches the device (see bench.py). Dropout is off everywhere (the JAX GPT-2 has none besides
+hand it back, so PyTorch and JAX never share a process; harness.py runs these children *before*
+JAX touches the device (see harness.py). Dropout is off everywhere (the JAX GPT-2 has none besides
 LoRA's, so HF's 0.1 resid/attn/embd dropout would be extra work on one side only).
 """
 from __future__ import annotations
@@ -197,7 +197,7 @@ def score(args) -> dict:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench_peft", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench.peft_peer", description=__doc__.split("\n")[0])
   p.add_argument("--mode", required=True, choices=("train", "generate", "score"))
   p.add_argument("--out", required=True, help="JSON file to write")
   for name, default in (("vocab_size", 50257), ("n_positions", 1024), ("n_embd", 768), ("n_layer", 12),

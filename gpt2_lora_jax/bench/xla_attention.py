@@ -1,10 +1,10 @@
 """Where does the XLA attention's time go here? Lower, compile, first run and steady run of a jitted
 attention forward + backward at GPT-2 shapes, bf16, with a dense packed-segment mask.
 
-    python -m gpt2_lora_jax.bench_xla                                   # B2 T1024 H12 K64
-    XLA_FLAGS=--xla_gpu_autotune_level=0 python -m gpt2_lora_jax.bench_xla   # the A/B: no autotuning
+    python -m gpt2_lora_jax.bench.xla_attention                                   # B2 T1024 H12 K64
+    XLA_FLAGS=--xla_gpu_autotune_level=0 python -m gpt2_lora_jax.bench.xla_attention   # the A/B: no autotuning
 
-Cases, in this order (each recorded with bench_records.emit, kind 'xla_attention', phase by phase):
+Cases, in this order (each recorded with records.emit, kind 'xla_attention', phase by phase):
   attend_xla      the project's attention.attend with Mask('xla', dense mask): what the model's
                   XLA path and the sampler run, whatever attention.py's implementation is
   nn_xla          jax.nn.dot_product_attention(implementation='xla', mask=...)
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_lora_jax import attention, bench_records
+from gpt2_lora_jax import attention
+from gpt2_lora_jax.bench import records
 
 CASES = ("attend_xla", "nn_xla", "einsum_f32acc", "nn_cudnn")
 
@@ -91,7 +92,7 @@ def phases(case: str, args, repeats: int):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench_xla", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench.xla_attention", description=__doc__.split("\n")[0])
   for name, default in (("batch_size", 2), ("seq_len", 1024), ("heads", 12), ("head_dim", 64), ("repeats", 5)):
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--dtype", default="bfloat16")
@@ -112,10 +113,10 @@ def main(argv=None) -> int:
         f"B{args.batch_size} T{args.seq_len} H{args.heads} K{args.head_dim} {args.dtype}", flush=True)
   meta = {"xla_flags": xla_flags, "device_kind": device.device_kind, "batch_size": args.batch_size,
           "seq_len": args.seq_len, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype}
-  statuses = {case: bench_records.run_phases("xla_attention", case, phases(case, args, args.repeats),
+  statuses = {case: records.run_phases("xla_attention", case, phases(case, args, args.repeats),
                                              args.case_timeout_s, **meta)["status"] for case in cases}
   code = 0 if all(s == "ok" for s in statuses.values()) else 1
-  if bench_records.any_timed_out():  # an abandoned thread may never return: do not wait for it
+  if records.any_timed_out():  # an abandoned thread may never return: do not wait for it
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,4 +1,4 @@
-"""The benchmark's files: a JSON record and a Markdown table per run (see bench.py for the fields)."""
+"""The benchmark's files: a JSON record and a Markdown table per run (see harness.py for the fields)."""
 from __future__ import annotations
 
 import datetime

@@ -3,7 +3,7 @@
 Every measuring process of benchmarks/gpu_check.sh (the preflight, the XLA attention A/B, the
 benchmark and each of its PyTorch children's parents) calls `emit(kind, ...)`; the line is written,
 flushed and fsynced before the process goes on, so a stage that crashes or hangs later loses
-nothing it had measured. bench_summary.py folds the log into the run's summary. Standard library
+nothing it had measured. summary.py folds the log into the run's summary. Standard library
 only (no jax, torch, ml_collections or datasets): importable anywhere.
 
 Environment (set by gpu_check.sh per stage; without GPU_CHECK_RECORDS nothing is written):

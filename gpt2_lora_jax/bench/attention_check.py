@@ -1,7 +1,7 @@
 """Every attention path this device can run against the fp32 XLA reference, on HH-like packed rows.
 
-    python -m gpt2_lora_jax.attention_check --out_dir benchmarks/results            # T 1024, bf16
-    python -m gpt2_lora_jax.attention_check --batch_size 2 --seq_len 64 --heads 4 --out_dir /tmp/x
+    python -m gpt2_lora_jax.bench.attention_check --out_dir benchmarks/results            # T 1024, bf16
+    python -m gpt2_lora_jax.bench.attention_check --batch_size 2 --seq_len 64 --heads 4 --out_dir /tmp/x
 
 Rows: conversation lengths drawn from the length distribution of HH-RLHF (QUANTILES below),
 packed by the project's packer (packing.pack, capped at --max_segments) into T-token rows, so the
@@ -14,7 +14,7 @@ to the bf16 XLA path's own difference (the rounding every bf16 path has), NaN co
 median time of a jitted forward + backward. A path passes when nothing is NaN and its differences
 are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a cuDNN bound).
 A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
-Each path's row is printed (flushed) and recorded (bench_records.emit, kind 'attention_check') the
+Each path's row is printed (flushed) and recorded (records.emit, kind 'attention_check') the
 moment it is measured, so a later path that hangs or crashes loses none of the earlier ones.
 Results: attention_check_<device>_<UTC time>.{json,md} in --out_dir. Imports no ml_collections
 or datasets (the GPU machine has neither).
@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_lora_jax import attention, bench_records, packing
-from gpt2_lora_jax.bench_report import slug
+from gpt2_lora_jax import attention, packing
+from gpt2_lora_jax.bench import records
+from gpt2_lora_jax.bench.report import slug
 
 # Conversation lengths (tokens of a training row: inputs after shifting) of HH-RLHF harmless-base's
 # test split (2,308 conversations, measured with data.build, tokenizer 'offline', loss mask
@@ -145,7 +146,7 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
     _report_path(path, row, result["paths"]["xla"] if path != "xla" else row)
   if "cudnn_packed" in result["paths"] and "error" not in result["paths"]["cudnn_packed"]:
     result["overflow_row_is_nan"] = _overflow_is_nan(q, k, v, max_segments)
-    bench_records.emit("attention_check", path="cudnn_packed overflow row is NaN", ok=result["overflow_row_is_nan"])
+    records.emit("attention_check", path="cudnn_packed overflow row is NaN", ok=result["overflow_row_is_nan"])
   return result
 
 
@@ -160,7 +161,7 @@ def _report_path(path: str, row: dict, xla_row: dict):
     d = row["max_abs_diff_vs_fp32"]
     print(f"{path}: ok {row['ok']}, max abs diff out {d['out']:.3g} dq {d['dq']:.3g} dk {d['dk']:.3g} "
           f"dv {d['dv']:.3g}, NaNs {sum(row['nan'].values())}, fwd+bwd {row['fwd_bwd_s'] * 1e3:.3g} ms", flush=True)
-  bench_records.emit("attention_check", path=path, **row)
+  records.emit("attention_check", path=path, **row)
 
 
 def _overflow_is_nan(q, k, v, max_segments: int) -> bool:
@@ -197,7 +198,7 @@ def to_markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.attention_check", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench.attention_check", description=__doc__.split("\n")[0])
   for name, default in (("batch_size", 16), ("seq_len", 1024), ("heads", 12), ("head_dim", 64),
                         ("max_segments", 32), ("seed", 0), ("repeats", 5)):
     parser.add_argument(f"--{name}", type=int, default=default)

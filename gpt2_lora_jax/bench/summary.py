@@ -1,6 +1,6 @@
-"""One GPU check run's summary: summary.json and summary.md from its record logs (bench_records.py).
+"""One GPU check run's summary: summary.json and summary.md from its record logs (record_log.py).
 
-    python -m gpt2_lora_jax.bench_summary --work WORK_DIR --out OUT_DIR --run_id ID --planned a,b,c
+    python -m gpt2_lora_jax.bench.summary --work WORK_DIR --out OUT_DIR --run_id ID --planned a,b,c
 
 gpu_check.sh runs this after every stage, so a run killed at any point still leaves a summary of
 what had finished. It reads every WORK_DIR/*.jsonl (one per stage) and WORK_DIR/stages.tsv (the
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from gpt2_lora_jax import bench_records
+from gpt2_lora_jax.bench import records as record_log
 
 # The issue's targets (GPU, one run): every path and the sampler compile in <= 60 s and run; JAX
 # tokens/s >= 1.5x PEFT + torch.compile (gpt2 b16, gpt2-xl b8); gpt2-xl >= 45% of the matmul rate
@@ -90,7 +90,7 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
   logs = sorted(glob.glob(os.path.join(work, "*.jsonl")),
                 key=lambda p: (order.get(os.path.basename(p)[:-len(".jsonl")], len(order)), p))
   for path in logs:  # in the run's stage order
-    got, n_bad = bench_records.read(path)
+    got, n_bad = record_log.read(path)
     records += got
     bad += n_bad
   s = {"run_id": run_id, "updated_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -251,7 +251,7 @@ def write(summary: dict, out_dir: str) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench_summary", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m gpt2_lora_jax.bench.summary", description=__doc__.split("\n")[0])
   parser.add_argument("--work", required=True, help="the run's working folder (record logs, stages.tsv)")
   parser.add_argument("--out", required=True, help="where summary.json and summary.md go")
   parser.add_argument("--run_id", default="")

@@ -1,5 +1,5 @@
-"""The pieces of one benchmark configuration (a bench.BenchConfig): the GPT-2 config it runs, its
-synthetic batch, and the train step set up on the devices, for bench.py and bench_preflight.py."""
+"""The pieces of one benchmark configuration (a harness.BenchConfig): the GPT-2 config it runs, its
+synthetic batch, and the train step set up on the devices, for harness.py and preflight.py."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import attention_check, bench_records, lora, optim, sharding, stacking, train
+from gpt2_lora_jax import lora, optim, sharding, stacking, train
+from gpt2_lora_jax.bench import attention_check, records
 from gpt2_lora_jax import model as gpt2_model
 
 
@@ -138,4 +139,4 @@ def attention_path(config, cfg: BenchConfig, segment_ids) -> str:
     return gpt2_model.layer_mask(config, cfg.seq_len, cfg.seq_len, None,
                                  segment_ids if cfg.segment_ids else None).path
   except Exception as e:  # the step ran; only the label is missing
-    return f"unknown ({bench_records.error_text(e)})"
+    return f"unknown ({records.error_text(e)})"

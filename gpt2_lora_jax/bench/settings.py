@@ -6,8 +6,8 @@ from __future__ import annotations
 import ast
 import os
 
-USER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gpt2_hh.py")
-# What PEFT is timed at (bench_peft.py): LoRA r8, alpha 16, no dropout, no remat, no scan.
+USER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "gpt2_hh.py")
+# What PEFT is timed at (peft_peer.py): LoRA r8, alpha 16, no dropout, no remat, no scan.
 LIKE_PEFT = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "scan_layers": False, "remat": "none"}
 
 

@@ -1,0 +1,17 @@
+"""The benchmark and the GPU check's tools: nothing here is imported by the product.
+
+    python -m gpt2_lora_jax.bench --preset gpt2 --batch_size 16 --seq_len 1024 --compare peft
+
+  harness.py          throughput, MFU, memory and compile time of the train step, sampler, scorer
+                      (the command above, through __main__.py)
+  run_setup.py        one configuration's GPT-2 config, synthetic batch and jitted train step
+  settings.py         the 'user' (configs/gpt2_hh.py) and 'like_peft' settings
+  torch_runner.py     the PyTorch children of a run, one process per part; peft_peer.py is the child
+  report.py           a run's JSON and Markdown files
+  preflight.py, xla_attention.py, attention_check.py, records.py, summary.py
+                      the stages of benchmarks/gpu_check.sh, its record log and its summary
+  step_plan.py        the compiler's plan (memory, FLOPs, compile time) of one train step on
+                      abstract shapes (BUILD.md's memory table, benchmarks/compile_plan.py)
+
+benchmarks/README.md explains every field and stage.
+"""
