@@ -64,6 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_lora_jax.errors import describe_exception
+
 PATHS = ("xla", "cudnn_causal", "cudnn_packed", "cudnn_mask", "cudnn_lengths")
 # no mask; packed segment ids; a KV cache whose valid keys are per-row prefixes; any other mask
 MASK_KINDS = ("causal", "segments", "lengths", "dense")
@@ -101,12 +103,6 @@ def _compute_capability(device) -> tuple:
     return tuple(int(x) for x in str(getattr(device, "compute_capability", "")).split("."))
   except ValueError:
     return ()
-
-
-def describe_exception(e: BaseException) -> str:
-  """'Type: first non-empty line of the message' (an exception's message may be empty)."""
-  lines = [line for line in str(e).splitlines() if line.strip()]
-  return f"{type(e).__name__}: {lines[0][:200] if lines else '(no message)'}"
 
 
 def _packed_api_available() -> bool:

@@ -16,3 +16,10 @@ class MissingPackageError(UserError, ImportError):
 
 class UserPathError(UserError, OSError):
   """A path the user gave cannot be used (e.g. an unwritable --workdir)."""
+
+
+def describe_exception(e: BaseException) -> str:
+  """'Type: first non-empty line of the message' for a one-line report; never raises (an exception's
+  message may be empty, or only blank lines)."""
+  lines = [line for line in str(e).splitlines() if line.strip()]
+  return f"{type(e).__name__}: {lines[0][:200] if lines else '(no message)'}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from gpt2_lora_jax.errors import describe_exception
+
 
 class HubUnreachableError(OSError):
   """The hub could not be reached (offline machine, firewall) or the id does not exist there."""
@@ -37,8 +39,8 @@ def resolve(name_or_path: str, files: list[str], what: str, flag: str) -> str:
               "by save_pretrained), or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face "
               "cache")
     raise HubUnreachableError(
-        f"could not fetch {what} {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). {cached}.") from e
+        f"could not fetch {what} {name_or_path!r} from the Hugging Face hub "
+        f"({describe_exception(e)}). {cached}.") from e
 
 
 def weight_patterns(files: list[str], repo_files: list[str]) -> list[str]:

@@ -286,6 +286,7 @@ def main(argv=None) -> int:
                       "'float32', 'float16', 'bfloat16'")
   args = parser.parse_args(argv)
   from gpt2_lora_jax import hub
+  from gpt2_lora_jax.errors import describe_exception
   try:
     summary = score_file(args.generations, args.out, args.reward_model, batch_size=args.batch_size,
                          max_length=args.max_length, device=args.device, dtype=args.dtype)
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
     return 2
   except Exception as e:  # out of memory gets its own advice; anything else its own message
     if "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError":
-      print(f"error: out of memory while scoring ({type(e).__name__}: {str(e).splitlines()[0]}); "
+      print(f"error: out of memory while scoring ({describe_exception(e)}); "
             f"lower --batch_size (now {args.batch_size}) or --max_length, or use --device cpu",
             file=sys.stderr)
       return 3

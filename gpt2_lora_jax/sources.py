@@ -22,7 +22,7 @@ import tempfile
 from typing import Callable, Optional
 
 from gpt2_lora_jax import hub
-from gpt2_lora_jax.errors import MissingPackageError, UserError
+from gpt2_lora_jax.errors import MissingPackageError, UserError, describe_exception
 from gpt2_lora_jax.heldout import SUBSETS
 
 SUBSET_CHOICES = SUBSETS + ("all",)  # 'all' = the hub dataset's default: the four together
@@ -101,10 +101,9 @@ def read_hub(hub_id: str, subset: str, split_name: str, field: str):
   try:
     table = datasets.load_dataset(hub_id, data_dir=None if subset == "all" else subset, split=split_name)
   except Exception as e:  # offline, firewalled, unknown id or split: one message that says what to do
-    first_line = str(e).splitlines()[0] if str(e) else ""
     raise hub.HubUnreachableError(
         f"could not load {hub_id!r} (subset {subset!r}, split {split_name!r}) with "
-        f"datasets.load_dataset ({type(e).__name__}: {first_line}). The Hugging Face hub is "
+        f"datasets.load_dataset ({describe_exception(e)}). The Hugging Face hub is "
         "unreachable from here or refused the request. Train from local copies of the rows instead: "
         "--config.data.source=files --config.data.train_files=path/train.jsonl.gz "
         "--config.data.eval_files=path/test.jsonl.gz (.jsonl, .jsonl.gz, .json or .parquet rows "

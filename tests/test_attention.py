@@ -468,3 +468,13 @@ def test_the_cudnn_lengths_probe_lowers_for_cuda(simulated_gpu):
   import re
   assert re.findall(r"__cudnn\$\w+", text) == ["__cudnn$fmhaSoftmax"] * 2
   assert sorted(re.findall(r'mask_type\\22: \\22(\w+)\\22', text)) == ["PADDING", "PADDING_CAUSAL"]
+
+
+@pytest.mark.parametrize("error, expected", [
+    (AssertionError(), "AssertionError: (no message)"),
+    (RuntimeError("\n  \n"), "RuntimeError: (no message)"),
+    (ValueError("\nsecond line first\nthird"), "ValueError: second line first"),
+])
+def test_describe_exception_never_raises_on_empty_messages(error, expected):
+  from gpt2_lora_jax.errors import describe_exception
+  assert describe_exception(error) == expected

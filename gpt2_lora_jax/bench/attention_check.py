@@ -37,6 +37,7 @@ import numpy as np
 from gpt2_lora_jax import attention, packing
 from gpt2_lora_jax.bench import records
 from gpt2_lora_jax.bench.report import slug
+from gpt2_lora_jax.errors import describe_exception
 
 # Conversation lengths (tokens of a training row: inputs after shifting) of HH-RLHF harmless-base's
 # test split (2,308 conversations, measured with data.build, tokenizer 'offline', loss mask
@@ -141,7 +142,7 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
              "max_abs_diff_vs_fp32": {n: _max_abs(x, r) for n, x, r in
                                       zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads))}}
     except Exception as e:  # a kernel this device or jax refuses: recorded, the others go on
-      row = {"error": attention.describe_exception(e)}  # a message may be empty
+      row = {"error": describe_exception(e)}  # a message may be empty
     result["paths"][path] = row
     _report_path(path, row, result["paths"]["xla"] if path != "xla" else row)
   if "cudnn_packed" in result["paths"] and "error" not in result["paths"]["cudnn_packed"]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import faulthandler
 import os
 import sys
 import time
@@ -107,15 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--dtype", default="", help="compute and base dtype ('' = configs/gpt2_hh.py's, bfloat16); "
                       "the CPU smoke run uses float32, which XLA:CPU compiles in half the time")
-  parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, in order, from {CASES}")
-  parser.add_argument("--case_timeout_s", type=float, default=40.0, help="a case still running then is abandoned")
-  parser.add_argument("--stall_dump_s", type=float, default=30.0, help="seconds between stack dumps (stderr)")
+  records.add_case_flags(parser, CASES, case_timeout_s=40.0)
   args = parser.parse_args(argv)
-  cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-  unknown = sorted(set(cases) - set(CASES))
-  if unknown:
-    parser.error(f"--cases: unknown {unknown}; choose from {CASES}")
-  faulthandler.dump_traceback_later(args.stall_dump_s, repeat=True)
+  cases = records.chosen_cases(parser, args, CASES)
   device = jax.devices()[0]
   records.emit("preflight", case="device", phase="info", device_kind=device.device_kind,
                      platform=device.platform, jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))

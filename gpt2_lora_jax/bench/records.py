@@ -16,6 +16,7 @@ Environment (set by gpu_check.sh per stage; without GPU_CHECK_RECORDS nothing is
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import signal
@@ -24,6 +25,24 @@ import threading
 RECORDS_ENV, STAGE_ENV, KILL_ENV = "GPU_CHECK_RECORDS", "GPU_CHECK_STAGE", "GPU_CHECK_KILL_AFTER"
 _written = {"count": 0}
 _lock = threading.Lock()
+
+
+def add_case_flags(parser, cases: tuple, case_timeout_s: float):
+  """--cases, --case_timeout_s and --stall_dump_s, as every staged command takes them."""
+  parser.add_argument("--cases", default=",".join(cases), help=f"comma-separated, in order, from {cases}")
+  parser.add_argument("--case_timeout_s", type=float, default=case_timeout_s,
+                      help="a case still running then is abandoned")
+  parser.add_argument("--stall_dump_s", type=float, default=30.0, help="seconds between stack dumps (stderr)")
+
+
+def chosen_cases(parser, args, cases: tuple) -> list:
+  """The --cases asked for, in order (an unknown name is a usage error); starts the stack dumps."""
+  chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
+  unknown = sorted(set(chosen) - set(cases))
+  if unknown:
+    parser.error(f"--cases: unknown {unknown}; choose from {cases}")
+  faulthandler.dump_traceback_later(args.stall_dump_s, repeat=True)
+  return chosen
 
 
 def stage() -> str:

@@ -19,7 +19,6 @@ abandoned and the next runs; a stack dump of every thread goes to stderr every -
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
 import statistics
 import sys
@@ -96,15 +95,9 @@ def main(argv=None) -> int:
   for name, default in (("batch_size", 2), ("seq_len", 1024), ("heads", 12), ("head_dim", 64), ("repeats", 5)):
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, in order, from {CASES}")
-  parser.add_argument("--case_timeout_s", type=float, default=30.0, help="a case still running then is abandoned")
-  parser.add_argument("--stall_dump_s", type=float, default=30.0, help="seconds between stack dumps (stderr)")
+  records.add_case_flags(parser, CASES, case_timeout_s=30.0)
   args = parser.parse_args(argv)
-  cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-  unknown = sorted(set(cases) - set(CASES))
-  if unknown:
-    parser.error(f"--cases: unknown {unknown}; choose from {CASES}")
-  faulthandler.dump_traceback_later(args.stall_dump_s, repeat=True)
+  cases = records.chosen_cases(parser, args, CASES)
   device = jax.devices()[0]
   if device.platform != "gpu":
     cases = [c for c in cases if c != "nn_cudnn"]
