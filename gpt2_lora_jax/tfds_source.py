@@ -108,7 +108,7 @@ def builder_class():
       if self._inputs is not None:
         metadata["inputs"] = describe_inputs(self._inputs)
       return tfds.core.DatasetInfo(
-          builder=self, description=__doc__.splitlines()[0],
+          builder=self, description=__doc__.partition("\n")[0],
           features=tfds.features.FeaturesDict(features),
           disable_shuffling=True,  # keep reading order: row i of the split is row i of the files
           metadata=metadata)
