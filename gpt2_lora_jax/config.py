@@ -32,6 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora.rank = 8  # 0 turns LoRA off: every parameter is trained (full fine-tuning baseline)
   c.lora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
   c.lora.dropout = 0.05  # dropout on the adapter input only
+  # Its random bits (dropout.py): 'packed' (four 16-bit values per threefry hash; the rate rounded
+  # to a multiple of 2^-16) or 'bernoulli' (flax's nn.Dropout: one threefry hash per element).
+  c.lora.dropout_rng = "packed"
   c.lora.targets = ("c_attn", "c_proj", "c_fc")  # regexes on module paths, or PEFT short names
   c.lora.use_rslora = False
   c.lora.init = "kaiming_uniform"  # init of A ('kaiming_uniform' as PEFT, or 'gaussian'); B = 0

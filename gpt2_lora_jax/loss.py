@@ -30,6 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gpt2_lora_jax import dropout as dropout_lib
+
 # Positions per logits chunk (at most): one chunk's fp32 logits are B x 256 x 50304 x 4 bytes
 # (206 MB at B = 4), the whole batch's would be T / 256 times that.
 DEFAULT_CHUNK = 256
@@ -47,6 +49,7 @@ class HeadSpec:
   dtype: str = "float32"  # dtype of the matmul inputs (the model's compute dtype)
   lora_scale: float = 0.0  # s of the head adapter (unused when the head has none)
   lora_dropout: float = 0.0  # dropout on the head adapter's input (training only)
+  lora_dropout_rng: str = "packed"  # its random bits (dropout.py)
   deterministic: bool = True
   chunk: int = DEFAULT_CHUNK
   vocab_multiple: int = VOCAB_MULTIPLE
@@ -95,8 +98,9 @@ def _keep(spec: HeadSpec, key, index, shape):
   """Dropout keep-mask scaled by 1 / (1 - p) for one chunk, or None."""
   if spec.deterministic or spec.lora_dropout <= 0.0:
     return None
-  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - spec.lora_dropout, shape)
-  return keep.astype(spec.dtype) / jnp.asarray(1.0 - spec.lora_dropout, spec.dtype)
+  keep = dropout_lib.mask(jax.random.fold_in(key, index), shape, spec.lora_dropout, spec.lora_dropout_rng)
+  p = dropout_lib.keep_probability(spec.lora_dropout, spec.lora_dropout_rng)
+  return keep.astype(spec.dtype) / jnp.asarray(p, spec.dtype)
 
 
 def _chunk_logits(spec: HeadSpec, prep: dict, h_BCD, keep_BCD):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_lora_jax import attention
+from gpt2_lora_jax import dropout as dropout_lib
 from gpt2_lora_jax.errors import UserError
 
 # Width, depth and heads of the four released GPT-2 sizes.
@@ -64,6 +65,9 @@ class GPT2Config:
   # Segments (conversations) a packed row may hold: sizes cuDNN's packed layout; the packer
   # enforces it (data.max_segments_per_row). 0: no cap (packed rows then never use that layout).
   max_segments_per_row: int = 32
+  # LoRA dropout's random bits (dropout.py): 'packed' (four 16-bit values per threefry hash) or
+  # 'bernoulli' (flax's nn.Dropout: one hash per element).
+  lora_dropout_rng: str = "packed"
   remat: str = "none"  # rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs)
   # Run the blocks as one nn.scan over stacked layer parameters (tree key 'h', leaves (L, ...)):
   # compile time stops growing with depth. Checkpoint formats stay per layer (stacking.py).
@@ -74,6 +78,8 @@ class GPT2Config:
       raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise UserError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
+    if self.lora_dropout_rng not in dropout_lib.RNGS:
+      raise UserError(f"lora_dropout_rng={self.lora_dropout_rng!r}: choose one of {dropout_lib.RNGS}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
     if self.max_segments_per_row < 0:
@@ -160,6 +166,7 @@ class Linear(nn.Module):
   param_dtype: Any = jnp.float32
   lora_scale: Optional[float] = None
   lora_dropout: float = 0.0
+  lora_dropout_rng: str = "packed"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -181,8 +188,10 @@ def lora_delta(module: nn.Module, x, deterministic: bool):
         "without a LoRA scale: build it with gpt2_lora_jax.lora.make_model(config, lora_config)")
   a = module.get_variable("params", "lora_a").astype(module.dtype)  # (in, r)
   b = module.get_variable("params", "lora_b").astype(module.dtype)  # (r, out)
-  if module.lora_dropout > 0.0:
+  if module.lora_dropout > 0.0 and module.lora_dropout_rng == "bernoulli":  # flax's, as it was
     x = nn.Dropout(module.lora_dropout, name="lora_dropout")(x, deterministic=deterministic)
+  elif module.lora_dropout > 0.0 and not deterministic:
+    x = dropout_lib.apply(x, module.lora_dropout, module.make_rng("dropout"), module.lora_dropout_rng)
   return (jnp.dot(x, a) @ b) * jnp.asarray(module.lora_scale, module.dtype)
 
 
@@ -194,6 +203,7 @@ class LMHead(nn.Module):
   param_dtype: Any = jnp.float32
   lora_scale: Optional[float] = None
   lora_dropout: float = 0.0
+  lora_dropout_rng: str = "packed"
 
   @nn.compact
   def __call__(self, h_BTD, embedding_VD, deterministic: bool = True):
@@ -216,7 +226,7 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, mask: attention.Mask, kv_cache=None, cache_index=None, deterministic=True):
     cfg = self.config
     dense = lambda n, name: Linear(n, _dtype(cfg.dtype), _dtype(cfg.param_dtype), self.lora_scale,
-                                   self.lora_dropout, name=name)
+                                   self.lora_dropout, cfg.lora_dropout_rng, name=name)
     B, T, D = x_BTD.shape
     qkv = dense(3 * D, "c_attn")(x_BTD, deterministic)
     q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
@@ -249,7 +259,7 @@ class MLP(nn.Module):
   def __call__(self, x_BTD, deterministic=True):
     cfg = self.config
     dense = lambda n, name: Linear(n, _dtype(cfg.dtype), _dtype(cfg.param_dtype), self.lora_scale,
-                                   self.lora_dropout, name=name)
+                                   self.lora_dropout, cfg.lora_dropout_rng, name=name)
     h = dense(4 * cfg.n_embd, "c_fc")(x_BTD, deterministic)
     h = jax.nn.gelu(h, approximate=True)  # GPT-2's 'gelu_new'
     return dense(cfg.n_embd, "c_proj")(h, deterministic)
@@ -357,7 +367,7 @@ class GPT2(nn.Module):
       self.h = [block(cfg, self.lora_scale, self.lora_dropout) for _ in range(cfg.n_layer)]
     self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dt, param_dtype=pdt)
     self.lm_head = LMHead(cfg.vocab_size, cfg.tie_word_embeddings, dt, pdt, self.lora_scale,
-                          self.lora_dropout)
+                          self.lora_dropout, cfg.lora_dropout_rng)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                kv_cache=None, cache_index=None, deterministic=True, return_hidden=False,

@@ -82,6 +82,7 @@ class BenchConfig:
   lora_rank: int = _flag(8, "LoRA rank; 0 = full fine-tuning")
   lora_alpha: float = _flag(16.0, "LoRA alpha (scale = alpha / rank)")
   lora_dropout: float = _flag(0.0, "LoRA dropout on the adapters' input")
+  lora_dropout_rng: str = _flag("packed", "LoRA dropout's random bits: packed, bernoulli (dropout.py)")
   lora_targets: tuple = _flag(("c_attn", "c_proj", "c_fc"), "LoRA target modules, comma-separated")
   remat: str = _flag("none", "rematerialisation: none, full, dots")
   scan_layers: bool = _flag(False, "blocks under nn.scan (model.scan_layers)")

@@ -33,7 +33,8 @@ def user_settings(preset: str, path: str = USER_CONFIG) -> dict:
   if remat is None or preset not in remat:
     raise ValueError(f"{path}: no REMAT entry for {preset!r}")
   return {"lora_rank": int(found["lora.rank"]), "lora_alpha": float(found["lora.alpha"]),
-          "lora_dropout": float(found["lora.dropout"]), "lora_targets": tuple(found["lora.targets"]),
+          "lora_dropout": float(found["lora.dropout"]),
+          "lora_dropout_rng": found.get("lora.dropout_rng", "packed"), "lora_targets": tuple(found["lora.targets"]),
           "scan_layers": bool(found["model.scan_layers"]), "remat": remat[preset],
           "attention": found["model.attention_impl"], "dtype": found["model.dtype"],
           "param_dtype": found["model.base_param_dtype"]}
