@@ -42,7 +42,18 @@ VARIANTS = {
     "user_remat_full": {"remat": "full"},
     "like_peft": {"setting": "like_peft"},
     "like_peft_scan": {"setting": "like_peft", "scan": True},
+    "like_peft_pallas": {"setting": "like_peft", "attention": "pallas"},
+    "like_peft_scan_pallas": {"setting": "like_peft", "scan": True, "attention": "pallas"},
+    "user_pallas": {"attention": "pallas"},
+    "user_unrolled": {"remat": "none", "scan_layers": False},
+    "user_unrolled_pallas": {"remat": "none", "scan_layers": False, "attention": "pallas"},
+    "user_unrolled_dots_pallas": {"remat": "dots", "scan_layers": False, "attention": "pallas"},
+    "seed": {"setting": "seed"},
+    "seed_pallas": {"setting": "seed", "attention": "pallas"},
 }
+# configs/seed_study.py's model and LoRA settings (gpt2-medium, one 1024-token row per step).
+SEED_STUDY = {"lora_rank": 1, "lora_alpha": 1.0, "lora_dropout": 0.0, "remat": "none", "scan_layers": False,
+              "lora_targets": ("c_attn", "c_proj", "c_fc", "lm_head")}
 
 
 def bench_config(args, name: str) -> harness.BenchConfig:
@@ -53,8 +64,11 @@ def bench_config(args, name: str) -> harness.BenchConfig:
               attention=args.attention, setting="flags")
   if args.smoke:
     base.update(n_layer=2, n_embd=64, n_head=4, vocab_size=512, seq_len=64, max_segments=8)
-  fixed = user_settings(args.preset) if setting == "user" else dict(LIKE_PEFT)
+  fixed = (user_settings(args.preset) if setting == "user" else dict(SEED_STUDY) if setting == "seed"
+           else dict(LIKE_PEFT))
   fields = {**base, **fixed, **over}
+  if args.smoke and fields.get("attention") == "pallas":
+    fields["attention"] = "xla"  # no Triton on the CPU
   if scan is not None:
     fields["scan_layers"] = scan
   fields.pop("dtype", None) if args.smoke else None

@@ -17,6 +17,8 @@ Five paths compute softmax(q k^T / sqrt(K) + mask) v for model.Attention:
                 a full [B, H, T, T] bias gradient (jax CHANGELOG, jax-ml/jax#34685).
   cudnn_lengths jax.nn.dot_product_attention(key_value_seq_lengths=..., implementation='cudnn'):
                 the sampler's KV cache (mask kind 'lengths', below). No dense mask.
+  pallas        flash.segment_attention: jax's Pallas (Triton) flash-attention kernels with the
+                (B, T) segment ids, causal (rows with or without segments; attention_impl='pallas').
 
 Mask kind 'lengths' (the sampler, sample.py): a KV cache filled from slot 0, each row's valid keys
 a prefix, slots [0, kv_lengths[b]); query t of a chunk sits at slot query_offset + t and sees key
@@ -66,7 +68,7 @@ import numpy as np
 
 from gpt2_lora_jax.errors import describe_exception
 
-PATHS = ("xla", "cudnn_causal", "cudnn_packed", "cudnn_mask", "cudnn_lengths")
+PATHS = ("xla", "cudnn_causal", "cudnn_packed", "cudnn_mask", "cudnn_lengths", "pallas")
 # no mask; packed segment ids; a KV cache whose valid keys are per-row prefixes; any other mask
 MASK_KINDS = ("causal", "segments", "lengths", "dense")
 MIN_CUDNN_PACKED = 90600  # jax's packed-layout test skips below cuDNN 9.6.0
@@ -190,7 +192,7 @@ def probe_lowered(path: str, lowering_platforms: Optional[tuple] = None, referen
 
   def fwd_bwd(q, k, v, g, seg, dense):
     mask = (Mask("cudnn_causal") if kernel_path == "cudnn_causal"
-            else build_mask(kernel_path, dense, seg, PROBE_SEGMENTS))
+            else build_mask(kernel_path, dense, seg, PROBE_SEGMENTS))  # pallas: the ids
 
     kernel = lambda q, k, v: attend(q, k, v, mask, fallback=False)  # a refusal is the answer
     out, vjp = jax.vjp(kernel, q, k, v)
@@ -253,9 +255,16 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   if impl == "xla":
     return "xla"
   if plat.backend != "gpu" or not plat.cuda:
-    if impl == "cudnn":
-      note(f"attention_impl='cudnn' on {plat.backend}: XLA attention (cuDNN runs on NVIDIA GPUs only)")
+    if impl in ("cudnn", "pallas"):
+      note(f"attention_impl={impl!r} on {plat.backend}: XLA attention (its kernels run on NVIDIA GPUs only)")
     return "xla"
+  probed = lambda path: "" if probe is None else probe(path)
+  if impl == "pallas" and kind in ("segments", "causal"):
+    from gpt2_lora_jax import flash
+    problem = flash.supported(seq_len, head_dim) or probed("pallas")
+    if not problem:
+      return "pallas"
+    note(f"attention: cuDNN/XLA instead of Pallas flash attention: {problem}")
   # From here: an NVIDIA GPU and impl 'cudnn' or 'auto'.
   reason = None
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -271,7 +280,6 @@ def select_path(impl: str, kind: str, plat: Platform, dtype, head_dim: int, seq_
   if reason:
     note(f"attention: XLA instead of cuDNN: {reason}")
     return "xla"
-  probed = lambda path: "" if probe is None else probe(path)
   single = {"causal": ("cudnn_causal", "cuDNN's causal kernel"),
             "lengths": ("cudnn_lengths", "cuDNN with per-row kv lengths (the sampler)")}
   if kind in single:  # one cuDNN path, else XLA
@@ -373,6 +381,8 @@ class Mask:
 
 def build_mask(path: str, dense_B1TS, segment_ids_BT, max_segments: int) -> Mask:
   """The Mask for `path`: the dense mask for xla / cudnn_mask, the layout for cudnn_packed."""
+  if path == "pallas":  # the kernel takes the ids; rows without segments are one segment each
+    return Mask(path, segment_ids_BT=None if segment_ids_BT is None else jnp.asarray(segment_ids_BT))
   if path == "cudnn_packed":
     # One more slot than conversations: trailing padding is a segment of its own.
     return Mask(path, None, *segment_layout(segment_ids_BT, max_segments + 1),
@@ -445,6 +455,11 @@ def lengths_attention(mask: Mask, q_BTHK, k_BSHK, v_BSHK, implementation: str = 
 
 
 def _cudnn(mask: Mask, q_BTHK, k_BSHK, v_BSHK):
+  if mask.path == "pallas":
+    from gpt2_lora_jax import flash
+    seg = mask.segment_ids_BT
+    seg = jnp.ones(q_BTHK.shape[:2], jnp.int32) if seg is None else seg
+    return flash.segment_attention(q_BTHK, k_BSHK, v_BSHK, seg)
   if mask.path == "cudnn_lengths":
     return lengths_attention(mask, q_BTHK, k_BSHK, v_BSHK)
   if mask.path == "cudnn_causal":
@@ -477,7 +492,7 @@ def attend(q_BTHK, k_BSHK, v_BSHK, mask: Mask, fallback: bool = True):
   except Exception as e:  # e.g. NotImplementedError or a version check of jax's cuDNN wrapper
     _log_once(f"attention: XLA instead of {mask.path}: jax refused it: {describe_exception(e)}")
   dense = mask.dense_B1TS
-  if mask.path == "cudnn_packed":
+  if mask.path in ("cudnn_packed", "pallas") and mask.segment_ids_BT is not None:
     dense = _segment_mask(mask.segment_ids_BT)
   elif mask.path == "cudnn_lengths":  # its kv lengths already hold the query slot's bound
     T, S = q_BTHK.shape[1], k_BSHK.shape[1]

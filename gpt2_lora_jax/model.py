@@ -42,7 +42,7 @@ PRESETS = {
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
 }
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -60,7 +60,8 @@ class GPT2Config:
   dtype: str = "float32"  # compute dtype: float32 on CPU tests, bfloat16 on accelerators
   param_dtype: str = "float32"  # dtype of freshly initialised parameters
   # 'xla' (the reference; always on CPU/TPU), 'cudnn' (cuDNN kernels on NVIDIA GPUs: packed rows
-  # through its packed layout) or 'auto' (cuDNN where it applies); see attention.py.
+  # through its packed layout), 'auto' (cuDNN where it applies) or 'pallas' (Pallas flash
+  # attention with segment ids for training rows on NVIDIA GPUs, cuDNN for the rest); attention.py.
   attention_impl: str = "xla"
   # Segments (conversations) a packed row may hold: sizes cuDNN's packed layout; the packer
   # enforces it (data.max_segments_per_row). 0: no cap (packed rows then never use that layout).

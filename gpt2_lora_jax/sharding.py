@@ -17,6 +17,7 @@ printed by `python -m gpt2_lora_jax.bench.step_plan --memory_table`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -135,6 +136,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows of a (B, T) batch split over every device ('data' and 'fsdp' together)."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def traced_on(mesh: Mesh, fn):
+  """fn, traced with `mesh` as the abstract mesh in context: kernels that XLA's partitioner cannot
+  split (flash.py's Pallas attention) read it to map themselves over the rows of each device."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def check_batch_divides(batch_size: int, micro_batches: int, mesh: Mesh):

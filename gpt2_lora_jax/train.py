@@ -47,7 +47,7 @@ def token_loss_sums(model, params, batch, rng, deterministic: bool, chunk: int =
   head = loss_lib.head_from_params(params, cfg.tie_word_embeddings)
   spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
                            lora_scale=float(model.lora_scale or 0.0), lora_dropout=model.lora_dropout,
-                           deterministic=deterministic, chunk=chunk)
+                           lora_dropout_rng=cfg.lora_dropout_rng, deterministic=deterministic, chunk=chunk)
   if "lora_a" in head and model.lora_scale is None:
     raise ValueError("parameters at lm_head hold LoRA adapters but the model was built without a LoRA "
                      "scale: build it with gpt2_lora_jax.lora.make_model(config, lora_config)")
@@ -241,7 +241,7 @@ def jit_train_step(model, labels, micro_batches: int, tx, schedule, mesh, state_
   """The train step under jit: explicit shardings, the state donated, compiled once per run.
   loss_fn: as in make_train_step (default: the supervised token NLL)."""
   from gpt2_lora_jax import sharding
-  step = make_train_step(model, tx, labels, micro_batches, schedule, loss_fn)
+  step = sharding.traced_on(mesh, make_train_step(model, tx, labels, micro_batches, schedule, loss_fn))
   return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -331,7 +331,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
                            step_frozen_sh, obj.loss_fn)
-  eval_fn = jax.jit(obj.eval_fn, in_shardings=(state_sh["trainable"], step_frozen_sh, batch_sh),
+  eval_fn = jax.jit(sharding.traced_on(mesh, obj.eval_fn), in_shardings=(state_sh["trainable"], step_frozen_sh, batch_sh),
                     out_shardings=repl)
   seq_len = config.data.max_length
   step_flops = flops.train_flops_per_token(exp.params, exp.labels, exp.gpt2_config.n_layer,
