@@ -89,7 +89,9 @@ def test_gpu_like_trace_every_number_against_a_hand_reduction():
 
   n, all_us = len(WINDOWS), sum(totals.values())
   mean = lambda key: sum(e[key] for e in expected_steps) / n / 1e3  # noqa: E731
-  rows = _rows(trace_reduce.to_markdown(r, "synthetic"))
+  markdown = trace_reduce.to_markdown(r, "synthetic")
+  assert "cuda_graph: whole CUDA graphs" in markdown
+  rows = _rows(markdown)
   split = {row[0]: row[1:] for row in rows[:-len(totals)]}
   for cat in set(CATEGORY.values()):
     n_calls = sum(e["cats"].get(cat, (0, 0))[0] for e in expected_steps) / n
@@ -106,6 +108,7 @@ def test_gpu_like_trace_every_number_against_a_hand_reduction():
       [CATEGORY[k], str(calls[k]), f"{totals[k] / 1e3:.3f}", f"{totals[k] / 1e3 / n:.3f}",
        f"{100 * totals[k] / all_us:.1f}%"] for k in ranked]
   assert [row[0] for row in top_rows] == [f"`{trace_reduce.short_name(k)}`" for k in ranked]
+  assert [k["hlo_ops"] for k in r["top"]] == [[("op", calls[k])] for k in ranked]  # every synthetic kernel: hlo_op 'op'
   assert trace_reduce.short_name(CUTLASS) == "cutlass::Kernel2<…>"
   assert trace_reduce.short_name(GEMM) == GEMM[:63] + "…"
 
@@ -168,6 +171,15 @@ def test_bad_traces_give_one_line_errors(tmp_path):
     trace_reduce.find_trace(str(tmp_path))
   with pytest.raises(SystemExit):
     profile.parse_args(["--keep_trace"])  # needs --out_dir
+
+
+def test_summary_shows_a_failed_profile_as_one_line(tmp_path, monkeypatch):
+  from gpt2_lora_jax.bench import records
+  monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path / "profile.jsonl"))
+  monkeypatch.setenv(records.STAGE_ENV, "profile")
+  records.emit("profile", error="UserError: t.json: no step windows", trace_note="kept: t.json (0.05 MB)")
+  markdown = run_summary.to_markdown(run_summary.summarize(str(tmp_path), "run", ["profile"]))
+  assert "## Where the time goes (profile)\n\nFailed: UserError: t.json: no step windows (kept: t.json (0.05 MB))\n" in markdown
 
 
 def test_keep_trace_skips_a_trace_over_the_limit(tmp_path, monkeypatch):

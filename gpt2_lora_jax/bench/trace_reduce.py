@@ -30,7 +30,8 @@ intervals (overlapping kernels on two streams count once); `overlap_ms` = summed
 `idle_ms` = wall - busy, the time no kernel ran (host work, launches, syncs). So the categories
 less the overlap plus the idle time make the wall time exactly. The kernel table groups by the
 full event name: calls, total time, time per step, and share of the summed device time of all
-events in the steps (the busy time when nothing overlaps).
+events in the steps (the busy time when nothing overlaps); the JSON adds each name's three most
+frequent "hlo_op" args with their counts (which HLO ops a library kernel ran for).
 
 Categories: CATEGORIES below, matched in order against the event name (case-insensitive), first
 match wins; its third column says what each rule is for. Names seen in jax 0.10.2's CPU trace of
@@ -237,6 +238,10 @@ def reduce_trace(trace: dict, top: int = 15, step_name: str = "", source: str = 
       row = kernels.setdefault(name, {"name": name, "category": cat, "calls": 0, "total_ms": 0.0})
       row["calls"] += 1
       row["total_ms"] += ms
+      op = (e.get("args") or {}).get(CPU_OP_ARG)  # on a GPU: the HLO op the kernel ran for, where XLA set it
+      if op:
+        ops = row.setdefault("hlo_ops", {})
+        ops[op] = ops.get(op, 0) + 1
       clipped.append((lo, hi))
     summed, busy = sum(c["ms"] for c in cats.values()), union_length(clipped) / 1e3
     wall = (w1 - w0) / 1e3
@@ -248,6 +253,7 @@ def reduce_trace(trace: dict, top: int = 15, step_name: str = "", source: str = 
   for k in ranked:
     k["ms_per_step"], k["share"] = k["total_ms"] / n, (k["total_ms"] / all_ms if all_ms else 0.0)
     k["short_name"] = short_name(k["name"])
+    k["hlo_ops"] = sorted(k.get("hlo_ops", {}).items(), key=lambda kv: (-kv[1], kv[0]))[:3]  # the 3 most frequent
   mean = {key: sum(s[key] for s in steps) / n for key in ("wall_ms", "busy_ms", "summed_ms", "overlap_ms", "idle_ms")}
   mean["categories"] = {c: {"calls": sum(s["categories"][c]["calls"] for s in steps) / n,
                             "ms": sum(s["categories"][c]["ms"] for s in steps) / n} for c in CATEGORY_ORDER}
@@ -268,7 +274,7 @@ def to_markdown(r: dict, title: str = "") -> str:
   work = "kernels" if r["trace_kind"] == "gpu" else "XLA:CPU ops (a CPU trace: says nothing about a GPU)"
   walls = ", ".join(f"{s['wall_ms']:.3f}" for s in r["steps"])
   lines = [f"**{_cell(title or 'Profile')}**: {r['trace_kind'].upper()} trace of {_cell(r['device'])}, {n} steps "
-           f"(wall ms {walls}), {work}; {r['distinct_kernels']} distinct, {r['device_events']} events"
+           f"(wall ms {walls}), {work}: {r['device_events']} events, {r['distinct_kernels']} names in the steps"
            + (f"; {r['outside_steps']['events']} outside the steps ({r['outside_steps']['ms']:.3f} ms)"
               if r["outside_steps"]["events"] else ""), "",
            "| per step (mean) | calls | ms | % of step |", "|---|---|---|---|"]
@@ -280,9 +286,11 @@ def to_markdown(r: dict, title: str = "") -> str:
   lines += [f"| overlap (running at once, counted twice above) | | -{m['overlap_ms']:.3f} | "
             f"-{100 * m['overlap_ms'] / wall:.1f}% |",
             f"| idle (nothing running) | | {m['idle_ms']:.3f} | {100 * m['idle_ms'] / wall:.1f}% |",
-            f"| step wall | | {m['wall_ms']:.3f} | 100.0% |", "",
-            f"| top {len(r['top'])} by time | category | calls | total ms | ms/step | share |",
-            "|---|---|---|---|---|---|"]
+            f"| step wall | | {m['wall_ms']:.3f} | 100.0% |", ""]
+  if m["categories"]["cuda_graph"]["calls"]:
+    lines += ["cuda_graph: whole CUDA graphs (XLA command buffers), each recorded as one event; the kernels "
+              "inside them are not split into the other categories.", ""]
+  lines += [f"| top {len(r['top'])} by time | category | calls | total ms | ms/step | share |", "|---|---|---|---|---|---|"]
   lines += [f"| `{_cell(k['short_name'])}` | {k['category']} | {k['calls']} | {k['total_ms']:.3f} | "
             f"{k['ms_per_step']:.3f} | {100 * k['share']:.1f}% |" for k in r["top"]]
   return "\n".join(lines) + "\n"
