@@ -6,7 +6,7 @@
 
 Capture: the step the benchmark times (run_setup.train_setup for the harness.BenchConfig the flags
 describe; every flag of `python -m gpt2_lora_jax.bench` is accepted), lowered and compiled,
-`warmup_steps` untimed steps, then --steps steps inside `jax.profiler.trace(tmp,
+max(`warmup_steps`, 1) untimed steps, then --steps steps inside `jax.profiler.trace(tmp,
 create_perfetto_trace=True)`, each inside `jax.profiler.StepTraceAnnotation('profile_step',
 step_num=i)` and ended by block_until_ready, so each step's window is in the trace.
 
@@ -105,7 +105,8 @@ def capture(cfg, steps: int, trace_dir: str, step_name: str = STEP_NAME) -> dict
   t0 = time.perf_counter()
   compiled = run.step_fn.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(cfg.warmup_steps):
+  warmup = max(cfg.warmup_steps, 1)  # a first run does one-time work (a 47 ms dot on the CPU smoke shape)
+  for _ in range(warmup):
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready((state, metrics))
   host_s = []
@@ -116,7 +117,7 @@ def capture(cfg, steps: int, trace_dir: str, step_name: str = STEP_NAME) -> dict
         state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready((state, metrics))
       host_s.append(time.perf_counter() - t0)
-  return {"trace_path": trace_reduce.find_trace(trace_dir), "compile_s": compile_s,
+  return {"trace_path": trace_reduce.find_trace(trace_dir), "compile_s": compile_s, "warmup_steps": warmup,
           "host_step_ms": [s * 1e3 for s in host_s], "final_loss": float(metrics["loss"]),
           "setting": run_setup.setting_fields(cfg)}
 
