@@ -182,6 +182,19 @@ def test_summary_shows_a_failed_profile_as_one_line(tmp_path, monkeypatch):
   assert "## Where the time goes (profile)\n\nFailed: UserError: t.json: no step windows (kept: t.json (0.05 MB))\n" in markdown
 
 
+def test_command_buffer_flags_go_into_xla_flags_and_are_described(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  args, rest = profile.parse_args(["--profile_command_buffers", "--preset=gpt2"])
+  assert rest == ["--preset=gpt2"]
+  flags = profile.set_xla_flag(profile.command_buffer_mode(args))
+  assert flags == "--xla_force_host_platform_device_count=1 --xla_enable_command_buffers_during_profiling=true"
+  assert os.environ["XLA_FLAGS"] == flags and profile.effective_mode(flags) == "profiled"
+  assert profile.effective_mode(flags + " --xla_gpu_enable_command_buffer=") == "off"
+  assert profile.effective_mode("--xla_gpu_autotune_level=0") == "default"
+  with pytest.raises(SystemExit):
+    profile.parse_args(["--no_command_buffer", "--profile_command_buffers"])
+
+
 def test_keep_trace_skips_a_trace_over_the_limit(tmp_path, monkeypatch):
   path = tmp_path / "t.trace.json.gz"
   path.write_bytes(gzip.compress(json.dumps(gpu_trace()).encode()))

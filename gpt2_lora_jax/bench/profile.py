@@ -25,9 +25,10 @@ thunks one by one while a profiler session is active unless
 XLA's sources), so by default the profiled step launches kernels one by one even where the
 benchmarked step replays CUDA graphs. --no_command_buffer sets --xla_gpu_enable_command_buffer=
 (no command buffers at all, as the GPU check's flag_no_command_buffer stage runs);
---profile_command_buffers sets --xla_enable_command_buffers_during_profiling=true (the step runs as
-benchmarked; a graph recorded as one event is reported as category cuda_graph). Both are set in
-XLA_FLAGS before jax is imported.
+--profile_command_buffers sets --xla_enable_command_buffers_during_profiling=true (command buffers
+run as in the benchmark; a graph recorded as one event is reported as category cuda_graph). Both
+are set in XLA_FLAGS before jax is imported; `command_buffers` describes the XLA_FLAGS the run had
+(a flag already there counts too).
 """
 from __future__ import annotations
 
@@ -86,6 +87,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list]:
 
 def command_buffer_mode(args) -> str:
   return "off" if args.no_command_buffer else "profiled" if args.profile_command_buffers else "default"
+
+
+def effective_mode(xla_flags: str) -> str:
+  """The command-buffer mode an XLA_FLAGS string sets ('off' wins: no command buffers to keep)."""
+  flags = xla_flags.split()
+  return next((mode for mode in ("off", "profiled") if COMMAND_BUFFERS[mode][0] in flags), "default")
 
 
 def set_xla_flag(mode: str) -> str:
@@ -158,7 +165,9 @@ def main(argv=None) -> int:
   mode = command_buffer_mode(args)
   result = {"command_buffers": "unknown (reduced from a file)", "xla_flags": "", "steps_requested": args.steps}
   if not args.reduce:
-    result.update(command_buffers=COMMAND_BUFFERS[mode][1], xla_flags=set_xla_flag(mode))
+    result["xla_flags"] = set_xla_flag(mode)
+    mode = effective_mode(result["xla_flags"])
+    result["command_buffers"] = COMMAND_BUFFERS[mode][1]
   trace_dir = ""
   try:
     if args.reduce:
