@@ -10,6 +10,8 @@
   report.py           a run's JSON and Markdown files
   preflight.py, xla_attention.py, attention_check.py, records.py, summary.py
                       the stages of benchmarks/gpu_check.sh, its record log and its summary
+  profile.py          where a train step's time goes: a jax.profiler capture of the benchmarked
+                      step reduced to tables (trace_reduce.py: the reducer, standard library only)
   step_plan.py        the compiler's plan (memory, FLOPs, compile time) of one train step on
                       abstract shapes (BUILD.md's memory table, benchmarks/compile_plan.py)
 

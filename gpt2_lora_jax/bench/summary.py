@@ -6,8 +6,8 @@ gpu_check.sh runs this after every stage, so a run killed at any point still lea
 what had finished. It reads every WORK_DIR/*.jsonl (one per stage) and WORK_DIR/stages.tsv (the
 script's stage log: name, exit code, seconds, limit). The Markdown puts first what a GPU run is
 for: did every attention path and the sampler run (and their compile seconds), the targets met or
-not, JAX against PEFT + torch.compile (tokens/s, peak memory), the sampler against `generate`,
-the XLA attention A/B, then the stages. Standard library only.
+not, JAX against PEFT + torch.compile (tokens/s, peak memory), where the time goes (profile.py's
+tables, as it rendered them), the sampler against `generate`, the XLA attention A/B, then the stages. Standard library only.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
        "paths": fold_cases(records, "preflight"), "xla_attention": fold_cases(records, "xla_attention"),
        "train": [], "decode": [], "matmul": [r for r in records if r.get("kind") == "matmul"],
        "attention_check": [r for r in records if r.get("kind") == "attention_check"],
-       "score": [r for r in records if r.get("kind") == "torch" and r.get("impl") == "score"], "targets": []}
+       "score": [r for r in records if r.get("kind") == "torch" and r.get("impl") == "score"], "targets": [],
+       "profile": [r for r in records if r.get("kind") == "profile"]}
   targets = s["targets"]
   for p in s["paths"]:
     if p["case"] == "platform":
@@ -204,6 +205,10 @@ def to_markdown(s: dict) -> str:
                    f"{_f(t['peak_bytes_in_use'], '.2f', gib)} | {_f(comp.get('peak_bytes_in_use'), '.2f', gib)} | "
                    f"{_f(t['compile_s'], '.1f')} | {_f(t['mfu_matmul'], '.1%')} | {t.get('xla_flags') or ''} |")
     lines.append("")
+  for p in s.get("profile", []):  # profile.py's tables, as it rendered them
+    lines += [f"## Where the time goes ({p['stage']})", "",
+              f"Failed: {_cell(p['error'])}" + (f" ({p['trace_note']})" if p.get("trace_note") else "") + "\n"
+              if "error" in p else p.get("markdown", "")]
   if s["decode"]:
     lines += ["## Sampler against transformers `generate` (greedy, end-of-text ignored)", "",
               "| model | attention | batch | new tokens | JAX tok/s | generate tok/s | JAX / generate | first call s |",
