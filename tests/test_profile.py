@@ -138,14 +138,22 @@ def test_cpu_trace_counts_only_innermost_ops_and_ignores_end_markers():
     ("triton_softmax_3", "elementwise"), ("input_reduce_fusion_2", "elementwise"), ("copy.2", "elementwise"),
     ("void cub::DeviceRadixSortOnesweepKernel<int>(int)", "elementwise"), ("MemcpyH2D", "memcpy"),
     ("Memset", "memcpy"), ("ncclDevKernel_AllGather_RING_LL", "collective"), ("CudaGraph", "cuda_graph"),
-    ("call.12", "other")])
+    ("call.12", "other"), ("void cudnn::fusion::compute_dot_do_o_specialized<bf16>(int)", "attention"),
+    ("mha_forward", "attention")])
 def test_classification_table(name, category):
   assert trace_reduce.classify(name) == category
 
 
+def test_an_attention_call_s_memset_counts_as_attention():
+  """The H200's trace: each cuDNN backward call's 1.69 GB workspace memset ('Memset 3', hlo_op
+  dot_product_attention_bwd.N); a memset of another op stays a memset."""
+  assert trace_reduce.classify("Memset 3", "dot_product_attention_bwd.70") == "attention"
+  assert trace_reduce.classify("Memset 3", "loop_broadcast_fusion.3") == "memcpy"
+
+
 def test_readme_lists_every_classification_rule():
   readme = (REPO / "benchmarks" / "README.md").read_text()
-  for category, pattern, _ in trace_reduce.CATEGORIES:
+  for category, pattern, _ in trace_reduce.CATEGORIES + trace_reduce.HLO_OP_RULES:
     assert category in readme and (not pattern or f"{category} `{pattern}`" in readme), category
 
 

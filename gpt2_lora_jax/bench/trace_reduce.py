@@ -57,12 +57,14 @@ CATEGORIES = (
     ("collective", r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute",
      "NCCL kernels and XLA collective ops"),
     ("memcpy", r"^memcpy|^memset", "CUPTI's copies and sets (MemcpyH2D/D2H/D2D/P2P/Other, Memset)"),
-    ("attention", r"sdpa|fmha|flash|attention",
-     "fused attention kernels (cuDNN's sdpa/flash kernels, fmha); XLA attention shows as matmul + elementwise"),
+    ("attention", r"sdpa|fmha|flash|attention|^mha_",
+     "fused attention kernels (cuDNN's sdpa/flash kernels, fmha, the Pallas kernels mha_*); XLA attention "
+     "shows as matmul + elementwise"),
+    ("attention", r"cudnn", "any other cuDNN kernel (this project calls cuDNN for attention only; "
+     "e.g. cudnn::fusion::compute_dot_do_o_specialized, which the matmul rule would take for a dot)"),
     ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|matmul|(^|[_.-])dot([_.-]|$)|^ynn_fusion",
      "cuBLAS/cuBLASLt (gemm, nvjet, sm90_xmma), CUTLASS, XLA's Triton gemm fusions (gemm_fusion_dot), "
      "dot ops; on CPU XLA's YNNPACK fusions (ynn_fusion: 39 of 46 held one dot in the tiny CPU step)"),
-    ("attention", r"cudnn", "any other cuDNN kernel (this project calls cuDNN for attention only)"),
     ("elementwise", r"fusion|cub::|^(loop|input|wrapped|triton|copy|transpose|reduce|convert|concatenate|slice|"
      r"dynamic|scatter|gather|select|broadcast|pad|iota|bitcast|compare|add|subtract|multiply|divide|"
      r"negate|exp|log|rsqrt|sqrt|tanh|maximum|minimum|rng|xor|and|or|shift|sort)",
@@ -70,13 +72,24 @@ CATEGORIES = (
      "(layer norms, softmax, GELU, the loss, the optimizer), CUB's sorts and reductions"),
     ("other", r"", "anything else"),
 )
+# Checked first, on the HLO op a kernel ran for (its 'hlo_op' arg, where XLA set it): what an
+# attention call launches besides its kernels (cuDNN's workspace memset: 0.37 ms of each gpt2 b16
+# backward call on an H200, benchmarks/results/explore_h200_20261204.md) counts as attention.
+HLO_OP_RULES = (
+    ("attention", r"dot_product_attention|^mha", "every kernel, copy and memset of an attention call"),
+)
 _COMPILED = tuple((cat, re.compile(pat, re.IGNORECASE)) for cat, pat, _ in CATEGORIES)
+_HLO_OP_COMPILED = tuple((cat, re.compile(pat, re.IGNORECASE)) for cat, pat, _ in HLO_OP_RULES)
 CATEGORY_ORDER = ("matmul", "attention", "elementwise", "memcpy", "collective", "cuda_graph", "other")
 GPU_PROCESS_PREFIX, STREAM_PREFIX, CPU_OP_ARG = "/device:GPU:", "Stream #", "hlo_op"
 
 
-def classify(name: str) -> str:
-  """The category of an event name (a leading 'void ' of a demangled kernel name is ignored)."""
+def classify(name: str, hlo_op: str = "") -> str:
+  """The category of an event: by its HLO op (HLO_OP_RULES) where one matches, else by its name
+  (CATEGORIES; a leading 'void ' of a demangled kernel name is ignored)."""
+  for cat, pattern in _HLO_OP_COMPILED:
+    if hlo_op and pattern.search(hlo_op):
+      return cat
   name = name[5:] if name.startswith("void ") else name
   return next(cat for cat, pattern in _COMPILED if pattern.search(name))
 
@@ -232,7 +245,7 @@ def reduce_trace(trace: dict, top: int = 15, step_name: str = "", source: str = 
         continue
       inside.add(id(e))
       name, ms = str(e.get("name", "")), (hi - lo) / 1e3
-      cat = classify(name)
+      cat = classify(name, str((e.get("args") or {}).get(CPU_OP_ARG, "")))
       cats[cat]["calls"] += 1
       cats[cat]["ms"] += ms
       row = kernels.setdefault(name, {"name": name, "category": cat, "calls": 0, "total_ms": 0.0})
