@@ -9,6 +9,10 @@ import os
 USER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "gpt2_hh.py")
 # What PEFT is timed at (peft_peer.py): LoRA r8, alpha 16, no dropout, no remat, no scan.
 LIKE_PEFT = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "scan_layers": False, "remat": "none"}
+# configs/seed_study.py's model and LoRA settings (gpt2-medium, one 1024-token row per step);
+# tests/test_levers.py checks them against the loaded config.
+SEED_STUDY = {"lora_rank": 1, "lora_alpha": 1.0, "lora_dropout": 0.0, "remat": "none", "scan_layers": False,
+              "lora_targets": ("c_attn", "c_proj", "c_fc", "lm_head")}
 
 
 def user_settings(preset: str, path: str = USER_CONFIG) -> dict:

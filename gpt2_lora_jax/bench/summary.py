@@ -66,6 +66,24 @@ def fold_cases(records: list, kind: str) -> list:
   return list(rows.values())
 
 
+def fold_levers(records: list) -> list:
+  """One row per (stage, variant) of levers.py's records: compiled + timed (or the error), with the
+  step time over its group's baseline's."""
+  rows = {}
+  for r in records:
+    if r.get("kind") != "lever" or r.get("phase") == "device":
+      continue
+    row = rows.setdefault((r["stage"], r["variant"]), {"stage": r["stage"], "variant": r["variant"]})
+    if r["phase"] == "error":
+      row["error"] = f"{r.get('in_phase')}: {r.get('error', '')}"
+    else:
+      row.update({k: v for k, v in r.items() if k not in ("kind", "utc", "phase")})
+  for row in rows.values():
+    base = rows.get((row["stage"], row.get("baseline")), {})
+    row["time_over_baseline"] = _ratio(row.get("step_time_s"), base.get("step_time_s"))
+  return list(rows.values())
+
+
 def _match(records: list, kind: str, impl: str, row: dict):
   for r in records:
     if (r.get("kind") == kind and r.get("impl") == impl and r.get("model") == row.get("model")
@@ -100,7 +118,7 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
        "train": [], "decode": [], "matmul": [r for r in records if r.get("kind") == "matmul"],
        "attention_check": [r for r in records if r.get("kind") == "attention_check"],
        "score": [r for r in records if r.get("kind") == "torch" and r.get("impl") == "score"], "targets": [],
-       "profile": [r for r in records if r.get("kind") == "profile"]}
+       "profile": [r for r in records if r.get("kind") == "profile"], "levers": fold_levers(records)}
   targets = s["targets"]
   for p in s["paths"]:
     if p["case"] == "platform":
@@ -204,6 +222,23 @@ def to_markdown(s: dict) -> str:
                    f"{_cell(comp.get('error', _f(comp.get('tokens_per_s'), ',.0f')))} | {_f(t['over_peft_compile_tokens_per_s'], '.2f')} | "
                    f"{_f(t['peak_bytes_in_use'], '.2f', gib)} | {_f(comp.get('peak_bytes_in_use'), '.2f', gib)} | "
                    f"{_f(t['compile_s'], '.1f')} | {_f(t['mfu_matmul'], '.1%')} | {t.get('xla_flags') or ''} |")
+    lines.append("")
+  if s.get("levers"):
+    lines += ["## Levers (levers.py: variants of one size in one process, each against its group's first)", "",
+              "| stage | variant | LoRA | remat | layers | attention (path) | XLA options | ms/step | tokens/s | "
+              "time / baseline | temp GiB | compile s (concurrent) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in s["levers"]:
+      if "error" in v:
+        lines.append(f"| {v['stage']} | {v['variant']} | {_cell(v['error'])} | | | | | | | | | |")
+        continue
+      mem = (v.get("memory_analysis") or {}).get("temp_size_in_bytes")
+      lines.append(f"| {v['stage']} | {v['variant']} | r{v.get('lora_rank')} dropout {v.get('lora_dropout')} "
+                   f"{v.get('lora_dropout_rng', '')} | {v.get('remat')} | {'scan' if v.get('scan_layers') else 'unrolled'} | "
+                   f"{v.get('attention')} ({v.get('attention_path', '-')}) | "
+                   f"{_cell(' '.join(f'{k}={x}' for k, x in (v.get('xla_options') or {}).items()))} | "
+                   f"{_f(v.get('step_time_s'), '.2f', 1e3)} | "
+                   f"{_f(v.get('tokens_per_s'), ',.0f')} | {_f(v.get('time_over_baseline'), '.3f')} | "
+                   f"{_f(mem, '.2f', gib)} | {_f(v.get('compile_s_concurrent'), '.1f')} |")
     lines.append("")
   for p in s.get("profile", []):  # profile.py's tables, as it rendered them
     lines += [f"## Where the time goes ({p['stage']})", "",
