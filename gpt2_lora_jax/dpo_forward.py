@@ -33,7 +33,8 @@ from gpt2_lora_jax import lora
 from gpt2_lora_jax import loss as loss_lib
 
 
-def reply_stats(model, params, batch, num_replies: int, chunk: int = loss_lib.DEFAULT_CHUNK) -> dict:
+def reply_stats(model, params, batch, num_replies: int, chunk: int = loss_lib.DEFAULT_CHUNK,
+                backward=True) -> dict:
   """Per reply of each row, without dropout: {'logps': (B, R) log-probability summed over its own
   target tokens, 'tokens': (B, R) those tokens, 'logit_sums': (B, R) sum over them of the mean logit
   over the vocabulary (TRL's logits/chosen, before dividing by the tokens)}.
@@ -42,6 +43,7 @@ def reply_stats(model, params, batch, num_replies: int, chunk: int = loss_lib.DE
   replies). R = num_replies = 2 J. The head is the supervised loss's (loss.token_logps: fp32
   accumulated logits, `chunk` positions at a time, never the whole batch's logits). The mean logit
   is linear in the hidden state: h . mean_v(W_v) (+ s (h A) . mean_v(B_v) with a head adapter).
+  backward: whether a gradient of this forward will be taken (loss.token_logps; may be traced).
   """
   h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=True, return_hidden=True)
@@ -49,7 +51,7 @@ def reply_stats(model, params, batch, num_replies: int, chunk: int = loss_lib.DE
   head = loss_lib.head_from_params(params, cfg.tie_word_embeddings)
   spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
                            lora_scale=float(model.lora_scale or 0.0), deterministic=True, chunk=chunk)
-  logp_BT = loss_lib.token_logps(h_BTD, head, batch["targets"], spec, None)
+  logp_BT = loss_lib.token_logps(h_BTD, head, batch["targets"], spec, None, backward)
   h32_BTD = jax.lax.stop_gradient(h_BTD).astype(jnp.float32)
   w = jax.lax.stop_gradient(head["w"]).astype(jnp.float32)
   mean_logit_BT = h32_BTD @ (w.mean(0) if cfg.tie_word_embeddings else w.mean(1))
@@ -76,12 +78,13 @@ def policy_and_reference(model, trainable, reference, base, batch, num_replies: 
 
 
 def _stacked(reference, trainable):
-  """The loop's inputs: [reference, policy] (the policy last: its residuals stay in the carry)."""
-  return jax.tree.map(lambda r, p: jnp.stack([r, p]), reference, trainable)
+  """The loop's inputs: [reference, policy] (the policy last: its residuals stay in the carry), and
+  whether each iteration's backward runs (the head then skips the reference's, loss.token_logps)."""
+  return jax.tree.map(lambda r, p: jnp.stack([r, p]), reference, trainable), jnp.array([False, True])
 
 
 def _policy_and_reference_primal(model, num_replies, trainable, reference, base, batch):
-  stats = jax.lax.map(lambda t: reply_stats(model, lora.combine(t, base), batch, num_replies),
+  stats = jax.lax.map(lambda xs: reply_stats(model, lora.combine(xs[0], base), batch, num_replies),
                       _stacked(reference, trainable))
   return jax.tree.map(lambda x: x[1], stats), jax.tree.map(lambda x: x[0], stats)
 
@@ -89,13 +92,14 @@ def _policy_and_reference_primal(model, num_replies, trainable, reference, base,
 _policy_and_reference = jax.custom_vjp(_policy_and_reference_primal, nondiff_argnums=(0, 1))
 
 
-def _with_pullback(model, num_replies, invariant, adapters, found: dict):
+def _with_pullback(model, num_replies, invariant, adapters, backward, found: dict):
   """One loop iteration: (stats, the residual leaves of its pullback that are not `invariant` leaves).
 
   found['meta'] gets (the pullback's tree structure, for each of its leaves the index of the invariant
   leaf it is, or None where it is one of the returned leaves)."""
   base, batch = invariant
-  stats, pullback = jax.vjp(lambda t: reply_stats(model, lora.combine(t, base), batch, num_replies), adapters)
+  stats, pullback = jax.vjp(lambda t: reply_stats(model, lora.combine(t, base), batch, num_replies,
+                                                  backward=backward), adapters)
   leaves, treedef = jax.tree.flatten(pullback)
   position = {id(x): i for i, x in enumerate(jax.tree.leaves(invariant))}
   where = tuple(position.get(id(x)) for x in leaves)
@@ -107,12 +111,12 @@ def _fwd(model, num_replies, trainable, reference, base, batch):
   invariant = (base, batch)
   probe = {}
   residual_shapes = jax.eval_shape(
-      lambda inv, t: _with_pullback(model, num_replies, inv, t, probe)[1], invariant, trainable)
+      lambda inv, t: _with_pullback(model, num_replies, inv, t, True, probe)[1], invariant, trainable)
   found = {}
 
-  def body(carry, adapters):
+  def body(carry, xs):
     inv, _ = carry
-    stats, residuals = _with_pullback(model, num_replies, inv, adapters, found)
+    stats, residuals = _with_pullback(model, num_replies, inv, *xs, found)
     return (inv, residuals), stats
 
   init = (invariant, [jnp.zeros(s.shape, s.dtype) for s in residual_shapes])
