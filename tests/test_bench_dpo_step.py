@@ -62,3 +62,20 @@ def test_bad_flags_are_named_in_one_line(flags, words, capsys):
   assert exit_info.value.code == 2
   error = capsys.readouterr().err.strip().splitlines()[-1]
   assert words in error and error.startswith("python -m gpt2_lora_jax.bench.dpo_step: error:")
+
+
+def test_summary_holds_the_dpo_records_and_targets(tmp_path, monkeypatch):
+  """The GPU check's summary folds a dpo_step stage's records into a table and two targets."""
+  from gpt2_lora_jax.bench import summary as run_summary
+  monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path / "dpo_step.jsonl"))
+  monkeypatch.setenv(records.STAGE_ENV, "dpo_step")
+  common = {"model": "gpt2", "batch_size": 32}
+  records.emit("dpo_step", program="sft", step_time_s=0.1, **common)
+  records.emit("dpo_step", program="dpo", step_time_s=0.16, step0_margin=0.0, **common)
+  records.emit("dpo_step", program="dpo_over_sft", step_time_ratio=1.6, step0_margin=0.0, **common)
+  s = run_summary.summarize(str(tmp_path), "run", ["dpo_step"])
+  assert [r["program"] for r in s["dpo_step"]] == ["sft", "dpo", "dpo_over_sft"]
+  met = {t["target"]: t["met"] for t in s["targets"]}
+  assert met == {"DPO step gpt2 b32: step time / SFT step, same rows": False,
+                 "DPO step gpt2 b32: first step's margin (at its reference)": True}
+  assert "| dpo_step | gpt2 | 32 | dpo_over_sft |" in run_summary.to_markdown(s)
