@@ -19,7 +19,9 @@ are the loop's carry, and the policy, the last iteration, leaves its own there (
 overwritten, so one set of residuals is alive, not two). The backward rule calls that saved pullback
 once: the reference costs one forward, no backward and no residual memory after its iteration.
 Residuals that are the base weights or the batch themselves (the same arrays) ride as the loop's
-unchanged inputs, not as copies in the carry.
+unchanged inputs, not as copies in the carry. The head (loss.token_logps) forms each token's gradient
+slope in the forward; the reference's iteration skips that matmul (a conditional on the iteration's
+flag), the log-probs themselves are computed by the same code in both iterations.
 
 Without differentiation (held-out evaluation) the same two iterations run the plain forward.
 """

@@ -12,8 +12,11 @@ optimised HLO text (compiled.as_text()) instead:
 
 Dots are counted wherever they sit (fusions, calls, async wrappers); a while body is multiplied by the
 trip count XLA recorded in its backend_config (`known_trip_count`), and a loop without one is an
-error (its cost is unknown); a conditional counts its most expensive branch. cuBLAS GEMM custom calls
-(the GPU backend's dots after its rewrite) are counted from their dot dimension numbers.
+error (its cost is unknown). A conditional counts its costlier branch on every trip, an upper bound
+where some trips take the other: DPO's loop runs the head's slope matmul in its policy trip only
+(loss.token_logps), and the count holds it for the reference's trip too. cuBLAS GEMM custom calls
+(the GPU backend's dots after its rewrite; not checked on a GPU yet) are counted from their dot
+dimension numbers.
 """
 from __future__ import annotations
 
