@@ -11,24 +11,26 @@ The reference. It is the model the policy starts from: the frozen base plus the 
 (the SFT adapters when dpo.init_from names an SFT run, else the fresh ones). A copy of those adapters
 rides in the step's frozen tree (train.Objective.initial_copy_key; never trained, never saved: its
 identity is recorded with every checkpoint, see start()). Each step computes the reference's log-probs
-by the very forward it runs for the policy: jax.lax.map of one function over the two adapter trees
-[policy, stop_gradient(reference)], so both come out of one loop body of one compiled program, on the
-same rows grouped the same way. At the first step the two trees are equal and so, bitwise, are the two
-results: loss log 2 and margin 0 exactly, on any number of devices and in bf16. Held-out evaluation
-runs the same loss_fn. Reference-free settings (dpo.reference_free, 'simpo', 'sft') run the policy only.
+by the very forward it runs for the policy: dpo_forward.policy_and_reference runs one loop body over
+the two adapter trees [reference, policy], so both come out of the same compiled code on the same
+rows grouped the same way, and only the policy's iteration is differentiated (a custom VJP keeps the
+policy's residuals and runs its backward once: the reference costs one forward). At the first step
+the two trees are equal and so, bitwise, are the two results: loss log 2 and margin 0 exactly, on
+any number of devices and in bf16. Held-out evaluation runs the same loss_fn. Reference-free
+settings (dpo.reference_free, 'simpo', 'sft') run the policy only.
 
-The trade-off. Computing the reference inside the step costs it a second forward and, because the
-loop is differentiated as a whole, a second backward pass through the activations (its result is
-discarded): twice the forward and backward FLOPs of a policy-only (reference-free) step on the same
-rows, and more than twice its activation memory. The compiled memory plan of the gpt2 (124M) step, 8 rows of 1024
-tokens, scanned blocks, remat 'dots', fp32 (CPU compiler): 17.4 GiB of temporaries with the
-reference against 7.3 GiB reference-free; on configs/tiny_dpo.py 687 vs 616 MiB (train.micro_batches
-divides it). The design it replaced cached the reference's log-probs in one pass over the split
-before the first step (one extra forward per row, no extra memory), but that pass was another
-program with another row grouping: a bf16 base started ~5e-4 off log 2 on one device, and 1 vs 2
-devices gave reference log-probs up to 0.045 nats apart. Here the first step's loss is float32's
-log 2 (0.6931471824645996, 1.9e-9 from log 2) and its margin 0 on 1, 4 and 8 CPU devices, bf16 base
-and compute, with micro-batches and scanned blocks (tests/test_dpo_reference.py).
+The cost (tests/test_dpo_cost.py, CPU compiler). The step's matmul FLOPs, each loop counted per trip,
+are exactly those of the reference-free step plus one forward over the same rows. The design this
+replaced (jax.lax.map over both trees inside the differentiated loss) also ran the loop's backward for
+the reference, its result discarded: twice the forward and backward work of a reference-free step.
+Two alternatives were measured and rejected. A reference log-prob cache filled in one pass before
+the first step was another program with another row grouping: a bf16 base started ~5e-4 off log 2
+on one device, and 1 vs 2 devices gave reference log-probs up to 0.045 nats apart. A reference
+forward traced apart from the policy's inside the same step (outside the value_and_grad) started
+5.6e-5 off log 2 on one device (bf16, unscanned blocks, 2 micro-batches; test_dpo_reference.py's
+case). Here the first step's loss is float32's log 2 (0.6931471824645996, 1.9e-9 from log 2) and its
+margin 0 on 1, 4 and 8 CPU devices, bf16 base and compute, with micro-batches, scanned and unscanned
+blocks (tests/test_dpo_reference.py).
 """
 from __future__ import annotations
 
@@ -40,55 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_lora_jax import dpo_losses, lora
-from gpt2_lora_jax import loss as loss_lib
+from gpt2_lora_jax.dpo_forward import policy_and_reference, reply_logps, reply_stats  # noqa: F401  (dpo.reply_logps)
 from gpt2_lora_jax.dpo_losses import LOSSES, check_config, loss  # noqa: F401  (dpo.check_config, dpo.loss)
 from gpt2_lora_jax.errors import UserError
 
 # Top-level key of the step's frozen tree that holds the reference adapters (train.Objective).
 REFERENCE_KEY = "dpo_reference"
-
-
-def reply_stats(model, params, batch, num_replies: int, chunk: int = loss_lib.DEFAULT_CHUNK) -> dict:
-  """Per reply of each row, without dropout: {'logps': (B, R) log-probability summed over its own
-  target tokens, 'tokens': (B, R) those tokens, 'logit_sums': (B, R) sum over them of the mean logit
-  over the vocabulary (TRL's logits/chosen, before dividing by the tokens)}.
-
-  batch: a preference batch (inputs, targets, positions, segment_ids, reply_index (B, T) with -1 off
-  replies). R = num_replies = 2 J. The head is the supervised loss's (loss.token_logps: fp32
-  accumulated logits, `chunk` positions at a time, never the whole batch's logits). The mean logit
-  is linear in the hidden state: h . mean_v(W_v) (+ s (h A) . mean_v(B_v) with a head adapter).
-  """
-  h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
-                      segment_ids=batch["segment_ids"], deterministic=True, return_hidden=True)
-  cfg = model.config
-  head = loss_lib.head_from_params(params, cfg.tie_word_embeddings)
-  spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
-                           lora_scale=float(model.lora_scale or 0.0), deterministic=True, chunk=chunk)
-  logp_BT = loss_lib.token_logps(h_BTD, head, batch["targets"], spec, None)
-  h32_BTD = jax.lax.stop_gradient(h_BTD).astype(jnp.float32)
-  w = jax.lax.stop_gradient(head["w"]).astype(jnp.float32)
-  mean_logit_BT = h32_BTD @ (w.mean(0) if cfg.tie_word_embeddings else w.mean(1))
-  if "lora_a" in head:
-    a, b = (jax.lax.stop_gradient(head[k]).astype(jnp.float32) for k in ("lora_a", "lora_b"))
-    mean_logit_BT = mean_logit_BT + spec.lora_scale * (h32_BTD @ a) @ b.mean(1)
-  onehot_BTR = (batch["reply_index"][..., None] == jnp.arange(num_replies)).astype(jnp.float32)
-  return {"logps": jnp.einsum("bt,btr->br", logp_BT, onehot_BTR),
-          "tokens": jnp.sum(onehot_BTR, axis=1),
-          "logit_sums": jnp.einsum("bt,btr->br", mean_logit_BT, onehot_BTR)}
-
-
-def reply_logps(model, params, batch, num_replies: int, chunk: int = loss_lib.DEFAULT_CHUNK):
-  """(B, R) log-probability of each reply of each row (reply_stats' 'logps')."""
-  return reply_stats(model, params, batch, num_replies, chunk)["logps"]
-
-
-def policy_and_reference(model, trainable, reference, base, batch, num_replies: int) -> tuple[dict, dict]:
-  """reply_stats of the policy (trainable + base) and of the reference (reference + base), from one
-  loop body run over the stacked adapter trees: one computation for both (see the module doc)."""
-  both = jax.tree.map(lambda p, r: jnp.stack([p, jax.lax.stop_gradient(r).astype(p.dtype)]), trainable, reference)
-  stats = jax.lax.map(lambda t: reply_stats(model, lora.combine(t, base), batch, num_replies), both)
-  return (jax.tree.map(lambda x: x[0], stats),
-          jax.tree.map(lambda x: jax.lax.stop_gradient(x[1]), stats))
 
 
 def make_loss_fn(model, dpo_cfg):

@@ -243,15 +243,27 @@ def head_nll_sum(h_BTD, head: dict, targets_BT, mask_BT, spec: HeadSpec, key=Non
   return _head_nll_sum(spec, h_BTD, head, targets_BT, mask_BT, key)
 
 
-def token_logps(h_BTD, head: dict, targets_BT, spec: HeadSpec, key=None):
+def token_logps(h_BTD, head: dict, targets_BT, spec: HeadSpec, key=None, backward=True):
   """(B, T) fp32 log softmax(head(h))[target] at every position: the same chunked, fp32-accumulated
   head as head_nll_sum, for sums over arbitrary token sets (DPO's per-reply log-probs).
 
-  Plain autodiff: each chunk runs under jax.checkpoint, so the backward recomputes one chunk's
-  logits at a time and the (B, T, V) logits never exist; the frozen tied embedding gets no weight
-  gradient because JAX differentiates only what the caller's trainable leaves reach.
+  Gradient. With a head that has no adapter and no dropout, a jax.custom_vjp: a position's output is
+  a scalar, so its gradient w.r.t. h_t is the cotangent times d logp_t / d h_t = (onehot - softmax) W,
+  which the forward pass forms chunk by chunk from the logits it already holds (one more matmul, as
+  head_nll_sum's); the backward only scales it. `backward` (a bool, or a traced bool) says whether
+  that gradient will be wanted: where False the matmul is skipped (DPO's reference runs the policy's
+  forward code with backward False, dpo_forward.py). A head leaf that is differentiated (a fully
+  trained tied embedding) gets its weight gradient from plain autodiff of the checkpointed chunks. With
+  a head adapter or dropout, each chunk runs under jax.checkpoint and the backward recomputes its
+  logits. Either way the (B, T, V) logits never exist.
   """
   head = {k: v for k, v in head.items() if k in ("w", "lora_a", "lora_b")}
+  if "lora_a" not in head and (spec.deterministic or spec.lora_dropout <= 0.0):
+    return _token_logps(spec, h_BTD, head, targets_BT, jnp.asarray(backward, bool))
+  return _checkpointed_logps(spec, h_BTD, head, targets_BT, key)
+
+
+def _checkpointed_logps(spec: HeadSpec, h_BTD, head, targets_BT, key):
   key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, _DROPOUT_SALT)
   B, T = targets_BT.shape
   n, C, h, t, _ = _by_chunk(spec, h_BTD, targets_BT, jnp.ones_like(targets_BT))
@@ -263,3 +275,61 @@ def token_logps(h_BTD, head: dict, targets_BT, spec: HeadSpec, key=None):
 
   out = jax.lax.map(lambda xs: chunk_logps(head, *xs), (h, t, jnp.arange(n)))  # (n, B, C)
   return jnp.swapaxes(out, 0, 1).reshape(B, n * C)[:, :T]
+
+
+def _logps_and_slopes(spec: HeadSpec, h_BTD, head, targets_BT, backward):
+  """((B, T) log-probs, (B, T, D) d logp_t / d h_t in h's dtype). backward: None (no slopes: None
+  comes back) or a bool array (the slopes where True, zeros where False: their matmul skipped)."""
+  B, T, D = h_BTD.shape
+  n, C, h, t, _ = _by_chunk(spec, h_BTD, targets_BT, jnp.ones_like(targets_BT))
+  prep = _prepared(spec, head)
+  dt = jnp.dtype(spec.dtype)
+
+  def body(xs):
+    h_BCD, t_BC = xs
+    logits, _, _ = _chunk_logits(spec, prep, h_BCD, None)
+    lse_BC, nll_BC = _nll(logits, t_BC)
+    if backward is None:
+      return -nll_BC, None
+
+    def slope():  # (onehot - softmax) W, the softmax rounded to the compute dtype for its matmul
+      onehot = jnp.arange(spec.padded_vocab) == t_BC[..., None]
+      d_lo = (onehot - jnp.exp(logits - lse_BC[..., None])).astype(dt)
+      return jnp.einsum("bcv,vd->bcd" if spec.tied else "bcv,dv->bcd", d_lo, prep["w"],
+                        preferred_element_type=jnp.float32).astype(h_BTD.dtype)
+    return -nll_BC, jax.lax.cond(backward, slope, lambda: jnp.zeros(h_BCD.shape, h_BTD.dtype))
+
+  logp, slopes = jax.lax.map(body, (h, t))
+  unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape((B, n * C) + x.shape[3:])[:, :T]
+  return unchunk(logp), None if slopes is None else unchunk(slopes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _token_logps(spec, h_BTD, head, targets_BT, backward):
+  return _logps_and_slopes(spec, h_BTD, head, targets_BT, None)[0]
+
+
+def _logps_fwd(spec, h_BTD, head, targets_BT, backward):
+  values = {k: p.value for k, p in head.items()}
+  if any(p.perturbed for p in head.values()):  # a trained head weight: its gradient needs the logits
+    logp, pullback = jax.vjp(lambda h, w: _checkpointed_logps(spec, h, w, targets_BT.value, None),
+                             h_BTD.value, values)
+    return logp, (pullback, None)
+  logp, slopes = _logps_and_slopes(spec, h_BTD.value, values, targets_BT.value,
+                                   backward.value if h_BTD.perturbed else None)
+  return logp, (None, slopes)
+
+
+def _logps_bwd(spec, res, g):
+  pullback, slopes = res
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None, None, None
+  if pullback is not None:
+    dh, dhead = pullback(g)
+    return dh, dhead, None, None
+  if slopes is None:
+    return None, None, None, None
+  return (g.astype(jnp.float32)[..., None] * slopes.astype(jnp.float32)).astype(slopes.dtype), None, None, None
+
+
+_token_logps.defvjp(_logps_fwd, _logps_bwd, symbolic_zeros=True)

@@ -280,7 +280,8 @@ def test_gpu_check_modules_import_neither_ml_collections_nor_datasets():
   code = ("import sys; import gpt2_lora_jax.bench.harness, gpt2_lora_jax.bench.peft_peer, "
           "gpt2_lora_jax.bench.report, gpt2_lora_jax.bench.attention_check, gpt2_lora_jax.reward, "
           "gpt2_lora_jax.bench.preflight, gpt2_lora_jax.bench.xla_attention, gpt2_lora_jax.bench.summary, "
-          "gpt2_lora_jax.bench.records, gpt2_lora_jax.bench.settings, gpt2_lora_jax.bench.torch_runner; "
+          "gpt2_lora_jax.bench.records, gpt2_lora_jax.bench.settings, gpt2_lora_jax.bench.torch_runner, "
+          "gpt2_lora_jax.bench.dpo_step; "
           "bad = {'ml_collections', 'datasets'} & set(sys.modules); assert not bad, bad")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,13 +16,17 @@ Each lowered program must hold
 - no dot with an explicit algorithm (`algorithm = <...>`): jax.nn.dot_product_attention's XLA path
   pins BF16_BF16_F32 on bf16 dots, a lead for why no XLA-path train step finished on the H200;
 - no fp32 [B, T, V] buffer (the whole batch's logits; the loss runs in chunks of 256 positions,
-  so T = 512 here shows a whole-batch buffer should one appear).
+  so T = 512 here shows a whole-batch buffer should one appear);
+- the DPO step: cuDNN's attention backward as often per step as in the SFT step on the same rows (one
+  backward: the reference's forward is not differentiated), its forward once more per layer and
+  micro-batch than there (the reference's), counted per trip of every loop of the traced program.
 
 On a multi-device mesh the cuDNN calls lower to `CustomSPMDPartitioning` custom calls whose
 per-device bodies XLA's SPMD partitioner lowers at compile time (not possible here); there the
 test reads which of jax's cuDNN kernels each one partitions (forward or backward, mask type, bias)
 from jax's registry of those calls.
 """
+import collections
 import re
 import types
 
@@ -124,6 +128,33 @@ def assert_holds(lowered, path: str, *, training: bool, T: int, devices: int = 1
   names = {k[0] for k in kernels}
   assert names == ({"_dot_product_attention_fwd_partition", "_dot_product_attention_bwd_partition"}
                    if training else {"_dot_product_attention_fwd_partition"}), names
+
+
+def kernel_runs(traced) -> collections.Counter:
+  """{'forward' | 'backward': how often jax's cuDNN attention kernel runs per call} of a traced program:
+  each equation counted once per trip of every lax.scan around it (its length: layers, micro-batches,
+  the logits chunks, DPO's [reference, policy] loop), a cond by its branch with the most runs."""
+  from jax.extend import core as jcore
+
+  def walk(jaxpr, times) -> collections.Counter:
+    runs = collections.Counter()
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name.startswith("dot_product_attention_fwd") or name.startswith("dot_product_attention_bwd"):
+        runs["forward" if "_fwd" in name else "backward"] += times
+      assert name != "while", "a while loop: its trip count is not in the program"
+      trips = eqn.params["length"] if name == "scan" else 1
+      subs = [sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+              for value in eqn.params.values() for sub in (value if isinstance(value, (tuple, list)) else (value,))
+              if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr))]
+      counts = [walk(sub, times * trips) for sub in subs]
+      if name == "cond":
+        counts = [max(counts, key=lambda c: sum(c.values()))] if counts else []
+      for c in counts:
+        runs.update(c)
+    return runs
+
+  return walk(traced.jaxpr.jaxpr, 1)
 
 
 # --- the programs, from abstract arguments ----------------------------------------------------
@@ -249,9 +280,28 @@ def test_the_buffer_check_sees_whole_batch_logits():
 @pytest.mark.parametrize("impl, packed, devices", [("auto", True, 1), ("cudnn", False, 1),
                                                    ("xla", True, 1), ("auto", True, 8)])
 def test_dpo_train_step_lowers_for_cuda(simulated_gpu, impl, packed, devices):
+  """Lowered as the SFT step is; on a cuDNN path, cuDNN's backward runs as often as in the SFT step
+  (the design this replaced ran it twice as often: the reference's backward too) and its forward
+  that of the SFT step plus one forward per micro-batch (dpo._forward_logps on a micro-batch)."""
   simulated_gpu(packed=packed)
-  step, args, _ = train_program(gpt2_config(impl), 2, devices, loss_fn=dpo_loss, batch=preference_batch)
-  assert_holds(cuda(step, *args), PACKED_ROWS_PATH[impl, packed], training=True, T=T, devices=devices)
+  micro_batches = 2
+  step, args, (model, mesh, state, _, _) = train_program(gpt2_config(impl), micro_batches, devices,
+                                                         loss_fn=dpo_loss, batch=preference_batch)
+  path = PACKED_ROWS_PATH[impl, packed]
+  assert_holds(cuda(step, *args), path, training=True, T=T, devices=devices)
+  if path == "xla":
+    return
+  sft_step, sft_args, _ = train_program(gpt2_config(impl), micro_batches, devices)
+  sft = kernel_runs(sft_step.trace(*sft_args))
+  frozen = {k: v for k, v in args[1].items() if k != dpo.REFERENCE_KEY}
+  micro_batch = {k: jax.ShapeDtypeStruct((B // micro_batches,) + v.shape[1:], v.dtype)
+                 for k, v in preference_batch(mesh).items()}
+  forward = kernel_runs(dpo._forward_logps.trace(model, lora.combine(state["trainable"], frozen), micro_batch,
+                                                 2 * PAIRS_PER_ROW))
+  runs = kernel_runs(step.trace(*args))
+  assert sft["backward"] > 0 and forward["forward"] > 0 and forward["backward"] == 0, (sft, forward)
+  assert runs["backward"] == sft["backward"], (runs, sft)
+  assert runs["forward"] == sft["forward"] + micro_batches * forward["forward"], (runs, sft, forward)
 
 
 @pytest.mark.parametrize("impl, packed", [("auto", True), ("cudnn", False), ("xla", False)])

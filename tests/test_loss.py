@@ -123,3 +123,48 @@ def test_train_step_holds_no_whole_batch_fp32_logits():
   assert not whole and chunked, (len(whole), len(chunked))
   whole_logits_bytes = Bs * Ts * 50304 * 4
   assert compiled.memory_analysis().temp_size_in_bytes < whole_logits_bytes
+
+
+@pytest.mark.parametrize("dtype,tied", [("float32", True), ("bfloat16", True), ("float32", False)])
+def test_token_logps_equal_log_softmax_in_value_and_gradient(dtype, tied):
+  """token_logps (DPO's per-token log-probs) against jax.nn.log_softmax of the full fp32 logits, the
+  gradient w.r.t. h formed in the forward pass (no head adapter), and w.r.t. a trained head weight."""
+  h, head, targets, _ = _inputs(dtype, tied)
+  w = head["w"]
+  spec = loss_lib.HeadSpec(vocab_size=V, tied=tied, dtype=dtype, chunk=16)
+  weights = jnp.asarray(np.random.RandomState(1).randn(B, T), jnp.float32)  # a cotangent per position
+
+  def reference(h, w):
+    f32 = lambda x: x.astype(dtype).astype(jnp.float32)
+    logits = h.astype(jnp.float32) @ (f32(w).T if tied else f32(w))
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+  got = jax.jit(lambda h: loss_lib.token_logps(h, {"w": w}, targets, spec))(h)
+  np.testing.assert_allclose(got, reference(h, w), rtol=2e-6 if dtype == "float32" else 1e-2)
+  scalar = lambda f: (lambda *args: jnp.sum(f(*args) * weights))
+  frozen_w = jax.jit(jax.grad(scalar(lambda h: loss_lib.token_logps(h, {"w": w}, targets, spec))))(h)
+  trained = jax.jit(jax.grad(scalar(lambda h, w: loss_lib.token_logps(h, {"w": w}, targets, spec)), (0, 1)))(h, w)
+  want = jax.grad(scalar(reference), (0, 1))(h.astype(jnp.float32), w)
+  tol = 2e-6 if dtype == "float32" else 1e-2  # bf16: the softmax rounded to bf16 for its matmul
+  for got_g, want_g in [(frozen_w, want[0]), (trained[0], want[0]), (trained[1], want[1])]:
+    got_g, want_g = np.asarray(got_g, np.float32), np.asarray(want_g, np.float32)
+    assert np.max(np.abs(got_g - want_g)) / np.max(np.abs(want_g)) < tol
+  assert frozen_w.dtype == h.dtype
+
+
+def test_token_logps_forms_the_h_gradient_in_the_forward():
+  """With a frozen head, the backward holds no logits matmul: per chunk one for the logits and one for
+  the slope (onehot - softmax) W, both in the forward; autodiff of the checkpointed chunks (the path
+  this replaced for a frozen head) recomputes the logits in the backward."""
+  h, head, targets, _ = _inputs("float32", True)
+  spec = loss_lib.HeadSpec(vocab_size=V, tied=True, chunk=16)
+  w = head["w"]
+
+  def vocab_dots(f):
+    text = str(jax.make_jaxpr(jax.grad(lambda h: jnp.sum(f(h))))(h))
+    return len(re.findall(r"f32\[\d+,14,384\] = dot_general|f32\[\d+,14,16\] = dot_general", text))
+
+  fused = lambda h: loss_lib.token_logps(h, {"w": w}, targets, spec)
+  recompute = lambda h: loss_lib._checkpointed_logps(spec, h, {"w": w}, targets, None)
+  assert vocab_dots(fused) == 2  # the logits, the slope
+  assert vocab_dots(recompute) == 3  # the logits, again in the backward, and d h

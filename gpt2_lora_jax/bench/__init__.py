@@ -5,7 +5,10 @@
   harness.py          throughput, MFU, memory and compile time of the train step, sampler, scorer
                       (the command above, through __main__.py)
   run_setup.py        one configuration's GPT-2 config, synthetic batch and jitted train step
-  settings.py         the 'user' (configs/gpt2_hh.py) and 'like_peft' settings
+  settings.py         the 'user' (configs/gpt2_hh.py), 'like_peft' and DPO (configs/dpo_hh.py) settings
+  dpo_step.py         the DPO train step against the SFT step on the same rows (time, FLOPs, memory,
+                      the first step's margin on the device)
+  hlo_flops.py        matmul FLOPs of a compiled program, each loop counted per trip
   torch_runner.py     the PyTorch children of a run, one process per part; peft_peer.py is the child
   report.py           a run's JSON and Markdown files
   preflight.py, xla_attention.py, attention_check.py, records.py, summary.py

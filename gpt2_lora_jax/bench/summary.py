@@ -24,6 +24,9 @@ from gpt2_lora_jax.bench import records as record_log
 # tokens/s >= 1.5x PEFT + torch.compile (gpt2 b16, gpt2-xl b8); gpt2-xl >= 45% of the matmul rate
 # measured in the same run; peak memory <= PEFT + torch.compile; sampler >= 3x generate at batch 64.
 TARGETS = {"compile_s": 60.0, "over_peft_compile": 1.5, "xl_mfu_matmul": 0.45, "decode_b64_over_hf": 3.0}
+# Issue 22: the DPO step (its in-step reference included) within 1.5x the SFT step on the same rows,
+# and its first step exactly at its reference (margin 0.0) on the device.
+DPO_OVER_SFT_TIME = 1.5
 STATUS = {"0": "ok", "124": "timed out", "137": "killed (SIGKILL)", "skip": "skipped: out of time",
           "signal": "stopped: the check itself was stopped by a signal"}
 
@@ -118,7 +121,8 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
        "train": [], "decode": [], "matmul": [r for r in records if r.get("kind") == "matmul"],
        "attention_check": [r for r in records if r.get("kind") == "attention_check"],
        "score": [r for r in records if r.get("kind") == "torch" and r.get("impl") == "score"], "targets": [],
-       "profile": [r for r in records if r.get("kind") == "profile"], "levers": fold_levers(records)}
+       "profile": [r for r in records if r.get("kind") == "profile"], "levers": fold_levers(records),
+       "dpo_step": [r for r in records if r.get("kind") == "dpo_step"]}
   targets = s["targets"]
   for p in s["paths"]:
     if p["case"] == "platform":
@@ -170,6 +174,14 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
     if r["batch_size"] == 64:
       _target(targets, f"sampler {r['model']} b64: tokens/s / generate", row["over_hf"],
               f">= {TARGETS['decode_b64_over_hf']}", row["over_hf"] is not None and row["over_hf"] >= TARGETS["decode_b64_over_hf"])
+  for r in s["dpo_step"]:
+    if r.get("program") != "dpo_over_sft":
+      continue
+    label = f"DPO step {r.get('model')} b{r.get('batch_size')}"
+    ratio, margin = r.get("step_time_ratio"), r.get("step0_margin")
+    _target(targets, f"{label}: step time / SFT step, same rows", ratio, f"<= {DPO_OVER_SFT_TIME}",
+            ratio is not None and ratio <= DPO_OVER_SFT_TIME)
+    _target(targets, f"{label}: first step's margin (at its reference)", margin, "== 0.0", margin == 0.0)
   return s
 
 
@@ -268,6 +280,18 @@ def to_markdown(s: dict) -> str:
       lines.append(f"| {a['path']} | {'yes' if a.get('ok') else 'NO'} | " +
                    (_cell(a["error"]) if "error" in a else " / ".join(_f(d.get(k)) for k in ("out", "dq", "dk", "dv"))) +
                    f" | {sum(nan.values()) if nan else '-'} | {_f(a.get('fwd_bwd_s'), '.3g', 1e3)} |")
+    lines.append("")
+  if s["dpo_step"]:
+    lines += ["## DPO step against the SFT step on the same rows (bench.dpo_step)", "",
+              "| stage | model | batch | program | step ms | tok/s | matmul TFLOP | temp GiB | peak GiB | compile s | "
+              "step-0 margin | time / SFT |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in s["dpo_step"]:
+      mem = r.get("memory_analysis") or {}
+      lines.append(f"| {r['stage']} | {r.get('model')} | {r.get('batch_size')} | {r.get('program')} | "
+                   f"{_f(r.get('step_time_s'), '.1f', 1e3)} | {_f(r.get('tokens_per_s'), ',.0f')} | "
+                   f"{_f(r.get('matmul_flops_per_step'), '.4g', 1e-12)} | {_f(mem.get('temp_size_in_bytes'), '.2f', gib)} | "
+                   f"{_f(r.get('peak_bytes_in_use'), '.2f', gib)} | {_f(r.get('compile_s'), '.1f')} | "
+                   f"{r.get('step0_margin', '-')!r} | {_f(r.get('step_time_ratio'), '.3f')} |")
     lines.append("")
   for m in s["matmul"]:
     lines.append(f"Matmul {m['n']}^3 {m['dtype']} ({m['stage']}): {_f(m['flops_per_s'], '.4g', 1e-12)} TFLOP/s  ")
