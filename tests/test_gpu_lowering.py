@@ -332,14 +332,45 @@ def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
   seg = jnp.asarray(attention_check.hh_like_segment_ids(0, Bc, Tc, cap))
   chosen = attention.select_path("cudnn", "segments", plat, "bfloat16", K, Tc, cap, log_fallbacks=False)
   assert chosen == PACKED_ROWS_PATH["cudnn", packed]  # what the check reports as the model's path
+  seg_arg = jax.ShapeDtypeStruct(seg.shape, seg.dtype)
   for dtype, path in [(jnp.float32, "xla"), (jnp.bfloat16, "xla"), (jnp.bfloat16, "layout_xla"),
                       (jnp.bfloat16, "cudnn_packed"), (jnp.bfloat16, "cudnn_mask")]:
     x = jax.ShapeDtypeStruct((Bc, Tc, H, K), dtype)
-    lowered = cuda(attention_check._run(path, x, x, x, x, seg, cap), x, x, x, x)
+    lowered = cuda(attention_check._run(path, cap), x, x, x, x, seg_arg)
     assert_holds(lowered, "xla" if path == "layout_xla" else path, training=True, T=Tc)
+    assert_no_folded_inputs(lowered.as_text(), Bc, Tc)
   x = jax.ShapeDtypeStruct((Bc, Tc, H, K), jnp.bfloat16)
   overflow_mask = attention.build_mask("cudnn_packed", None, seg, cap)
   assert_holds(cuda(jax.jit(attention.attend), x, x, x, overflow_mask), "cudnn_packed", training=False, T=Tc)
+
+
+def assert_no_folded_inputs(text: str, B: int, T: int):
+  """No (B, T) constant (segment ids baked into the program: the H200's layout_xla compile stall had
+  them, BUILD.md) and no integer dot (its layout mask came from an s32 batched dot)."""
+  assert not re.findall(rf"stablehlo\.constant dense<.*> : tensor<{B}x{T}xi32>", text)
+  integer_dots = re.findall(r"stablehlo\.dot_general.*-> tensor<[\dx]*x?i\d+>", text)
+  assert not integer_dots, integer_dots[:2]
+
+
+def test_the_no_folded_inputs_check_sees_the_old_layout_mask():
+  """The check above is not vacuous: the attention check's layout_xla as it was (segment ids closed
+  over, the mask from an integer einsum) trips both halves."""
+  Bc, Tc, cap = 2, 64, 4
+  seg = jnp.asarray(attention_check.hh_like_segment_ids(0, Bc, Tc, cap))
+  x = jax.ShapeDtypeStruct((Bc, Tc, 2, 16), jnp.bfloat16)
+
+  def old_layout_xla(q):
+    seqlens, offsets, _ = attention.segment_layout(seg, cap + 1)  # seg: a closed-over constant
+    t = jnp.arange(Tc)
+    in_BMT = (seqlens[:, :, None] >= 0) & (t >= offsets[:, :-1, None]) & (t < offsets[:, :-1, None] + seqlens[:, :, None])
+    same = jnp.einsum("bmq,bmk->bqk", in_BMT.astype(jnp.int32), in_BMT.astype(jnp.int32)) > 0
+    return same, q * 2
+
+  text = cuda(jax.jit(old_layout_xla), x).as_text()
+  with pytest.raises(AssertionError):
+    assert_no_folded_inputs(text, Bc, Tc)
+  assert re.findall(rf"stablehlo\.constant dense<.*> : tensor<{Bc}x{Tc}xi32>", text)
+  assert re.findall(r"stablehlo\.dot_general.*-> tensor<[\dx]*x?i\d+>", text)
 
 
 def test_the_attention_check_reports_a_kernel_that_fails_with_an_empty_message(simulated_gpu, monkeypatch):
@@ -353,9 +384,10 @@ def test_the_attention_check_reports_a_kernel_that_fails_with_an_empty_message(s
     if not path.startswith("cudnn"):
       return fn
 
-    def refused(*call_args):  # what the jitted cuDNN program did on the H200 when called
-      raise AssertionError()
-    return refused
+    class Refused:  # what jax's cuDNN lowering did on the H200
+      def lower(self, *call_args):
+        raise AssertionError()
+    return Refused()
 
   monkeypatch.setattr(attention_check, "_run", run)
   result = attention_check.check(batch_size=2, seq_len=64, heads=2, head_dim=16, max_segments=4, repeats=1)
