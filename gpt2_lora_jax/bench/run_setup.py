@@ -144,8 +144,8 @@ def _params(config, cfg: BenchConfig) -> dict:
 
 
 def base_params(config, cfg: BenchConfig) -> dict:
-  """The base weights of `config` (stacked when config.scan_layers) from the program train_setup runs
-  for cfg (one compile serves both: the adapters are dropped; they are drawn after the base)."""
+  """The base weights of `config` (stacked when config.scan_layers): the train case's base, from the
+  program train_setup runs for cfg (one compile serves both), with the adapters dropped."""
   flat = traverse_util.flatten_dict(_params(config, cfg))
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
 
