@@ -344,8 +344,9 @@ def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
     assert_holds(lowered, "xla" if path == "layout_xla" else path, training=True, T=Tc)
     assert_no_folded_inputs(lowered.as_text(), Bc, Tc)
   x = jax.ShapeDtypeStruct((Bc, Tc, H, K), jnp.bfloat16)
-  overflow_mask = attention.build_mask("cudnn_packed", None, seg, cap)
-  assert_holds(cuda(jax.jit(attention.attend), x, x, x, overflow_mask), "cudnn_packed", training=False, T=Tc)
+  overflow = attention_check._overflow_nans.trace(x, x, x, seg_arg, cap).lower(lowering_platforms=("cuda",))
+  assert_holds(overflow, "cudnn_packed", training=False, T=Tc)
+  assert_no_folded_inputs(overflow.as_text(), Bc, Tc)
 
 
 def assert_no_folded_inputs(text: str, B: int, T: int):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
+import functools
 import json
 import os
 import statistics
@@ -193,13 +194,15 @@ def _overflow_is_nan(q, k, v, max_segments: int) -> bool:
   seg = np.ones((B, T), np.int32)
   seg[0, :max_segments + 2] = np.arange(1, max_segments + 3)  # cap + 2 one-token segments, then one
   seg[0, max_segments + 2:] = max_segments + 3
-
-  def nan_where(q, k, v, seg):  # (row 0 all NaN, any NaN in the other rows), the layout built in here
-    out = attention.attend(q, k, v, attention.build_mask("cudnn_packed", None, seg, max_segments))
-    return jnp.isnan(out[0]).all(), jnp.isnan(out[1:]).any()
-
-  first_all_nan, others_any_nan = jax.device_get(jax.jit(nan_where)(q, k, v, seg))
+  first_all_nan, others_any_nan = jax.device_get(_overflow_nans(q, k, v, seg, max_segments))
   return bool(first_all_nan and not others_any_nan)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _overflow_nans(q, k, v, seg, max_segments: int):
+  """(row 0 all NaN, any NaN in the other rows) of cudnn_packed attention, the layout built in here."""
+  out = attention.attend(q, k, v, attention.build_mask("cudnn_packed", None, seg, max_segments))
+  return jnp.isnan(out[0]).all(), jnp.isnan(out[1:]).any()
 
 
 def to_markdown(result: dict) -> str:
