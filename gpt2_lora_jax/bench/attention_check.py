@@ -13,9 +13,9 @@ abs difference of each from the same computation in fp32 through XLA with the se
 to the bf16 XLA path's own difference (the rounding every bf16 path has), NaN counts, the
 median time of a jitted forward + backward and its compile seconds. Inputs are drawn on the host
 and every one (the segment ids included) is an argument of the compiled programs, so nothing runs
-op by op and no input is a constant the compiler could fold. A path passes when nothing is NaN and its differences
-are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a cuDNN bound).
-A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
+op by op and no input is a constant the compiler could fold. A path passes when nothing is NaN and
+its differences are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a
+cuDNN bound). A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
 Each path's row is printed (flushed) and recorded (records.emit, kind 'attention_check') the
 moment it is measured, so a later path that hangs or crashes loses none of the earlier ones.
 Results: attention_check_<device>_<UTC time>.{json,md} in --out_dir. Imports no ml_collections
@@ -92,7 +92,7 @@ def _run(path: str, max_segments: int):
   """The jitted forward + backward of one path: (q, k, v, g, segment ids) -> (out, (dq, dk, dv)).
 
   The segment ids are an argument of the program, never a constant baked into it. The H200's check
-  stalled > 30 s compiling layout_xla at 16 x 1024 (DESIGN.md) when they were a closed-over
+  stalled > 30 s compiling layout_xla at 16 x 1024 when they were a closed-over
   constant and the layout's mask came from an integer einsum (B, M, T) x (B, M, T) -> (B, T, T),
   an s32 batched dot (cuBLAS has no s32 GEMM; XLA:GPU emits integer dots itself,
   openxla/xla#5796); the xla path, with neither, compiled. Both are gone (tests/test_gpu_lowering.py

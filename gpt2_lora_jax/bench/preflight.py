@@ -17,11 +17,11 @@ is the one seen not to finish a train step on an H200). Each case's phases (setu
 first step, second step; the sampler: first call with its compiles, second call) are printed and
 recorded (records.emit, kind 'preflight') the moment each ends, with the attention path the
 model chose, the programs XLA compiled during setup (run_setup.compiled_programs) and, for remat
-'auto', the policy remat.choose took with every figure (its compile phase); an exception is recorded with its type and message and the next case runs; a case
-still running at --case_timeout_s is abandoned (its thread cannot be stopped; the process ends with
-os._exit). A traceback of every thread goes to stderr every --stall_dump_s seconds (faulthandler),
-so a stall shows where it sits. Exit code 0 when every case ran. Imports no ml_collections or
-datasets.
+'auto', the policy remat.choose took with every figure (its compile phase); an exception is
+recorded with its type and message and the next case runs; a case still running at
+--case_timeout_s is abandoned (its thread cannot be stopped; the process ends with os._exit). A
+traceback of every thread goes to stderr every --stall_dump_s seconds (faulthandler), so a stall
+shows where it sits. Exit code 0 when every case ran. Imports no ml_collections or datasets.
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ def _match(records: list, kind: str, impl: str, row: dict):
 
 
 def _remat_cell(choice, prefix: str = "") -> str:
-  """remat.Choice.record() as 'dots (none 83.1, dots 28.2 of 94.5 GiB)'; '' without one."""
+  """remat.Choice.record() as 'dots (none 83.1, dots 28.2 of 94.5 GiB)' after `prefix`; without one,
+  '' after a prefix (the train table's remat setting stands alone) and '-' in a cell of its own."""
   if not choice:
     return "" if prefix else "-"
   tried = ", ".join(f"{p} {b / 2**30:.1f}" for p, b in choice["bytes_per_device"].items())
