@@ -13,7 +13,8 @@ Memory of a step per device: temporaries + arguments + outputs - outputs aliased
 arguments (the state). Budget per device: MEMORY_FRACTION x the allocator's limit
 (device.memory_stats()['bytes_limit'], the smallest over the devices), or train.memory_limit_gib
 when set. CPU devices report no limit: there the budget is MEMORY_FRACTION x the host's RAM shared
-by its local devices, a rule of this module, not a measurement.
+by its local devices, a rule of this module, not a measurement. An accelerator that reports none
+is an error asking for train.memory_limit_gib.
 
 When no policy fits, the error names what each needs and a setting that fits, found by compiling
 the step again ('full', the least memory) with more micro-batches and, equivalently, the smaller
@@ -69,6 +70,10 @@ def budget(devices, limit_gib: float = 0.0) -> tuple[int, str]:
       limit = min(limits)
       bytes_ = int(MEMORY_FRACTION * limit)
       source = f"{MEMORY_FRACTION:g} x bytes_limit {size_text(limit)} of {devices[0].device_kind}"
+    elif devices[0].platform != "cpu":  # an accelerator without the figure: the host's RAM says nothing
+      raise UserError(f"model.remat='auto': {devices[0].device_kind} ({devices[0].platform}) reports no "
+                      "memory limit (memory_stats()['bytes_limit']); set --config.train.memory_limit_gib "
+                      "to the GiB per device the train step may use, or choose model.remat")
     else:
       ram = _host_ram_bytes()
       bytes_ = int(MEMORY_FRACTION * ram / len(devices))

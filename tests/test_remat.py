@@ -7,6 +7,7 @@ outputs - outputs aliased to donated arguments, per device. The budget reaches t
 train.memory_limit_gib, a config value; nothing in jax is patched.
 """
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -126,3 +127,25 @@ def test_an_auto_run_compiles_its_step_once_and_resumes(tmp_path, capsys):
     assert "remat='auto': 'none' (train step memory per device: none " in capsys.readouterr().out
   assert sorted(train_losses(workdir)) == list(range(1, 7))
   assert train_losses(workdir) == train_losses(reference_run)
+
+
+class Device:
+  """What remat.budget reads of a device: its platform, kind and allocator statistics."""
+  def __init__(self, platform, stats, kind="test device"):
+    self.platform, self.device_kind, self._stats = platform, kind, stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+def test_the_budget_is_a_fraction_of_the_smallest_device_limit_or_the_setting():
+  gib = 2 ** 30
+  devices = [Device("gpu", {"bytes_limit": 100 * gib}), Device("gpu", {"bytes_limit": 80 * gib})]
+  budget, source = remat.budget(devices)
+  assert budget == int(remat.MEMORY_FRACTION * 80 * gib) and "bytes_limit 80.00 GiB" in source
+  assert remat.budget(devices, limit_gib=12.5) == (int(12.5 * gib), "train.memory_limit_gib=12.5")
+  with pytest.raises(UserError, match=r"reports no memory limit.*--config.train.memory_limit_gib"):
+    remat.budget([Device("gpu", {})])  # the host's RAM says nothing about an accelerator
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  cpu_budget, source = remat.budget([Device("cpu", None), Device("cpu", None)])
+  assert cpu_budget == int(remat.MEMORY_FRACTION * ram / 2) and "/ 2 devices" in source
