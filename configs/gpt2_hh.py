@@ -15,15 +15,6 @@ RECIPE = {
     "gpt2-xl": (32, 1e-4),
 }
 
-# Per size, the remat policy with the least recompute whose planned peak for 32 rows of 1024 tokens
-# on one device stays under 80 GiB, from the CPU compiler's plan of this step (scanned, bf16, LoRA
-# r=8; benchmarks/README.md): gpt2 none 83.1 -> dots 28.2 GiB; gpt2-medium dots 64.3 GiB;
-# gpt2-large dots 114.1 -> full 24.2 GiB; gpt2-xl dots 187.8 -> full 35.9 GiB. Recompute costs
-# +7-8% FLOPs for 'dots' and +31-33% for 'full' (XLA cost analysis, gpt2 and gpt2-medium). A GPU's
-# plan differs (not measured: no GPU was available); with more devices or micro-batches per step,
-# a lighter policy may fit.
-REMAT = {"gpt2": "dots", "gpt2-medium": "dots", "gpt2-large": "full", "gpt2-xl": "full"}
-
 
 def get_config(size: str = "gpt2"):
   if size not in RECIPE:
@@ -40,7 +31,10 @@ def get_config(size: str = "gpt2"):
   # Blocks under nn.scan: the gpt2-xl step compiles ~5x faster, and only scanned blocks let remat
   # shrink the memory plan (benchmarks/README.md, "Compile time, memory plan and remat per size").
   c.model.scan_layers = True
-  c.model.remat = REMAT[size]
+  # The first of 'none', 'dots', 'full' whose compiled train step fits the device's memory, chosen on
+  # the device at hand (remat.py: a GPU's plan is far below the CPU's, and it depends on the batch,
+  # micro-batches and mesh); the log names the choice and every policy's figure.
+  c.model.remat = "auto"
 
   c.lora.rank = 16  # a choice, not tuned here
   c.lora.alpha = 32.0  # scale alpha / r = 2

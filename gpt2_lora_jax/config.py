@@ -22,7 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
   # 'xla' (the reference, every backend), 'cudnn' (NVIDIA GPUs: packed rows through cuDNN's packed
   # layout, no dense mask; falls back to XLA elsewhere) or 'auto' (cuDNN where it applies); attention.py
   c.model.attention_impl = "xla"
-  c.model.remat = "none"  # 'none', 'full' or 'dots': trade compute for activation memory
+  # Rematerialisation of each block, trading compute for activation memory: 'none', 'dots' (keep
+  # matmul outputs), 'full', or 'auto': the first of none, dots, full whose compiled train step fits
+  # the device's memory (remat.py; one line in the log gives the choice and every figure)
+  c.model.remat = "none"
   # Run the blocks under nn.scan over stacked layer parameters: compile time stops growing with
   # depth (gpt2-xl train step on CPU: BUILD.md). Checkpoints of a scanned run hold stacked leaves;
   # HF / PEFT exports and LoRA patterns stay per layer.
@@ -106,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.steps = 1000
   c.train.batch_size = 16  # global rows per step
   c.train.micro_batches = 1  # gradient accumulation: batch_size / micro_batches rows per pass
+  # GiB per device the train step may plan for when model.remat='auto' (0: 0.9 x what the device's
+  # allocator allows; on CPU 0.9 x the host's RAM over its devices; remat.py)
+  c.train.memory_limit_gib = 0.0
   c.train.seed = 0  # data order, adapter init and dropout all derive from it
   c.train.log_every = 10  # progress line / bar cadence (metrics.jsonl and TensorBoard get every step)
   c.train.eval_every = 200  # held-out loss cadence (0 disables)

@@ -147,6 +147,7 @@ def objective(exp, cache_dir):
   return train.Objective(
       build_data=build_data, batch_for_step=preference.batch_for_step,
       eval_batches=preference.eval_batches, loss_fn=loss_fn,
+      loss_fn_for=lambda model: make_loss_fn(model, cfg.dpo),
       eval_fn=lambda trainable, frozen, batch: loss_fn(trainable, frozen, batch, None),
       denominator_name="pairs", plot=plot,
       initial_copy_key=REFERENCE_KEY if dpo_losses.uses_reference(cfg.dpo) else "")

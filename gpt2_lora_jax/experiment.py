@@ -53,6 +53,11 @@ def validate(config: ml_collections.ConfigDict, n_devices: int):
     problems.append(f"train.steps={config.train.steps}: must be >= 1")
   if config.data.max_length < 2:
     problems.append(f"data.max_length={config.data.max_length}: must be >= 2")
+  if config.model.remat not in gpt2_model.REMAT_POLICIES + ("auto",):
+    problems.append(f"model.remat={config.model.remat!r}: choose one of "
+                    f"{gpt2_model.REMAT_POLICIES + ('auto',)}")
+  if config.train.memory_limit_gib < 0:
+    problems.append(f"train.memory_limit_gib={config.train.memory_limit_gib}: must be >= 0 (0: the device's)")
   if config.model.init not in ("pretrained", "random"):
     problems.append(f"model.init={config.model.init!r}: 'pretrained' or 'random'")
   if problems:
@@ -75,7 +80,10 @@ def check_workdir(workdir: str):
 
 def load_base(config: ml_collections.ConfigDict, seed: int):
   """(GPT2Config, params, name): pretrained from model.name, or random of model.preset size."""
-  run_fields = dict(attention_impl=config.model.attention_impl, remat=config.model.remat,
+  # remat 'auto' is chosen when the train step is compiled (train.auto_remat_step); until then, and
+  # in every program without gradients (held-out loss, sampling), the model holds 'none'.
+  remat = "none" if config.model.remat == "auto" else config.model.remat
+  run_fields = dict(attention_impl=config.model.attention_impl, remat=remat,
                     max_segments_per_row=config.data.max_segments_per_row,
                     scan_layers=bool(config.model.get("scan_layers", False)),
                     lora_dropout_rng=config.lora.get("dropout_rng", "packed"))

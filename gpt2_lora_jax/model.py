@@ -29,6 +29,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from gpt2_lora_jax import attention
 from gpt2_lora_jax import dropout as dropout_lib
@@ -44,6 +45,10 @@ PRESETS = {
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
+# Standard deviations of the random init: Hugging Face's initializer_range (0.02) for every kernel and
+# the token embedding; 0.01 for the position embedding, as OpenAI's GPT-2 code draws it.
+INIT_STD = 0.02
+WPE_INIT_STD = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +176,7 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+    kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (x.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
@@ -212,7 +217,7 @@ class LMHead(nn.Module):
     if self.tied:
       logits = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(self.dtype))
     else:
-      kernel = self.param("kernel", nn.initializers.normal(0.02), (h_BTD.shape[-1], self.vocab_size),
+      kernel = self.param("kernel", nn.initializers.normal(INIT_STD), (h_BTD.shape[-1], self.vocab_size),
                           self.param_dtype)
       logits = jnp.dot(h_BTD, kernel.astype(self.dtype))
     return logits + lora_delta(self, h_BTD, deterministic)
@@ -304,6 +309,18 @@ def make_attention_mask(T: int, S: int, attention_mask=None, segment_ids=None, q
   return mask | (k_pos == q_pos)[None, None]
 
 
+def layer_path(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,
+               query_offset=0, kv_lengths=None) -> str:
+  """The attention path (attention.PATHS) layer_mask chooses for these inputs. Reads only which
+  inputs are given (and the platform), never their values: no array operation runs, so a caller
+  outside jit (the benchmark's label of the path) compiles nothing."""
+  kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset, kv_lengths)
+  if config.attention_impl == "xla":  # 'xla' asks nothing of the platform
+    return "xla"
+  return attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
+                               config.head_dim, T, config.max_segments_per_row, probe=attention.probe)
+
+
 def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,
                query_offset=0, kv_lengths=None) -> attention.Mask:
   """What every layer's attention gets: the kernel for this call and the mask in its form.
@@ -314,12 +331,7 @@ def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_
   iff s <= query_offset + t and s < kv_lengths[b] (attention.lengths_mask), as per-row kv lengths
   on cuDNN where they express it.
   """
-  kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset, kv_lengths)
-  path = "xla"
-  if config.attention_impl != "xla":  # 'xla' asks nothing of the platform
-    path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
-                                 config.head_dim, T, config.max_segments_per_row,
-                                 probe=attention.probe)
+  path = layer_path(config, T, S, attention_mask, segment_ids, query_offset, kv_lengths)
   if kv_lengths is not None:
     return attention.build_lengths_mask(path, T, S, kv_lengths, query_offset)
   dense = None
@@ -348,9 +360,9 @@ class GPT2(nn.Module):
   def setup(self):
     cfg = self.config
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
-    init = nn.initializers.normal(0.02)
+    init = nn.initializers.normal(INIT_STD)
     self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, dtype=dt, param_dtype=pdt)
-    self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=nn.initializers.normal(0.01),
+    self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=nn.initializers.normal(WPE_INIT_STD),
                         dtype=dt, param_dtype=pdt)
     block = Block
     if cfg.remat != "none":
@@ -424,3 +436,43 @@ def init_params(config: GPT2Config, rng) -> dict:
 def param_shapes(config: GPT2Config) -> dict:
   """The per-layer parameter tree as ShapeDtypeStructs, computed without allocating anything."""
   return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def init_rule(path: tuple) -> tuple:
+  """How GPT2.init draws the parameter at `path` (a key path of a per-layer or stacked tree):
+  ('normal', std), ('zeros', None) or ('ones', None). tests/test_model.py checks it against
+  init_params leaf by leaf."""
+  if path[0] == "wpe":
+    return ("normal", WPE_INIT_STD)
+  if path[-1] in ("kernel", "embedding"):
+    return ("normal", INIT_STD)
+  if path[-1] == "scale":  # layer norms
+    return ("ones", None)
+  if path[-1] == "bias":  # linears and layer norms
+    return ("zeros", None)
+  raise ValueError(f"no init rule for parameter {'/'.join(path)}")
+
+
+def draw_params(shapes: dict, rule, rng) -> dict:
+  """A tree of arrays shaped like `shapes` (ShapeDtypeStructs): the leaf at path p drawn as
+  rule(p, shape) says, ('normal', std), ('uniform', bound) for U(-bound, bound), ('zeros', None) or
+  ('ones', None); random draws in float32, then cast to the leaf's dtype. One draw per leaf, so
+  under jit a stacked tree (blocks as (L, ...) leaves, stacking.py) is a program of a few dozen
+  draws whatever the depth, where init_params (flax's init, a draw per parameter of each of the L
+  blocks) grows with it: the gpt2-xl benchmark's jitted init_params + adapters did not finish
+  compiling in 60 s on an H200 (benchmarks/README.md). The values differ from init_params'; their
+  distributions are the same (tests/test_bench.py)."""
+  flat = sorted(traverse_util.flatten_dict(shapes).items())
+  out = {}
+  for key, (path, leaf) in zip(jax.random.split(rng, len(flat)), flat):
+    kind, scale = rule(path, leaf)
+    if kind == "normal":
+      value = jax.random.normal(key, leaf.shape, jnp.float32) * scale
+    elif kind == "uniform":
+      value = jax.random.uniform(key, leaf.shape, jnp.float32, -scale, scale)
+    elif kind in ("zeros", "ones"):
+      value = (jnp.zeros if kind == "zeros" else jnp.ones)(leaf.shape, jnp.float32)
+    else:
+      raise ValueError(f"init rule {kind!r} for {'/'.join(path)}: 'normal', 'uniform', 'zeros' or 'ones'")
+    out[path] = value.astype(leaf.dtype)
+  return traverse_util.unflatten_dict(out)

@@ -170,14 +170,23 @@ def put(tree, shardings):
   donates what it is given, and the caller's arrays must survive); host arrays are cut into the
   shards this process owns (what several processes need, since no one device holds everything).
   """
-  def place(x, s):
-    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
-      # A jitted identity writes fresh buffers; device_put(may_alias=False) still shares the
-      # source device's buffer when the target replicates over several devices (jax 0.10).
-      return jax.jit(lambda a: a, out_shardings=s)(x)
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-  return jax.tree.map(place, tree, shardings)
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = treedef.flatten_up_to(shardings)
+  on_device = [i for i, x in enumerate(leaves)
+               if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1]
+  placed = list(leaves)
+  if on_device:
+    # One jitted identity for all of them writes fresh buffers (device_put(may_alias=False) still
+    # shares the source device's buffer when the target replicates over several devices, jax
+    # 0.10); one program, not one per leaf (each a compile: a thousand for unscanned gpt2-xl).
+    copies = jax.jit(lambda xs: xs, out_shardings=[targets[i] for i in on_device])(
+        [leaves[i] for i in on_device])
+    for i, copy in zip(on_device, copies):
+      placed[i] = copy
+  for i in sorted(set(range(len(leaves))) - set(on_device)):
+    host = np.asarray(leaves[i])
+    placed[i] = jax.make_array_from_callback(host.shape, targets[i], lambda idx, host=host: host[idx])
+  return jax.tree.unflatten(treedef, placed)
 
 
 def fetch_to_host(tree):

@@ -257,6 +257,8 @@ class Objective:
   aux sum over the denominator; plot(workdir, window). initial_copy_key: when set, a copy of the
   initial trainable leaves (before any checkpoint is restored) rides in the frozen tree that the
   step and eval_fn get, under this top-level key, placed like the trainable leaves (DPO's reference).
+  loss_fn_for(model) -> loss_fn: the same loss for another build of the model (model.remat='auto'
+  compiles the step once per remat policy, remat.py); None: the run cannot use remat='auto'.
   """
   build_data: Callable
   batch_for_step: Callable
@@ -266,6 +268,7 @@ class Objective:
   denominator_name: str = "loss_tokens"
   initial_copy_key: str = ""
   plot: Callable | None = None
+  loss_fn_for: Callable | None = None
 
 
 def sft_objective(exp, cache_dir) -> Objective:
@@ -277,6 +280,7 @@ def sft_objective(exp, cache_dir) -> Objective:
       build_data=lambda split, log: data.build(exp.config.data, exp.tokenizer, split, tcfg.batch_size,
                                                cache_dir, log=log),
       batch_for_step=data.batch_for_step, eval_batches=data.eval_batches, loss_fn=sft_loss(exp.model),
+      loss_fn_for=sft_loss,
       eval_fn=lambda trainable, frozen, batch: (*eval_step(trainable, frozen, batch), {}),
       plot=metrics_lib.plot_loss)
 
@@ -329,8 +333,21 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
     return {"step": start, "params": lora.combine(state["trainable"], frozen)}
 
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
-                           step_frozen_sh, obj.loss_fn)
+
+  def batch_at(step, signalled: bool):
+    local = obj.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
+                               jax.process_index(), jax.process_count())
+    if multi_process:  # this process's signal flag on each of its rows; the step all-reduces it
+      local[STOP_KEY] = np.full(len(local["inputs"]), int(signalled), np.int32)
+    return sharding.global_batch(local, mesh)
+
+  if config.model.remat == "auto":  # compiled here, once per policy tried; the chosen one runs
+    step_fn = auto_remat_step(exp, obj, tx, schedule, mesh, state, state_sh, step_frozen, step_frozen_sh,
+                              batch_at(start, False), log)
+  else:
+    step_fn = jit_train_step(exp.model, exp.labels, tcfg.micro_batches, tx, schedule, mesh, state_sh,
+                             step_frozen_sh, obj.loss_fn)
+
   eval_fn = jax.jit(sharding.traced_on(mesh, obj.eval_fn), in_shardings=(state_sh["trainable"], step_frozen_sh, batch_sh),
                     out_shardings=repl)
   seq_len = config.data.max_length
@@ -340,13 +357,6 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, tcfg.steps, start, enabled=is_main)
   timer = StepTimer()
   last = {}
-
-  def batch_at(step, signalled: bool):
-    local = obj.batch_for_step(train_data, tcfg.seed, step, tcfg.batch_size,
-                               jax.process_index(), jax.process_count())
-    if multi_process:  # this process's signal flag on each of its rows; the step all-reduces it
-      local[STOP_KEY] = np.full(len(local["inputs"]), int(signalled), np.int32)
-    return sharding.global_batch(local, mesh)
 
   def record(step, device_metrics) -> bool:
     """Reads step's metrics (the host sync, one step behind the device) and writes them.
@@ -431,6 +441,31 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
       if is_main:
         obj.plot(workdir, tcfg.loss_avg_window)
   return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
+
+
+def auto_remat_step(exp, obj: Objective, tx, schedule, mesh, state, state_sh, frozen, frozen_sh,
+                    first_batch: dict, log=None):
+  """The train step compiled with the remat policy remat.choose picks (model.remat='auto') for these
+  arrays and batch shapes: a jax.stages.Compiled, called as the jitted step. log: where the line
+  with the choice and every policy's figures goes (None: nowhere)."""
+  from gpt2_lora_jax import remat
+  if obj.loss_fn_for is None:
+    raise ValueError("model.remat='auto' needs the objective's loss_fn_for (train.Objective)")
+  tcfg = exp.config.train
+
+  def lower(policy: str, micro_batches: int, batch_size: int):
+    model = lora.make_model(exp.gpt2_config.replace(remat=policy), exp.lora_config)
+    step = jit_train_step(model, exp.labels, micro_batches, tx, schedule, mesh, state_sh, frozen_sh,
+                          obj.loss_fn_for(model))
+    rows = lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=x.sharding)
+    return step.lower(state, frozen, jax.tree.map(rows, first_batch))
+
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  budget, source = remat.budget(local, tcfg.memory_limit_gib)
+  choice = remat.choose(lower, budget, source, tcfg.batch_size, tcfg.micro_batches, mesh.size)
+  if log is not None:
+    log(choice.line(), flush=True)
+  return choice.compiled
 
 
 def finished_message(checkpoint_step: int, steps: int, workdir: str) -> str:

@@ -172,9 +172,102 @@ def test_user_setting_is_what_configs_gpt2_hh_runs():
         "lora_targets": tuple(c.lora.targets), "scan_layers": c.model.scan_layers, "remat": c.model.remat,
         "attention": c.model.attention_impl, "dtype": c.model.dtype, "param_dtype": c.model.base_param_dtype}
   cfg = harness.BenchConfig(preset="gpt2-xl", setting="user", lora_rank=4)
-  assert cfg.lora_rank == 16 and cfg.remat == module.REMAT["gpt2-xl"] and cfg.scan_layers  # the setting wins
+  assert cfg.lora_rank == 16 and cfg.remat == "auto" and cfg.scan_layers  # the setting wins
   cfg = harness.BenchConfig(setting="like_peft", lora_rank=4, remat="full")
   assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.remat, cfg.scan_layers) == (8, 16.0, 0.0, "none", False)
+
+
+# --- the benchmark's setup: its random init, and what it compiles before the first step -------------
+
+def expected_init(path, shape, lora_cfg):
+  """How each leaf should be drawn, written out: normal(0.02) for kernels and the token embedding
+  (Hugging Face's initializer_range), normal(0.01) for the position embedding (OpenAI's GPT-2), layer
+  norms at scale 1 and bias 0, linear biases 0; LoRA A (in, r) U(+-1/sqrt(in)) as PEFT's
+  kaiming_uniform(a=sqrt(5)) or N(0, 1/r^2) ('gaussian'), B 0."""
+  name = path[-1]
+  if name == "lora_b" or name == "bias":
+    return ("zeros", None)
+  if name == "scale":
+    return ("ones", None)
+  if name == "lora_a":
+    return ("uniform", 1 / math.sqrt(shape[-2])) if lora_cfg.init == "kaiming_uniform" else ("normal", 1 / lora_cfg.rank)
+  return ("normal", 0.01 if path[0] == "wpe" else 0.02)
+
+
+def test_benchmark_init_draws_every_leaf_as_the_model_and_lora_do():
+  """run_setup's one-program init (every kind of leaf drawn once for all blocks): the tree of
+  model.init_params + lora.add (paths, shapes, dtypes), stacked or per layer with the same values, and
+  each leaf's statistics against expected_init: zeros and ones exactly; a normal leaf's sample sd
+  within 5 standard errors (std / sqrt(2 n)) and mean within 5 std / sqrt(n); a uniform leaf inside
+  its bound, its max |a| within the bound's last 10/n, its sd within 5 standard errors of
+  bound / sqrt(3) (relative error 1 / sqrt(5 n)); blocks drawn independently (correlation of two
+  blocks' values within 5 / sqrt(n))."""
+  from flax import traverse_util
+  from gpt2_lora_jax import stacking
+  from gpt2_lora_jax.bench import run_setup
+  import dataclasses
+  cfg = harness.BenchConfig(n_layer=3, n_embd=64, n_head=4, vocab_size=512, lora_rank=8, side="jax", out_dir="")
+  config = run_setup.gpt2_config(cfg).replace(param_dtype="bfloat16")
+  lora_cfg = run_setup._lora_config(cfg)
+  assert lora_cfg.init == "kaiming_uniform"
+  per_layer = run_setup._init_with_adapters(config, lora_cfg, 0, False)
+  stacked = run_setup._init_with_adapters(config, lora_cfg, 0, True)
+  want = jax.eval_shape(lambda: lora.add(gpt2_model.init_params(config, jax.random.PRNGKey(0)), lora_cfg,
+                                         jax.random.PRNGKey(1)))
+  shape_of = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert shape_of(per_layer) == shape_of(want)
+  assert jax.tree.all(jax.tree.map(np.array_equal, stacking.unstack_layers(stacked), per_layer))
+  for path, value in traverse_util.flatten_dict(stacked).items():
+    x = np.asarray(value, np.float64)
+    kind, scale = expected_init(path, x.shape, lora_cfg)
+    n = x.size
+    if kind in ("zeros", "ones"):
+      assert np.all(x == (0.0 if kind == "zeros" else 1.0)), path
+    elif kind == "normal":
+      assert abs(x.std() / scale - 1) < 5 / np.sqrt(2 * n), (path, x.std(), scale)
+      assert abs(x.mean()) < 5 * scale / np.sqrt(n), (path, x.mean())
+    else:
+      assert np.abs(x).max() <= scale and np.abs(x).max() > scale * (1 - 10 / n), (path, np.abs(x).max(), scale)
+      assert abs(x.std() / (scale / np.sqrt(3)) - 1) < 5 / np.sqrt(5 * n), (path, x.std(), scale)
+    if path[0] == "h" and kind != "zeros" and kind != "ones":
+      a, b = x[0].ravel(), x[1].ravel()
+      assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size), path
+  gaussian = dataclasses.replace(lora_cfg, init="gaussian")  # the other A init: its rule (drawn as above)
+  a = jax.ShapeDtypeStruct((3, 64, 8), np.float32)
+  assert run_setup.init_rule(gaussian)(("h", "attn", "c_attn", "lora_a"), a) == expected_init(("lora_a",), a.shape, gaussian)
+
+
+# The programs XLA compiles while the benchmark sets up a run (run_setup.train_setup, then the path
+# label of run_setup.attention_path), whatever the depth or the blocks' layout:
+SETUP_PROGRAMS = sorted([
+    "jit(_init_with_adapters)",  # base + adapters, one program (model.draw_params)
+    "jit(<lambda>)", "jit(<lambda>)",  # sharding.put: the trainable leaves, then the frozen ones
+    "jit(convert_element_type)",  # optax.tree_map_params runs Adam's init eagerly: its int32 count
+    "jit(init_fn)",  # the optimizer state (train.init_state)
+    "jit(stage)", "jit(_threefry_seed)",  # jax.random.PRNGKey(seed) of the step's RNG, run eagerly
+])
+
+
+@pytest.mark.parametrize("n_layer, scan", [(2, True), (4, False)])
+def test_setup_compiles_a_fixed_set_of_programs(simulated_gpu, n_layer, scan):
+  """On a simulated H200 with attention 'auto' (packed rows take cuDNN's packed layout), setting up a
+  benchmark case compiles SETUP_PROGRAMS and nothing else: no operation runs op by op outside jit (the
+  path label once built the packed layout eagerly, an XLA program per operation: the H200's 30 s
+  setup). jax's caches are cleared first, so programs of earlier tests count again."""
+  from gpt2_lora_jax.bench import run_setup
+  simulated_gpu()
+  cfg = harness.BenchConfig(n_layer=n_layer, n_embd=64, n_head=4, batch_size=2, seq_len=64, side="jax", num_devices=1,
+                            out_dir="", segments="hh", max_segments=4, attention="auto", scan_layers=scan,
+                            dtype="bfloat16", param_dtype="bfloat16")
+  jax.clear_caches()
+  with run_setup.compiled_programs() as programs:
+    run = run_setup.train_setup(cfg)
+    path = run_setup.attention_path(run.config, cfg, run.host_batch["segment_ids"])
+  assert path == "cudnn_packed"
+  assert sorted(programs) == SETUP_PROGRAMS
+  with run_setup.compiled_programs() as programs:  # what the label cost before: the mask, eagerly
+    gpt2_model.layer_mask(run.config, cfg.seq_len, cfg.seq_len, None, run.host_batch["segment_ids"])
+  assert "jit(cumsum)" in programs and len(programs) > len(SETUP_PROGRAMS), programs
 
 
 def test_case_phases_record_errors_and_timeouts(tmp_path, monkeypatch):

@@ -53,8 +53,10 @@ def dpo_settings(sft, **more):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_dir, tmp_path_factory):
+  """One DPO step through train.run with remat 'auto', as configs/dpo_hh.py runs it (the DPO loss
+  compiled per policy through its objective's loss_fn_for; on this CPU the first, 'none', fits)."""
   workdir = str(tmp_path_factory.mktemp("dpo"))
-  study.train_dpo(dpo_settings(sft_dir), workdir)
+  study.train_dpo(dpo_settings(sft_dir, **{"model.remat": "auto"}), workdir)
   return workdir
 
 
@@ -77,7 +79,8 @@ def test_first_dpo_step_is_exactly_at_the_reference_on_eight_devices(dpo_run, ca
 def test_first_step_exact_on_one_and_four_devices_with_micro_batches_and_scanned_blocks(
     sft_dir, devices, micro_batches, scan):
   """The train step of train.run (its frozen tree with the reference, jit_train_step) on a 1- and a
-  4-device mesh; 4 devices with scanned blocks and remat='dots' as configs/dpo_hh.py."""
+  4-device mesh; 4 devices with configs/dpo_hh.py's scanned blocks and remat 'dots' (one of the
+  policies its remat 'auto' may take)."""
   config = dpo_settings(sft_dir, **{"model.scan_layers": scan, "model.remat": "dots" if scan else "none",
                                     "train.micro_batches": micro_batches, "train.batch_size": 16})
   config = study.dpo_config(config, sft_dir)

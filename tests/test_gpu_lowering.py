@@ -5,9 +5,11 @@ applies for a GPU, cuDNN's attention included: the H200's crash (the attention p
 lowering error. conftest's simulated_gpu makes this process an H100/H200 with cuDNN 9.8 (the packed
 layout available) or 9.5 (not). Programs are built as the project builds them (train.jit_train_step,
 train.make_eval_step, dpo.make_loss_fn, dpo._forward_logps, sample._prefill / _decode,
-attention.probe_lowered, attention_check._run) from abstract arguments: nothing is allocated or run.
+attention.probe_lowered, attention_check._run, the benchmark's init bench.run_setup._init_with_adapters)
+from abstract arguments: nothing is allocated or run.
 The settings are configs/gpt2_hh.py's at tiny width: bf16 base and compute, LoRA r16 dropout 0.05
-on c_attn/c_proj/c_fc, scanned blocks with remat 'dots', GPT-2's 50,257-token vocabulary.
+on c_attn/c_proj/c_fc, scanned blocks with remat 'dots' (the config's 'auto' compiles one of 'none',
+'dots', 'full': each is lowered below), GPT-2's 50,257-token vocabulary.
 
 Each lowered program must hold
 - exactly the cuDNN custom calls of the attention path the dispatcher picks for its masks
@@ -234,8 +236,10 @@ def dpo_loss(model):
 # --- the SFT train step -----------------------------------------------------------------------
 
 # (attention_impl, packed layout available, scanned, remat, micro-batches, devices, fsdp): every
-# value of each setting at least once; the first row is configs/gpt2_hh.py's.
+# value of each setting at least once; the first two rows are configs/gpt2_hh.py's (remat 'auto'
+# compiles 'none', then 'dots', then 'full' until one fits the device; 'full' scanned: below).
 TRAIN_CASES = [
+    ("auto", True, True, "none", 1, 1, 1),
     ("auto", True, True, "dots", 2, 1, 1),
     ("auto", False, True, "dots", 1, 1, 1),
     ("cudnn", True, False, "none", 2, 1, 1),
@@ -382,14 +386,46 @@ def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
   seg = jnp.asarray(attention_check.hh_like_segment_ids(0, Bc, Tc, cap))
   chosen = attention.select_path("cudnn", "segments", plat, "bfloat16", K, Tc, cap, log_fallbacks=False)
   assert chosen == PACKED_ROWS_PATH["cudnn", packed]  # what the check reports as the model's path
+  seg_arg = jax.ShapeDtypeStruct(seg.shape, seg.dtype)
   for dtype, path in [(jnp.float32, "xla"), (jnp.bfloat16, "xla"), (jnp.bfloat16, "layout_xla"),
                       (jnp.bfloat16, "cudnn_packed"), (jnp.bfloat16, "cudnn_mask")]:
     x = jax.ShapeDtypeStruct((Bc, Tc, H, K), dtype)
-    lowered = cuda(attention_check._run(path, x, x, x, x, seg, cap), x, x, x, x)
+    lowered = cuda(attention_check._run(path, cap), x, x, x, x, seg_arg)
     assert_holds(lowered, "xla" if path == "layout_xla" else path, training=True, T=Tc)
+    assert_no_folded_inputs(lowered.as_text(), Bc, Tc)
   x = jax.ShapeDtypeStruct((Bc, Tc, H, K), jnp.bfloat16)
-  overflow_mask = attention.build_mask("cudnn_packed", None, seg, cap)
-  assert_holds(cuda(jax.jit(attention.attend), x, x, x, overflow_mask), "cudnn_packed", training=False, T=Tc)
+  overflow = attention_check._overflow_nans.trace(x, x, x, seg_arg, cap).lower(lowering_platforms=("cuda",))
+  assert_holds(overflow, "cudnn_packed", training=False, T=Tc)
+  assert_no_folded_inputs(overflow.as_text(), Bc, Tc)
+
+
+def assert_no_folded_inputs(text: str, B: int, T: int):
+  """No (B, T) constant (segment ids baked into the program: the H200's layout_xla compile stall had
+  them) and no integer dot (its layout mask came from an s32 batched dot; benchmarks/README.md)."""
+  assert not re.findall(rf"stablehlo\.constant dense<.*> : tensor<{B}x{T}xi32>", text)
+  integer_dots = re.findall(r"stablehlo\.dot_general.*-> tensor<[\dx]*x?i\d+>", text)
+  assert not integer_dots, integer_dots[:2]
+
+
+def test_the_no_folded_inputs_check_sees_the_old_layout_mask():
+  """The check above is not vacuous: the attention check's layout_xla as it was (segment ids closed
+  over, the mask from an integer einsum) trips both halves."""
+  Bc, Tc, cap = 2, 64, 4
+  seg = jnp.asarray(attention_check.hh_like_segment_ids(0, Bc, Tc, cap))
+  x = jax.ShapeDtypeStruct((Bc, Tc, 2, 16), jnp.bfloat16)
+
+  def old_layout_xla(q):
+    seqlens, offsets, _ = attention.segment_layout(seg, cap + 1)  # seg: a closed-over constant
+    t = jnp.arange(Tc)
+    in_BMT = (seqlens[:, :, None] >= 0) & (t >= offsets[:, :-1, None]) & (t < offsets[:, :-1, None] + seqlens[:, :, None])
+    same = jnp.einsum("bmq,bmk->bqk", in_BMT.astype(jnp.int32), in_BMT.astype(jnp.int32)) > 0
+    return same, q * 2
+
+  text = cuda(jax.jit(old_layout_xla), x).as_text()
+  with pytest.raises(AssertionError):
+    assert_no_folded_inputs(text, Bc, Tc)
+  assert re.findall(rf"stablehlo\.constant dense<.*> : tensor<{Bc}x{Tc}xi32>", text)
+  assert re.findall(r"stablehlo\.dot_general.*-> tensor<[\dx]*x?i\d+>", text)
 
 
 def test_the_attention_check_reports_a_kernel_that_fails_with_an_empty_message(simulated_gpu, monkeypatch):
@@ -403,9 +439,10 @@ def test_the_attention_check_reports_a_kernel_that_fails_with_an_empty_message(s
     if not path.startswith("cudnn"):
       return fn
 
-    def refused(*call_args):  # what the jitted cuDNN program did on the H200 when called
-      raise AssertionError()
-    return refused
+    class Refused:  # what jax's cuDNN lowering did on the H200
+      def lower(self, *call_args):
+        raise AssertionError()
+    return Refused()
 
   monkeypatch.setattr(attention_check, "_run", run)
   result = attention_check.check(batch_size=2, seq_len=64, heads=2, head_dim=16, max_segments=4, repeats=1)
@@ -413,6 +450,35 @@ def test_the_attention_check_reports_a_kernel_that_fails_with_an_empty_message(s
   assert rows["cudnn_packed"] == rows["cudnn_mask"] == {"error": "AssertionError: (no message)", "ok": False}
   assert rows["xla"]["ok"] and rows["layout_xla"]["ok"]  # the XLA paths ran on this CPU
   assert "error: AssertionError: (no message)" in attention_check.to_markdown({**result, "timestamp": "t"})
+
+
+# --- the benchmark's random init ---------------------------------------------------------------
+
+def main_calls(text: str) -> list:
+  """Names of the functions the lowered module's main function calls (jax lowers each random draw
+  to a call of a private function, e.g. @_normal_3)."""
+  main = re.search(r"func\.func public @main\(.*?\n  }", text, re.S).group(0)
+  return re.findall(r"call @(\w+)\(", main)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_the_benchmark_init_lowers_for_cuda_with_one_draw_per_kind_of_leaf(stacked):
+  """bench.run_setup's init program (the benchmark's base + adapters) draws each kind of leaf once
+  for all blocks: the same draws at 2 and at 4 blocks, one per random leaf of the stacked tree. (Its
+  predecessor, a jitted model.init_params + lora.add, drew every leaf of every block: 581 threefry
+  hashes and 151,018 StableHLO operations once calls are inlined for gpt2-xl, benchmarks/README.md.)"""
+  from flax import traverse_util
+  from gpt2_lora_jax.bench import run_setup
+  draws = {}
+  for n_layer in (2, 4):
+    config = gpt2_config("xla", scan=stacked, n_layer=n_layer)
+    text = run_setup._init_with_adapters.trace(config, LORA, 0, stacked).lower(lowering_platforms=("cuda",)).as_text()
+    draws[n_layer] = sorted(re.sub(r"_\d+$", "", name) for name in main_calls(text)
+                            if name.startswith(("_normal", "_uniform")))
+    stacked_tree = stacking.stack_layers(run_setup.adapted_shapes(config, LORA))
+    random_leaves = [p for p in traverse_util.flatten_dict(stacked_tree) if p[-1] in ("kernel", "embedding", "lora_a")]
+    assert len(draws[n_layer]) == len(random_leaves), (draws[n_layer], random_leaves)
+  assert draws[2] == draws[4]
 
 
 # --- TPU --------------------------------------------------------------------------------------

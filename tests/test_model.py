@@ -122,3 +122,26 @@ def test_remat_gives_the_same_gradients():
   plain, remat = grads(config), grads(config.replace(remat="full"))
   for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_init_rule_is_how_init_params_draws_each_leaf():
+  """model.init_rule (what the benchmark's fast init draws from, model.draw_params) against flax's
+  own init of every leaf, the untied head's kernel included: zeros and ones exactly, normal leaves
+  with their sample standard deviation within 5 standard errors (sd of a sample sd of n normal
+  values: std / sqrt(2 n)) and a mean within 5 std / sqrt(n)."""
+  import jax
+  from flax import traverse_util
+  config = gpt2_model.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                 tie_word_embeddings=False)
+  flat = traverse_util.flatten_dict(gpt2_model.init_params(config, jax.random.PRNGKey(0)))
+  assert ("lm_head", "kernel") in flat and ("wpe", "embedding") in flat
+  for path, value in flat.items():
+    x = np.asarray(value, np.float64)
+    kind, std = gpt2_model.init_rule(path)
+    if kind in ("zeros", "ones"):
+      assert np.all(x == (0.0 if kind == "zeros" else 1.0)), path
+      continue
+    assert kind == "normal", path
+    n = x.size
+    assert abs(x.std() / std - 1) < 5 / np.sqrt(2 * n), (path, x.std(), std)
+    assert abs(x.mean()) < 5 * std / np.sqrt(n), (path, x.mean())

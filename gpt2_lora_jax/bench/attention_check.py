@@ -10,10 +10,12 @@ segments, their lengths and the trailing padding run look like training batches.
 packed layout, which checks the layout itself on any device) it computes the output and the
 gradients of <out, g> for a random cotangent g with respect to q, k, v in bf16, and reports the max
 abs difference of each from the same computation in fp32 through XLA with the segment mask, next
-to the bf16 XLA path's own difference (the rounding every bf16 path has), NaN counts, and the
-median time of a jitted forward + backward. A path passes when nothing is NaN and its differences
-are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a cuDNN bound).
-A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
+to the bf16 XLA path's own difference (the rounding every bf16 path has), NaN counts, the
+median time of a jitted forward + backward and its compile seconds. Inputs are drawn on the host
+and every one (the segment ids included) is an argument of the compiled programs, so nothing runs
+op by op and no input is a constant the compiler could fold. A path passes when nothing is NaN and
+its differences are at most twice the bf16 XLA path's plus 1e-3 (a criterion of this check, not a
+cuDNN bound). A row with more segments than the layout table (cap + 1) must come out NaN on cudnn_packed.
 Each path's row is printed (flushed) and recorded (records.emit, kind 'attention_check') the
 moment it is measured, so a later path that hangs or crashes loses none of the earlier ones.
 Results: attention_check_<device>_<UTC time>.{json,md} in --out_dir. Imports no ml_collections
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
+import functools
 import json
 import os
 import statistics
@@ -72,20 +75,32 @@ def hh_like_segment_ids(seed: int, batch_size: int, seq_len: int, max_segments: 
 
 
 def layout_mask(seqlens_BM, offsets_BM1, T: int):
-  """(B, 1, T, T) causal-within-segment mask rebuilt from a packed layout (as cuDNN reads it)."""
+  """(B, 1, T, T) causal-within-segment mask rebuilt from a packed layout (as cuDNN reads it): query
+  and key in the same segment of the table, key not after query. Each position's segment is found
+  by a reduction over the table (B, M, T) -> (B, T), then compared like make_attention_mask's
+  segment ids: no integer matmul (see _run)."""
   t = jnp.arange(T)
   start, n = offsets_BM1[:, :-1, None], seqlens_BM[:, :, None]
   in_BMT = (n >= 0) & (t >= start) & (t < start + n)
-  same = jnp.einsum("bmq,bmk->bqk", in_BMT.astype(jnp.int32), in_BMT.astype(jnp.int32)) > 0
+  covered_BT = jnp.any(in_BMT, axis=1)
+  which_BT = jnp.argmax(in_BMT, axis=1)  # the segment covering each position (they do not overlap)
+  same = (which_BT[:, :, None] == which_BT[:, None, :]) & covered_BT[:, :, None] & covered_BT[:, None, :]
   return (same & (t[None, :, None] >= t[None, None, :]))[:, None]
 
 
-def _run(path: str, q, k, v, g, seg, max_segments: int):
-  """(out, (dq, dk, dv)) of one path; jitted forward + backward."""
-  from gpt2_lora_jax import model as gpt2_model
-  T = q.shape[1]
+def _run(path: str, max_segments: int):
+  """The jitted forward + backward of one path: (q, k, v, g, segment ids) -> (out, (dq, dk, dv)).
 
-  def f(q, k, v):
+  The segment ids are an argument of the program, never a constant baked into it. The H200's check
+  stalled > 30 s compiling layout_xla at 16 x 1024 when they were a closed-over
+  constant and the layout's mask came from an integer einsum (B, M, T) x (B, M, T) -> (B, T, T),
+  an s32 batched dot (cuBLAS has no s32 GEMM; XLA:GPU emits integer dots itself,
+  openxla/xla#5796); the xla path, with neither, compiled. Both are gone (tests/test_gpu_lowering.py
+  checks the lowered programs); benchmarks/README.md says what is established and what is not."""
+  from gpt2_lora_jax import model as gpt2_model
+
+  def f(q, k, v, seg):
+    T = q.shape[1]
     if path == "layout_xla":
       seqlens, offsets, _ = attention.segment_layout(seg, max_segments + 1)
       mask = attention.Mask("xla", layout_mask(seqlens, offsets, T))
@@ -94,27 +109,31 @@ def _run(path: str, q, k, v, g, seg, max_segments: int):
       mask = attention.build_mask(path, dense, seg, max_segments)
     return attention.attend(q, k, v, mask, fallback=False)  # the kernel itself, or its error
 
-  def fwd_bwd(q, k, v, g):
-    out, vjp = jax.vjp(f, q, k, v)
+  def fwd_bwd(q, k, v, g, seg):
+    out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)
     return out, vjp(g.astype(out.dtype))
 
   return jax.jit(fwd_bwd)
 
 
-def _max_abs(a, b) -> float:
-  return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+@jax.jit
+def _differences(out, grads, ref_out, ref_grads):
+  """NaN counts and max abs differences from the reference of (out, dq, dk, dv): one program."""
+  got, want = (out, *grads), (ref_out, *ref_grads)
+  nans = [jnp.sum(jnp.isnan(x)) for x in got]
+  diffs = [jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) for a, b in zip(got, want)]
+  return nans, diffs
 
 
 def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: int = 64,
           max_segments: int = 32, seed: int = 0, repeats: int = 5, dtype: str = "bfloat16") -> dict:
   plat = attention.platform()
   seg = hh_like_segment_ids(seed, batch_size, seq_len, max_segments)
-  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   shape = (batch_size, seq_len, heads, head_dim)
-  q32, k32, v32, g32 = (jax.random.normal(key, shape, jnp.float32) for key in keys)
-  seg_j = jnp.asarray(seg)
-  ref_out, ref_grads = _run("xla", q32, k32, v32, g32, seg_j, max_segments)(q32, k32, v32, g32)
-  q, k, v, g = (x.astype(dtype) for x in (q32, k32, v32, g32))
+  rng = np.random.default_rng(seed)  # host arrays: nothing compiles before the paths' programs
+  q32, k32, v32, g32 = (rng.standard_normal(shape, np.float32) for _ in range(4))
+  ref_out, ref_grads = _run("xla", max_segments)(q32, k32, v32, g32, seg)
+  q, k, v, g = (x.astype(jnp.dtype(dtype)) for x in (q32, k32, v32, g32))
   chosen = attention.select_path("cudnn", "segments", plat, dtype, head_dim, seq_len, max_segments,
                                  log_fallbacks=False)
   paths = ["xla", "layout_xla"] + (["cudnn_packed", "cudnn_mask"] if plat.backend == "gpu" and plat.cuda else [])
@@ -130,17 +149,20 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
   for path in paths:
     row = {}
     try:
-      fn = _run(path, q, k, v, g, seg_j, max_segments)
-      out, grads = jax.block_until_ready(fn(q, k, v, g))
+      t0 = time.perf_counter()
+      fn = _run(path, max_segments).lower(q, k, v, g, seg).compile()
+      compile_s = time.perf_counter() - t0
+      out, grads = jax.block_until_ready(fn(q, k, v, g, seg))
       times = []
       for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(q, k, v, g))
+        jax.block_until_ready(fn(q, k, v, g, seg))
         times.append(time.perf_counter() - t0)
-      row = {"fwd_bwd_s": statistics.median(times),
-             "nan": {n: int(jnp.isnan(x).sum()) for n, x in zip(("out", "dq", "dk", "dv"), (out, *grads))},
-             "max_abs_diff_vs_fp32": {n: _max_abs(x, r) for n, x, r in
-                                      zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads))}}
+      nans, diffs = jax.device_get(_differences(out, grads, ref_out, ref_grads))
+      names = ("out", "dq", "dk", "dv")
+      row = {"compile_s": compile_s, "fwd_bwd_s": statistics.median(times),
+             "nan": {n: int(x) for n, x in zip(names, nans)},
+             "max_abs_diff_vs_fp32": {n: float(x) for n, x in zip(names, diffs)}}
     except Exception as e:  # a kernel this device or jax refuses: recorded, the others go on
       row = {"error": describe_exception(e)}  # a message may be empty
     result["paths"][path] = row
@@ -161,7 +183,8 @@ def _report_path(path: str, row: dict, xla_row: dict):
   else:
     d = row["max_abs_diff_vs_fp32"]
     print(f"{path}: ok {row['ok']}, max abs diff out {d['out']:.3g} dq {d['dq']:.3g} dk {d['dk']:.3g} "
-          f"dv {d['dv']:.3g}, NaNs {sum(row['nan'].values())}, fwd+bwd {row['fwd_bwd_s'] * 1e3:.3g} ms", flush=True)
+          f"dv {d['dv']:.3g}, NaNs {sum(row['nan'].values())}, fwd+bwd {row['fwd_bwd_s'] * 1e3:.3g} ms, "
+          f"compile {row['compile_s']:.1f} s", flush=True)
   records.emit("attention_check", path=path, **row)
 
 
@@ -171,9 +194,15 @@ def _overflow_is_nan(q, k, v, max_segments: int) -> bool:
   seg = np.ones((B, T), np.int32)
   seg[0, :max_segments + 2] = np.arange(1, max_segments + 3)  # cap + 2 one-token segments, then one
   seg[0, max_segments + 2:] = max_segments + 3
-  mask = attention.build_mask("cudnn_packed", None, jnp.asarray(seg), max_segments)
-  out = jax.jit(attention.attend)(q, k, v, mask)
-  return bool(jnp.isnan(out[0]).all() and not jnp.isnan(out[1:]).any())
+  first_all_nan, others_any_nan = jax.device_get(_overflow_nans(q, k, v, seg, max_segments))
+  return bool(first_all_nan and not others_any_nan)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _overflow_nans(q, k, v, seg, max_segments: int):
+  """(row 0 all NaN, any NaN in the other rows) of cudnn_packed attention, the layout built in here."""
+  out = attention.attend(q, k, v, attention.build_mask("cudnn_packed", None, seg, max_segments))
+  return jnp.isnan(out[0]).all(), jnp.isnan(out[1:]).any()
 
 
 def to_markdown(result: dict) -> str:
@@ -185,14 +214,14 @@ def to_markdown(result: dict) -> str:
            f"segments per row (padding run included) mean {result['segments_per_row']['mean']:.2f}, "
            f"max {result['segments_per_row']['max']}; the model would use `{result['path_model_would_use']}`", "",
            "Max abs difference from the fp32 XLA reference (segment mask):", "",
-           "| path | ok | out | dq | dk | dv | NaNs | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|"]
+           "| path | ok | out | dq | dk | dv | NaNs | fwd+bwd ms | compile s |", "|---|---|---|---|---|---|---|---|---|"]
   for path, row in result["paths"].items():
     if "error" in row:
-      lines.append(f"| {path} | no | error: {row['error'][:120]} ||||||")
+      lines.append(f"| {path} | no | error: {row['error'][:120]} |||||||")
       continue
     d = row["max_abs_diff_vs_fp32"]
     lines.append(f"| {path} | {'yes' if row['ok'] else 'NO'} | {d['out']:.3g} | {d['dq']:.3g} | {d['dk']:.3g} | "
-                 f"{d['dv']:.3g} | {sum(row['nan'].values())} | {row['fwd_bwd_s'] * 1e3:.3g} |")
+                 f"{d['dv']:.3g} | {sum(row['nan'].values())} | {row['fwd_bwd_s'] * 1e3:.3g} | {row['compile_s']:.1f} |")
   if "overflow_row_is_nan" in result:
     lines += ["", f"A row over the segment table comes out NaN (and only it): {result['overflow_row_is_nan']}"]
   return "\n".join(lines) + "\n"

@@ -50,11 +50,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import flops, sample, stacking
+from gpt2_lora_jax import flops, remat, sample
 from gpt2_lora_jax.bench import records
 from gpt2_lora_jax.bench.settings import LIKE_PEFT, user_settings
-from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, gpt2_config, model_name,
-                                           setting_fields, train_setup)
+from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, base_params, gpt2_config,
+                                           model_name, setting_fields, train_setup)
 from gpt2_lora_jax.bench.torch_runner import run_torch_part
 from gpt2_lora_jax.bench.report import to_markdown, write_results
 from gpt2_lora_jax import model as gpt2_model
@@ -84,7 +84,8 @@ class BenchConfig:
   lora_dropout: float = _flag(0.0, "LoRA dropout on the adapters' input")
   lora_dropout_rng: str = _flag("packed", "LoRA dropout's random bits: packed, bernoulli (dropout.py)")
   lora_targets: tuple = _flag(("c_attn", "c_proj", "c_fc"), "LoRA target modules, comma-separated")
-  remat: str = _flag("none", "rematerialisation: none, full, dots")
+  remat: str = _flag("none", "rematerialisation: none, dots, full, or auto (the first of those whose "
+                     "compiled step fits the devices' memory, as model.remat='auto': remat.py)")
   scan_layers: bool = _flag(False, "blocks under nn.scan (model.scan_layers)")
   setting: str = _flag("flags", "'user': configs/gpt2_hh.py's settings for the preset; 'like_peft': "
                        "LoRA r8 alpha 16, no dropout, no remat, unscanned (as PEFT is timed); "
@@ -188,11 +189,19 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   """Times train.jit_train_step on synthetic batches; see the module docstring for the fields."""
   run = train_setup(cfg)
   config, devices, state, frozen, batch = run.config, run.devices, run.state, run.frozen, run.batch
-  t0 = time.perf_counter()
-  lowered = run.step_fn.lower(state, frozen, batch)
-  lower_s = time.perf_counter() - t0
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  remat_fields = {}
+  if cfg.remat == "auto":  # what train.run does for model.remat='auto' (remat.py)
+    choice = remat.choose(run.lower, *remat.budget(devices), cfg.batch_size, cfg.micro_batches, len(devices))
+    compiled = choice.compiled
+    lower_s, compile_s = sum(choice.lower_s.values()), sum(choice.lower_s.values()) + sum(choice.compile_s.values())
+    remat_fields = {"remat_policy": choice.policy, "remat_choice": choice.record()}
+    print(choice.line(), flush=True)
+  else:
+    t0 = time.perf_counter()
+    lowered = run.lower(cfg.remat, cfg.micro_batches, cfg.batch_size)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
   times = []
   for i in range(cfg.warmup_steps + cfg.timed_steps):
     t0 = time.perf_counter()
@@ -225,6 +234,7 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
       "lower_s": lower_s, "compile_s": compile_s, "final_loss": float(metrics["loss"]),
       "trainable_params": sum(n for p, n in sizes.items() if flat_labels[p] == "trainable"),
       "total_params": sum(sizes.values()), "num_devices": len(devices), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      **remat_fields,
   }
   records.emit("train", **result)
   del state, frozen, compiled, run
@@ -235,9 +245,7 @@ def bench_decode(cfg: BenchConfig) -> list:
   """sample.generate_tokens (greedy, never stopping early) per decode batch size, base model."""
   config = gpt2_config(cfg)
   config = config.replace(param_dtype=config.dtype)  # decoding reads the weights in compute dtype
-  params = jax.jit(gpt2_model.init_params, static_argnums=0)(config, jax.random.PRNGKey(cfg.seed))
-  if config.scan_layers:  # as a scanned run holds them (experiment.py)
-    params = stacking.stack_layers(params)
+  params = base_params(config, cfg)  # stacked when scanned, as a run holds them (experiment.py)
   model = gpt2_model.GPT2(config)
   rng = np.random.default_rng(cfg.seed)
   rows = []

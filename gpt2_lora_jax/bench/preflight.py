@@ -4,7 +4,7 @@
     python -m gpt2_lora_jax.bench.preflight --cases=train_xla --n_layer=2 --n_embd=64 --n_head=4
 
 gpt2 at batch 2 x 1024 on HH-like packed rows (attention_check.hh_like_segment_ids) with the model
-and LoRA settings of configs/gpt2_hh.py (settings.user_settings: scanned blocks, its remat,
+and LoRA settings of configs/gpt2_hh.py (settings.user_settings: scanned blocks, remat 'auto',
 LoRA r16 alpha 32 dropout 0.05, bf16 base and compute), one case per attention path, then the
 sampler (sample.generate_tokens: prefill + a few decode steps) per attention_impl:
 
@@ -16,11 +16,12 @@ Default order: the cuDNN and 'auto' cases first, then the sampler, then the XLA 
 is the one seen not to finish a train step on an H200). Each case's phases (setup, lower, compile,
 first step, second step; the sampler: first call with its compiles, second call) are printed and
 recorded (records.emit, kind 'preflight') the moment each ends, with the attention path the
-model chose; an exception is recorded with its type and message and the next case runs; a case
-still running at --case_timeout_s is abandoned (its thread cannot be stopped; the process ends with
-os._exit). A traceback of every thread goes to stderr every --stall_dump_s seconds (faulthandler),
-so a stall shows where it sits. Exit code 0 when every case ran. Imports no ml_collections or
-datasets.
+model chose, the programs XLA compiled during setup (run_setup.compiled_programs) and, for remat
+'auto', the policy remat.choose took with every figure (its compile phase); an exception is
+recorded with its type and message and the next case runs; a case still running at
+--case_timeout_s is abandoned (its thread cannot be stopped; the process ends with os._exit). A
+traceback of every thread goes to stderr every --stall_dump_s seconds (faulthandler), so a stall
+shows where it sits. Exit code 0 when every case ran. Imports no ml_collections or datasets.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import time
 import jax
 import numpy as np
 
-from gpt2_lora_jax import attention, sample, stacking
+from gpt2_lora_jax import attention, remat, sample
 from gpt2_lora_jax.bench import harness, records, run_setup
 from gpt2_lora_jax import model as gpt2_model
 
@@ -56,19 +57,31 @@ def case_config(args, attention_impl: str, segment_ids: bool) -> harness.BenchCo
 
 def train_phases(cfg: harness.BenchConfig):
   box = {}
+  # remat 'auto' (the user setting): the lower phase lowers the first policy remat.choose tries, the
+  # compile phase runs remat.choose, which compiles that one and, if it does not fit, the next.
+  first_policy = remat.POLICIES[0] if cfg.remat == "auto" else cfg.remat
 
   def setup(_):
-    run = run_setup.train_setup(cfg)
+    with run_setup.compiled_programs() as programs:
+      run = run_setup.train_setup(cfg)
+      path = run_setup.attention_path(run.config, cfg, run.host_batch["segment_ids"])
     box["run"] = run
-    return run, {"attention_path": run_setup.attention_path(run.config, cfg, run.host_batch["segment_ids"])}
+    return run, {"attention_path": path, "programs_compiled": len(programs), "programs": programs}
 
   def lower(run):
-    lowered = run.step_fn.lower(run.state, run.frozen, run.batch)
+    lowered = run.lower(first_policy, cfg.micro_batches, cfg.batch_size)
     text = lowered.as_text()
     return lowered, {"dots_with_algorithm": text.count("algorithm = "), "cudnn_calls": text.count("__cudnn$fmha")}
 
   def compile_(lowered):
-    return lowered.compile(), {}
+    if cfg.remat != "auto":
+      return lowered.compile(), {}
+    run = box["run"]
+    first = (first_policy, cfg.micro_batches, cfg.batch_size)
+    lower_again = lambda *key: lowered if key == first else run.lower(*key)
+    choice = remat.choose(lower_again, *remat.budget(run.devices), cfg.batch_size, cfg.micro_batches,
+                          len(run.devices))
+    return choice.compiled, {"remat": choice.record()}
 
   def step(compiled):
     run = box["run"]
@@ -84,8 +97,6 @@ def sample_phases(cfg: harness.BenchConfig, prompt_len: int, new_tokens: int):
     config = run_setup.gpt2_config(cfg)
     config = config.replace(param_dtype=config.dtype)  # sampling reads the weights in compute dtype
     params = run_setup.base_params(config, cfg)  # the train cases' init program (compiled once)
-    if config.scan_layers:
-      params = stacking.stack_layers(params)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (cfg.batch_size, prompt_len), dtype=np.int32)
     return (gpt2_model.GPT2(config), params, ids), {"scan_layers": config.scan_layers}
 

@@ -37,7 +37,9 @@ def to_markdown(result: dict) -> str:
            + (f" · tag: {c['tag']}" if c["tag"] else "")
            + (f" · XLA_FLAGS `{d['xla_flags']}`" if d.get("xla_flags") else ""), "",
            f"batch {c['batch_size']} x seq {c['seq_len']} · LoRA rank {c['lora_rank']} on "
-           f"{', '.join(c['lora_targets'])} · remat {c['remat']} · attention {c['attention']}"
+           f"{', '.join(c['lora_targets'])} · remat {c['remat']}"
+           + (f" (chose '{result['train']['jax']['remat_policy']}')" if "remat_policy" in result.get("train", {}).get("jax", {}) else "")
+           + f" · attention {c['attention']}"
            + (f" (ran `{result['train']['jax'].get('attention_path')}`)" if "train" in result else "")
            + f" · segment ids {c['segment_ids']}, segments '{c.get('segments', 'one')}'"
            + f" · setting '{c.get('setting', 'flags')}', side '{c.get('side', 'all')}'", ""]

@@ -2,7 +2,9 @@
 synthetic batch, and the train step set up on the devices, for harness.py and preflight.py."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import types
 
 import jax
@@ -12,6 +14,29 @@ from flax import traverse_util
 from gpt2_lora_jax import lora, optim, sharding, stacking, train
 from gpt2_lora_jax.bench import attention_check, records
 from gpt2_lora_jax import model as gpt2_model
+
+
+# jax.monitoring event of each program XLA compiles (or loads from the persistent cache), with its
+# name (jax/_src/dispatch.py: BACKEND_COMPILE_EVENT).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def compiled_programs():
+  """Yields a list that collects the name of every program XLA compiles in the block (jitted
+  functions as 'jit(name)'; an operation run eagerly outside jit is a program of its own, e.g.
+  'jit(cumsum)'). A program jax already holds compiled in this process is not compiled again."""
+  names = []
+
+  def listen(event, duration_s, **kw):
+    if event == COMPILE_EVENT:
+      names.append(str(kw.get("fun_name")))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _on_accelerator() -> bool:
@@ -28,8 +53,9 @@ def gpt2_config(cfg: BenchConfig) -> gpt2_model.GPT2Config:
   if cfg.preset not in gpt2_model.PRESETS:
     raise ValueError(f"unknown GPT-2 size {cfg.preset!r}: choose one of {sorted(gpt2_model.PRESETS)}")
   shape = {k: getattr(cfg, k) or v for k, v in gpt2_model.PRESETS[cfg.preset].items()}
+  remat = "none" if cfg.remat == "auto" else cfg.remat  # 'auto': chosen when the step compiles
   config = gpt2_model.GPT2Config(vocab_size=cfg.vocab_size, dtype=dtype, param_dtype=param_dtype,
-                                 attention_impl=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                 attention_impl=cfg.attention, remat=remat, scan_layers=cfg.scan_layers,
                                  lora_dropout_rng=cfg.lora_dropout_rng,
                                  max_segments_per_row=cfg.max_segments, **shape)
   if cfg.seq_len > config.n_positions:
@@ -75,70 +101,101 @@ def setting_fields(cfg: BenchConfig) -> dict:
           "segment_ids": cfg.segment_ids, "segments": cfg.segments}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_with_adapters(config, lora_cfg, base_key, lora_key):
-  return lora.add(gpt2_model.init_params(config, base_key), lora_cfg, lora_key)
-
-
-_stack_layers = jax.jit(stacking.stack_layers)
-
-
 def _lora_config(cfg: BenchConfig) -> lora.LoraConfig:
   return lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
 
 
+def adapted_shapes(config, lora_cfg) -> dict:
+  """Base + adapters as ShapeDtypeStructs, per layer: what lora.add(model.init_params(...)) makes."""
+  base = gpt2_model.param_shapes(config.replace(attention_impl="xla"))  # (xla: asks no platform)
+  return jax.eval_shape(lambda b: lora.add(b, lora_cfg, jax.random.PRNGKey(0)), base)
+
+
+def init_rule(lora_cfg: lora.LoraConfig):
+  """model.init_rule for the base; lora.add's distributions for the adapters: A (in, r) from
+  U(+-1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))) or N(0, 1/r^2) ('gaussian'), B zeros."""
+  def rule(path, leaf):
+    if path[-1] == "lora_b":
+      return ("zeros", None)
+    if path[-1] == "lora_a":
+      d_in = leaf.shape[-2]  # (in, r), or (L, in, r) stacked
+      return (("uniform", 1.0 / math.sqrt(d_in)) if lora_cfg.init == "kaiming_uniform"
+              else ("normal", 1.0 / lora_cfg.rank))
+    return gpt2_model.init_rule(path)
+  return rule
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _init_with_adapters(config, lora_cfg, seed, stacked: bool):
+  """Random base + adapters in one program: every leaf drawn for all blocks at once, stacked
+  (model.draw_params), then cut per layer unless `stacked`."""
+  shapes = stacking.stack_layers(adapted_shapes(config, lora_cfg))
+  params = gpt2_model.draw_params(shapes, init_rule(lora_cfg), jax.random.PRNGKey(seed))
+  return params if stacked else stacking.unstack_layers(params)
+
+
 def _params(config, cfg: BenchConfig) -> dict:
-  """Base + adapters (per-layer tree), built in one program on the device: a host-side threefry
-  init of gpt2-xl takes minutes, and op by op each adapter is a small compile of its own. The
-  weights do not depend on the attention kernel, so one program serves every path. The init's own
-  memory is freed before a step runs, and the step's peak (weights included) is far above it."""
-  return _init_with_adapters(config.replace(attention_impl="xla"), _lora_config(cfg), jax.random.PRNGKey(cfg.seed),
-                             jax.random.PRNGKey(cfg.seed + 1))
+  """Base + adapters, blocks stacked under 'h' when config.scan_layers (as a scanned run holds them,
+  experiment.py), else per layer: one jitted program on the device that draws each kind of leaf
+  once for all blocks (_init_with_adapters). Same distributions as model.init_params + lora.add,
+  not the same values. The weights do not depend on the attention kernel, so one program serves
+  every path. The init's own memory is freed before a step runs (XLA:CPU plans 14.8 GiB of
+  temporaries for gpt2-xl's; a GPU's plan is not measured: benchmarks/README.md)."""
+  return _init_with_adapters(config.replace(attention_impl="xla"), _lora_config(cfg), cfg.seed,
+                             config.scan_layers)
 
 
 def base_params(config, cfg: BenchConfig) -> dict:
-  """The base weights of `config` (per-layer tree) from the program train_setup runs for cfg (one
-  compile serves both: the adapters are dropped; lora.add leaves the base untouched)."""
+  """The base weights of `config` (stacked when config.scan_layers): the train case's base, from the
+  program train_setup runs for cfg (one compile serves both), with the adapters dropped."""
   flat = traverse_util.flatten_dict(_params(config, cfg))
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
 
 
 def train_setup(cfg: BenchConfig) -> types.SimpleNamespace:
-  """The run's pieces for cfg: config, devices, param_shapes and labels (per-layer trees), the
-  jitted train step, its state, frozen params and one synthetic batch on the mesh (the step is
-  not compiled yet)."""
+  """The run's pieces for cfg: config, devices, param_shapes and labels (per-layer trees), its state,
+  frozen params and one synthetic batch on the mesh, and the train step, not compiled yet:
+  lower(policy, micro_batches, batch_size) lowers it for a remat policy (what remat.choose takes
+  when cfg.remat is 'auto'); step_fn is the jitted step of cfg.remat (None for 'auto')."""
   config = gpt2_config(cfg)
   devices = jax.devices()[:cfg.num_devices or None]
   mesh = sharding.make_mesh(devices=devices)
   sharding.check_batch_divides(cfg.batch_size, cfg.micro_batches, mesh)
   lora_cfg = _lora_config(cfg)
-  params = _params(config, cfg)
-  labels = lora.labels(params, lora_cfg)
-  param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  run_params, run_labels = params, labels
-  if config.scan_layers:  # the blocks stacked under 'h', as a scanned run holds them (experiment.py)
-    run_params, run_labels = _stack_layers(params), stacking.stack_layers(labels)
-  del params  # only the run's copy stays on the device
+  param_shapes = adapted_shapes(config, lora_cfg)  # per layer
+  labels = lora.labels(param_shapes, lora_cfg)
+  run_params = _params(config, cfg)  # stacked when scanned
+  run_labels = stacking.stack_layers(labels) if config.scan_layers else labels
   total_steps = cfg.warmup_steps + cfg.timed_steps + 1
   optim_cfg = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
                                     b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
   tx = optim.make_optimizer(optim_cfg, total_steps, run_labels)
   schedule = optim.make_schedule(optim_cfg, total_steps)
   state, frozen, state_sh, frozen_sh = train.init_state(run_params, run_labels, cfg.seed, mesh, tx)
-  step_fn = train.jit_train_step(lora.make_model(config, lora_cfg), run_labels, cfg.micro_batches, tx,
-                                 schedule, mesh, state_sh, frozen_sh)
   host_batch = synthetic_batch(cfg, config.vocab_size)
   batch = sharding.global_batch({k: v for k, v in host_batch.items() if v is not None}, mesh)
   if not cfg.segment_ids:
     batch["segment_ids"] = None
-  return types.SimpleNamespace(config=config, devices=devices, param_shapes=param_shapes, labels=labels, step_fn=step_fn,
-                               state=state, frozen=frozen, batch=batch, host_batch=host_batch)
+
+  def step_for(policy: str, micro_batches: int):
+    model = lora.make_model(config.replace(remat=policy), lora_cfg)
+    return train.jit_train_step(model, run_labels, micro_batches, tx, schedule, mesh, state_sh, frozen_sh)
+
+  def lower(policy: str, micro_batches: int, batch_size: int):
+    rows = lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=x.sharding)
+    return step_for(policy, micro_batches).lower(state, frozen, jax.tree.map(rows, batch))
+
+  step_fn = None if cfg.remat == "auto" else step_for(cfg.remat, cfg.micro_batches)
+  return types.SimpleNamespace(config=config, devices=devices, param_shapes=param_shapes, labels=labels,
+                               step_fn=step_fn, lower=lower, state=state, frozen=frozen, batch=batch,
+                               host_batch=host_batch)
 
 
 def attention_path(config, cfg: BenchConfig, segment_ids) -> str:
-  """The path the model's layers take for this batch (model.layer_mask), or why it is unknown."""
+  """The path the model's layers take for this batch (model.layer_path: no array operation, so
+  nothing compiles here), or why it is unknown."""
   try:
-    return gpt2_model.layer_mask(config, cfg.seq_len, cfg.seq_len, None,
-                                 segment_ids if cfg.segment_ids else None).path
+    return gpt2_model.layer_path(config, cfg.seq_len, cfg.seq_len, None,
+                                 segment_ids if cfg.segment_ids else None)
   except Exception as e:  # the step ran; only the label is missing
     return f"unknown ({records.error_text(e)})"

@@ -95,6 +95,15 @@ def _match(records: list, kind: str, impl: str, row: dict):
   return None
 
 
+def _remat_cell(choice, prefix: str = "") -> str:
+  """remat.Choice.record() as 'dots (none 83.1, dots 28.2 of 94.5 GiB)' after `prefix`; without one,
+  '' after a prefix (the train table's remat setting stands alone) and '-' in a cell of its own."""
+  if not choice:
+    return "" if prefix else "-"
+  tried = ", ".join(f"{p} {b / 2**30:.1f}" for p, b in choice["bytes_per_device"].items())
+  return f"{prefix}{choice['policy']} ({tried} of {choice['budget_bytes'] / 2**30:.1f} GiB)"
+
+
 def _ratio(a, b):
   return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and b else None
 
@@ -136,7 +145,8 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
       continue
     row = {k: r.get(k) for k in ("stage", "model", "setting", "batch_size", "seq_len", "lora_rank", "lora_dropout",
                                  "remat", "scan_layers", "attention", "attention_path", "tokens_per_s", "step_time_s",
-                                 "compile_s", "peak_bytes_in_use", "mfu_matmul", "mfu_spec", "xla_flags")}
+                                 "compile_s", "peak_bytes_in_use", "mfu_matmul", "mfu_spec", "xla_flags",
+                                 "remat_choice")}
     for impl in ("peft_eager", "peft_compile"):
       t = _match(records, "torch", impl, row)
       row[impl] = ({"error": t["error"]} if t and "error" in t else
@@ -207,15 +217,16 @@ def to_markdown(s: dict) -> str:
       fields = ("backend", "cuda", "compute_capability", "cudnn_version", "packed_api", "packed_problem")
       lines += ["attention.platform(): " + _cell(plat["status"] if plat["status"] != "ok" else
                                                  ", ".join(f"{k} {plat.get(k)}" for k in fields)), ""]
-    lines += ["| case | impl | path | status | setup | lower | compile | first step/call | second | explicit-algorithm dots |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| case | impl | path | status | setup | lower | compile | first step/call | second | explicit-algorithm dots "
+              "| programs compiled in setup | remat |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in s["paths"]:
       if p["case"] == "platform":
         continue
       lines.append(f"| {p['case']} | {p.get('attention_impl', '-')} | {p.get('attention_path', '-')} | {_cell(p['status'])} | "
                    f"{_f(p.get('setup_s'))} | {_f(p.get('lower_s'))} | {_f(p.get('compile_s'))} | "
                    f"{_f(p.get('first_step_s', p.get('first_call_s')))} | {_f(p.get('second_step_s', p.get('second_call_s')))} | "
-                   f"{p.get('dots_with_algorithm', '-')} |")
+                   f"{p.get('dots_with_algorithm', '-')} | {p.get('programs_compiled', '-')} | "
+                   f"{_remat_cell(p.get('remat'))} |")
     lines.append("")
   if s["targets"]:
     lines += ["## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
@@ -229,7 +240,8 @@ def to_markdown(s: dict) -> str:
     for t in s["train"]:
       eager, comp = t.get("peft_eager") or {}, t.get("peft_compile") or {}
       lines.append(f"| {t['stage']} | {t['model']} | {t['batch_size']} | {t['setting']} (r{t['lora_rank']}, "
-                   f"dropout {t['lora_dropout']}, remat {t['remat']}, scan {t['scan_layers']}) | {t['attention_path']} | "
+                   f"dropout {t['lora_dropout']}, remat {t['remat']}{_remat_cell(t.get('remat_choice'), ': ')}, "
+                   f"scan {t['scan_layers']}) | {t['attention_path']} | "
                    f"{_f(t['tokens_per_s'], ',.0f')} | {_cell(eager.get('error', _f(eager.get('tokens_per_s'), ',.0f')))} | "
                    f"{_cell(comp.get('error', _f(comp.get('tokens_per_s'), ',.0f')))} | {_f(t['over_peft_compile_tokens_per_s'], '.2f')} | "
                    f"{_f(t['peak_bytes_in_use'], '.2f', gib)} | {_f(comp.get('peak_bytes_in_use'), '.2f', gib)} | "
