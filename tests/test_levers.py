@@ -58,13 +58,17 @@ def test_cpu_smoke_records_every_variant(tmp_path):
   recs = [json.loads(line) for line in log.read_text().splitlines()]
   assert all(r["stage"] == "levers_test" and r["kind"] == "lever" for r in recs)
   phases = [(r["variant"], r["phase"]) for r in recs if r["phase"] != "device"]
-  assert phases == [("user", "compiled"), ("user_nodrop", "compiled"), ("user_no_triton_gemm", "compiled"),
+  # configs/gpt2_hh.py's remat 'auto' is chosen once, on the group's first variant (remat.py)
+  (choice,) = [r["remat_choice"] for r in recs if r["phase"] == "remat"]
+  assert choice["policy"] == "none" and choice["bytes_per_device"]["none"] <= choice["budget_bytes"]
+  assert phases == [("user", "remat"), ("user", "compiled"), ("user_nodrop", "compiled"), ("user_no_triton_gemm", "compiled"),
                     ("user", "timed"), ("user_nodrop", "timed"), ("user_no_triton_gemm", "timed"),
                     ("like_peft", "compiled"), ("like_peft", "timed")]
   timed = {r["variant"]: r for r in recs if r["phase"] == "timed"}
   assert timed["user_nodrop"]["baseline"] == "user" and timed["like_peft"]["baseline"] == "like_peft"
   assert timed["user_nodrop"]["lora_dropout"] == 0.0 and timed["user"]["lora_dropout"] > 0
   assert timed["user_no_triton_gemm"]["xla_options"] == {"xla_gpu_enable_triton_gemm": False}
+  assert {r["remat"] for r in timed.values()} == {"none"}
   for r in timed.values():
     assert r["tokens_per_s"] == r["batch_size"] * r["seq_len"] / r["step_time_s"]
     assert len(r["step_times_s"]) == 2 and r["attention_path"] == "xla"

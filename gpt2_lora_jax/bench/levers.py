@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import statistics
 import sys
 import time
 
 import jax
 
+from gpt2_lora_jax import remat
 from gpt2_lora_jax.bench import harness, records, run_setup
 from gpt2_lora_jax.bench.settings import LIKE_PEFT, SEED_STUDY, user_settings
 
@@ -83,22 +85,39 @@ def _describe(cfg: harness.BenchConfig) -> dict:
 
 
 def run_group(names, args) -> None:
-  """Set up, compile concurrently and time the variants `names` (see the module docstring)."""
-  runs = {}
+  """Set up, compile concurrently and time the variants `names` (see the module docstring).
+
+  remat 'auto' (configs/gpt2_hh.py's) is chosen once per group, as a run chooses it (remat.py: the
+  first policy whose compiled step fits the device), on the first variant that asks for it; every
+  other 'auto' variant of the group takes the same policy, so the group differs in its levers only.
+  """
+  runs, chosen, chose_s = {}, None, {}
   for name in names:
     try:
       cfg = bench_config(name, args.preset, args.batch_size, args.seq_len, args.attention, args.smoke)
       t0 = time.perf_counter()
       run = run_setup.train_setup(cfg)
-      lowered = run.step_fn.lower(run.state, run.frozen, run.batch)
+      lowered = None
+      if cfg.remat == "auto" and chosen is None:
+        choice = remat.choose(run.lower, *remat.budget(run.devices), cfg.batch_size, cfg.micro_batches,
+                              len(run.devices))
+        chosen, lowered = choice.policy, choice.compiled  # compiled already: no second compile
+        chose_s[name] = choice.compile_s[chosen]  # alone, before the group's concurrent compiles
+        records.emit("lever", variant=name, phase="remat", remat_choice=choice.record())
+      if cfg.remat == "auto":
+        cfg = dataclasses.replace(cfg, remat=chosen)
+      if lowered is None:
+        lowered = run.lower(cfg.remat, cfg.micro_batches, cfg.batch_size)
       runs[name] = (cfg, run, lowered, time.perf_counter() - t0)
     except Exception as e:  # one variant's failure must not lose the others'
       records.emit("lever", variant=name, phase="error", in_phase="setup", error=records.error_text(e))
 
   def compile_one(name):
     t0 = time.perf_counter()
-    options = VARIANTS[name][2]
-    return runs[name][2].compile(compiler_options=options or None), time.perf_counter() - t0
+    options, program = VARIANTS[name][2], runs[name][2]
+    if not hasattr(program, "compile"):  # remat.choose's compiled step (no XLA options of its own)
+      return program, chose_s[name]
+    return program.compile(compiler_options=options or None), time.perf_counter() - t0
   compiled = {}
   with concurrent.futures.ThreadPoolExecutor(max(1, args.threads)) as pool:
     futures = {name: pool.submit(compile_one, name) for name in runs}

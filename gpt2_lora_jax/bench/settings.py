@@ -20,16 +20,19 @@ SEED_STUDY = {"lora_rank": 1, "lora_alpha": 1.0, "lora_dropout": 0.0, "remat": "
 def user_settings(preset: str, path: str = USER_CONFIG) -> dict:
   """BenchConfig fields of what configs/gpt2_hh.py:<preset> runs, read from the file's syntax tree
   (importing it needs ml_collections, which a GPU machine may lack): its `c.model.*` and `c.lora.*`
-  literals, the same for every size (remat 'auto' included: the benchmark chooses as a run does).
+  literals, the same for every size (remat 'auto' included: the benchmark chooses as a run does),
+  and SCAN_LAYERS[preset].
   tests/test_bench.py checks them against the loaded config."""
   with open(path) as f:
     tree = ast.parse(f.read(), path)
-  found = {}
+  found, scan = {}, None
   for node in ast.walk(tree):
     if not isinstance(node, ast.Assign) or len(node.targets) != 1:
       continue
     target = node.targets[0]
-    if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute)
+    if isinstance(target, ast.Name) and target.id == "SCAN_LAYERS":
+      scan = ast.literal_eval(node.value)
+    elif (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute)
         and isinstance(target.value.value, ast.Name) and target.value.attr in ("model", "lora")):
       try:
         found[f"{target.value.attr}.{target.attr}"] = ast.literal_eval(node.value)
@@ -38,7 +41,8 @@ def user_settings(preset: str, path: str = USER_CONFIG) -> dict:
   return {"lora_rank": int(found["lora.rank"]), "lora_alpha": float(found["lora.alpha"]),
           "lora_dropout": float(found["lora.dropout"]),
           "lora_dropout_rng": found.get("lora.dropout_rng", "packed"), "lora_targets": tuple(found["lora.targets"]),
-          "scan_layers": bool(found["model.scan_layers"]), "remat": found["model.remat"],
+          "scan_layers": bool(scan[preset] if scan is not None else found["model.scan_layers"]),
+          "remat": found["model.remat"],
           "attention": found["model.attention_impl"], "dtype": found["model.dtype"],
           "param_dtype": found["model.base_param_dtype"]}
 
