@@ -27,11 +27,17 @@ def one_line_error(result) -> str:
 @pytest.mark.parametrize("args, expected", [
     # A mistyped key: the suggestion, unescaped, and the flag it came from.
     (["--config.train.stepz=3"],
-     "error: no config key 'stepz' (in --config.train.stepz). Did you mean \"steps\" instead of \"stepz\"?"),
+     "error: no config key 'stepz' (in --config.train.stepz); did you mean --config.train.steps,"),
+    # A key named as in other trainers, in another section: the key of this config that means it
+    # (issue 23: the learning rate is optim.lr, not train.*).
+    (["--config.train.lerning_rate=1e-3"],
+     "error: no config key 'lerning_rate' (in --config.train.lerning_rate); did you mean --config.optim.lr"),
     # A config file's argument it does not know.
     (["--config=configs/gpt2_hh.py:gpt3"],
      "configs/gpt2_hh.py:gpt3: choose one of ['gpt2', 'gpt2-large', 'gpt2-medium', 'gpt2-xl']"),
-    (["--config=configs/no_such.py"], "config file 'configs/no_such.py' (--config) does not exist"),
+    # What configs/ holds, read from the directory (issue 23: a fixed list had missed two files).
+    (["--config=configs/no_such.py"], "config file 'configs/no_such.py' (--config) does not exist; configs/ "
+     "holds " + ", ".join(sorted(p.name for p in (REPO / "configs").iterdir() if p.suffix == ".py"))),
     (["--config.train.steps=abc"], "--config.train.steps=abc"),
 ])
 def test_mistakes_on_the_command_line_are_one_line(tmp_path, args, expected):
