@@ -134,6 +134,42 @@ def test_offline_hub_error_does_not_suggest_going_offline(monkeypatch):
   assert "set HF_HUB_OFFLINE=1" not in str(e.value) and "model.name" in str(e.value)
 
 
+def test_an_unreachable_hub_fails_at_the_first_attempt(tmp_path):
+  """A hub that never answers (here a local server that closes every connection unanswered, as a
+  dead network or proxy would) gets one connection, not huggingface_hub's 6 attempts over 23 s, and
+  the user sees the one-line error only (issue 23: 22 lines of retries first)."""
+  import socket
+  import threading
+  server = socket.create_server(("127.0.0.1", 0))
+  connections = []
+
+  def accept():
+    while True:
+      try:
+        conn, _ = server.accept()
+      except OSError:  # the server was closed: the test is over
+        return
+      connections.append(1)
+      conn.close()
+
+  threading.Thread(target=accept, daemon=True).start()
+  env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+  env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", NO_PROXY="127.0.0.1",
+             HF_HOME=str(tmp_path / "hf"))
+  code = ("from gpt2_lora_jax import hub\n"
+          "try:\n  hub.resolve('openai-community/gpt2', ['config.json'], what='GPT-2 model', flag='--config.model.name')\n"
+          "except hub.HubUnreachableError as e:\n  print(e)")
+  try:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+  finally:
+    server.close()
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(connections) == 1
+  assert result.stderr == "" and result.stdout.startswith("could not fetch GPT-2 model 'openai-community/gpt2' "
+                                                          "from the Hugging Face hub (RemoteProtocolError")
+
+
 def test_runs_keep_compiled_programs_in_the_persistent_cache(tmp_path):
   """By default under ~/.cache (HOME moved here; JAX_COMPILATION_CACHE_DIR, which conftest sets, is
   removed to see the default): a run leaves its compiled programs there."""
