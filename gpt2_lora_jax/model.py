@@ -293,6 +293,16 @@ def make_attention_mask(T: int, S: int, attention_mask=None, segment_ids=None, q
   return mask | (k_pos == q_pos)[None, None]
 
 
+def choose_attention(config: GPT2Config, T: int, kind: str = "segments") -> str:
+  """The attention path for T queries of mask `kind` (attention.MASK_KINDS; 'segments': packed
+  training rows), with the probes that choice needs run now (once per process; train.run calls it
+  before compiling a step so that their time is measured apart)."""
+  if config.attention_impl == "xla":  # 'xla' asks nothing of the platform
+    return "xla"
+  return attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
+                               config.head_dim, T, config.max_segments_per_row, probe=attention.probe)
+
+
 def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,
                query_offset=0, kv_lengths=None) -> attention.Mask:
   """What every layer's attention gets: the kernel for this call and the mask in its form.
@@ -304,11 +314,7 @@ def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_
   on cuDNN where they express it.
   """
   kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset, kv_lengths)
-  path = "xla"
-  if config.attention_impl != "xla":  # 'xla' asks nothing of the platform
-    path = attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
-                                 config.head_dim, T, config.max_segments_per_row,
-                                 probe=attention.probe)
+  path = choose_attention(config, T, kind)
   if kv_lengths is not None:
     return attention.build_lengths_mask(path, T, S, kv_lengths, query_offset)
   dense = None
