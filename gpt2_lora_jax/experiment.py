@@ -85,7 +85,7 @@ def load_base(config: ml_collections.ConfigDict, seed: int):
   gpt2_config = gpt2_model.GPT2Config.preset(config.model.preset, param_dtype=config.model.base_param_dtype,
                                              dtype=config.model.dtype, **run_fields,
                                              **config.model.overrides.to_dict())
-  params = gpt2_model.init_params(gpt2_config, jax.random.PRNGKey(seed))
+  params = weights.random_params(gpt2_config, seed)  # one compiled program, host arrays
   return gpt2_config, params, f"random:{config.model.preset}:seed{seed}"
 
 

@@ -5,6 +5,7 @@ transposed except an untied lm_head (an nn.Linear, stored (out, in)).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional
@@ -146,6 +147,48 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
   config = GPT2Config.from_hf_dict(hf_config, param_dtype=jnp.dtype(dtype).name, **config_overrides)
   params = hf_state_to_params(_read_state(model_dir), config, source=model_dir)
   return config, params
+
+
+# Standard deviations of GPT2's normal initialisers (model.py; Hugging Face's, but for the c_proj
+# rescaling): every matmul kernel and the token embedding 0.02, the position embedding 0.01.
+_INIT_STD = {("wpe", "embedding"): 0.01}
+
+
+def random_params(config: GPT2Config, seed: int) -> dict:
+  """Random GPT-2 parameters of `config`'s shapes and dtype, distributed as model.init_params draws
+  them (normal kernels and embeddings, _INIT_STD; zero biases; unit layer-norm scales), as the
+  per-layer tree of host (numpy) arrays, drawn by one compiled program (one per config and process).
+
+  Each block leaf is drawn for every layer at once, (L, ...) from one key, so the program holds about
+  16 draws at any depth; init_params instead runs a forward pass eagerly, op by op (78 small compiles
+  at gpt2-medium), and draws per leaf and layer. The keys are PRNGKey(seed) folded with the leaf's
+  index among the sorted leaf paths (block leaves without their layer), so the values differ from
+  init_params' for the same seed."""
+  drawn = jax.device_get(_draw_random(jax.random.PRNGKey(seed), config))
+  params = {}
+  for path, value in drawn.items():
+    if path[0] == "h":  # (L, ...) -> h_0 ... h_{L-1}: views of the one host array
+      params.update({(f"h_{i}",) + path[1:]: value[i] for i in range(config.n_layer)})
+    else:
+      params[path] = value
+  return traverse_util.unflatten_dict(params)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw_random(key, config: GPT2Config) -> dict:
+  """{leaf path: value}, block leaves under ('h', ...) with the layers stacked on axis 0."""
+  shapes = traverse_util.flatten_dict(param_shapes(config))
+  layered = lambda path: path[0].startswith("h_") and path[0][2:].isdigit()
+  out = {}
+  for i, path in enumerate(sorted({("h",) + p[1:] if layered(p) else p for p in shapes})):
+    spec = shapes[("h_0",) + path[1:]] if path[0] == "h" else shapes[path]
+    shape = ((config.n_layer,) if path[0] == "h" else ()) + tuple(spec.shape)
+    if path[-1] in ("kernel", "embedding"):
+      std = jnp.asarray(_INIT_STD.get(path, 0.02), spec.dtype)
+      out[path] = jax.random.normal(jax.random.fold_in(key, i), shape, spec.dtype) * std
+    else:  # layer-norm scales 1, biases (layer norms' and linears') 0
+      out[path] = (jnp.ones if path[-1] == "scale" else jnp.zeros)(shape, spec.dtype)
+  return out
 
 
 def save_pretrained(params: dict, config: GPT2Config, out_dir: str) -> str:
