@@ -10,6 +10,8 @@
   report.py           a run's JSON and Markdown files
   preflight.py, xla_attention.py, attention_check.py, records.py, summary.py
                       the stages of benchmarks/gpu_check.sh, its record log and its summary
+  e2e.py              the real `python -m gpt2_lora_jax.main` end to end, timed by phase (time to
+                      first step, steps/s, evaluation), recorded for the GPU check
   step_plan.py        the compiler's plan (memory, FLOPs, compile time) of one train step on
                       abstract shapes (BUILD.md's memory table, benchmarks/compile_plan.py)
 
