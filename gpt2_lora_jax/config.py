@@ -163,22 +163,56 @@ def comments() -> dict[str, str]:
   return out
 
 
-def describe(config: ml_collections.ConfigDict) -> str:
-  """Every key of `config` with its value and its comment from default_config(), one per line."""
-  notes = comments()
-  flat = {}
+def flat_values(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """{'train.steps': value} for every leaf of `config`, sorted by key; an empty section (model.overrides
+  of most configs) is a leaf with value {}."""
+  notes, flat = comments(), {}
 
   def walk(d, prefix):
     for k in sorted(d.keys()):
       v = d[k]
       if isinstance(v, ml_collections.ConfigDict) and (v.keys() or prefix + k not in notes):
         if not v.keys():
-          flat[prefix + k] = "{}"
+          flat[prefix + k] = {}
         walk(v, f"{prefix}{k}.")
       else:
-        flat[prefix + k] = repr(v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
+        flat[prefix + k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
 
   walk(config, "")
+  return flat
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every key of `config` with its value and its comment from default_config(), one per line."""
+  notes = comments()
+  flat = {k: "{}" if v == {} else repr(v) for k, v in flat_values(config).items()}
   width = max(len(f"{k} = {v}") for k, v in flat.items())
   return "\n".join((f"{k} = {v}".ljust(width) + f"  # {notes[k]}") if k in notes else f"{k} = {v}"
                    for k, v in flat.items())
+
+
+def suggest(config: ml_collections.ConfigDict, dotted: str, most: int = 3) -> list[str]:
+  """Keys of `config` that a mistyped key (dotted, e.g. 'train.lerning_rate') may have meant, in any
+  section, best first ([] when none is close). Each key is scored by the likeness (difflib's ratio) of
+  the typed name to its name or, for a name of several words, to as many consecutive words of what its
+  comment says it is (the comment up to its first '(', ':', ';', ',' or '.'; 'lerning_rate' ->
+  optim.lr, 'peak learning rate'), which must reach 0.75 (ml_collections' own cutoff), plus the
+  likeness of the typed path to its path (so 'train.stepz' ranks train.steps above dpo.steps). Keys
+  within 0.25 of the best score are returned, at most `most`."""
+  import difflib
+  import re
+  notes = comments()
+  ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()
+  name = dotted.rsplit(".", 1)[-1].lower()
+  words = [w for w in re.split(r"[_\W]+", name) if w]
+  scored = []
+  for key in flat_values(config):
+    like = ratio(name, key.rsplit(".", 1)[-1])
+    said = re.findall(r"[a-z0-9]+", re.split(r"[(:;,.]", notes.get(key, ""), maxsplit=1)[0].lower())
+    if len(words) > 1:
+      for i in range(len(said) - len(words) + 1):
+        like = max(like, ratio(" ".join(words), " ".join(said[i:i + len(words)])))
+    if like >= 0.75:
+      scored.append((like + ratio(dotted.lower(), key), key))
+  scored.sort(key=lambda t: (-t[0], t[1]))
+  return [key for score, key in scored[:most] if score >= scored[0][0] - 0.25]

@@ -3,28 +3,45 @@
 Per pair, with the summed log-probs of the chosen (w) and rejected (l) reply under the policy (pi) and
 the reference (ref), log-ratios c = log pi(y_w|x) - log ref(y_w|x), r = log pi(y_l|x) - log ref(y_l|x),
 z = c - r, reply lengths |y_w|, |y_l| in target tokens (at least 1), beta = dpo.beta and
-eps = dpo.label_smoothing. Each formula is the one of TRL's DPOTrainer (trl/trainer/dpo_trainer.py,
-`_compute_loss`, huggingface/trl at f2cd577) unless said otherwise:
-  'sigmoid'       DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta z)
+eps = dpo.label_smoothing. Sources: TRL's DPOTrainer (huggingface/trl, trl/trainer/dpo_trainer.py)
+in the release named with each formula: 0.28.0 (`dpo_loss`) or 0.29.0 (`_compute_loss`, a rewrite
+that dropped label smoothing on 'sigmoid', rpo_alpha and reference_free; these formulas are unchanged
+from 0.29.0 to 1.9.0). Issue 23 compared every per-pair loss with both releases: they agree to
+<= 3e-13 in float64.
+  'sigmoid'       DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta z)   (0.28.0 and 0.29.0)
   'conservative'  cDPO (Mitchell 2023): labels flipped with probability eps,
-                  -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)   (TRL: 'sigmoid' with eps)
+                  -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
+                  (0.28.0: 'sigmoid' with label_smoothing = eps)
   'robust'        rDPO (Chowdhury et al. 2024): an unbiased loss under flip rate eps,
                   ((1 - eps)(-log sigmoid(beta z)) + eps log sigmoid(-beta z)) / (1 - 2 eps)
-  'hinge'         SLiC (Zhao et al. 2023): relu(1 - beta z)
-  'ipo'           IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios, as TRL computes it (its
-                  comment: the paper's results correspond to this length-normalised form):
+                  (0.28.0 and 0.29.0)
+  'hinge'         SLiC (Zhao et al. 2023): relu(1 - beta z)   (0.28.0 and 0.29.0)
+  'ipo'           IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios:
                   (c / |y_w| - r / |y_l| - 1 / (2 beta))^2
-  'sigmoid_norm'  -log sigmoid(beta (c / |y_w| - r / |y_l|))
-  'simpo'         SimPO (Meng et al. 2024, Eq. 6; TRL's CPOTrainer loss_type='simpo'), reference-free:
+                  (0.29.0 divides the summed log-ratios by the reply tokens; its comment: the paper's
+                  results correspond to this length-normalised form. 0.28.0 divides each log-prob by
+                  the reply tokens before the ratio: the same loss)
+  'sigmoid_norm'  -log sigmoid(beta (c / |y_w| - r / |y_l|))   (TRL 1.4.0, its first release with it)
+  'simpo'         SimPO (Meng et al. 2024, Eq. 6), reference-free:
                   -log sigmoid(beta log pi(y_w|x) / |y_w| - beta log pi(y_l|x) / |y_l| - gamma),
-                  gamma = dpo.simpo_gamma
-  'sft'           the chosen reply's NLL per token, -log pi(y_w|x) / |y_w|
+                  gamma = dpo.simpo_gamma (TRL 0.28.0's CPOTrainer, loss_type='simpo',
+                  trl/experimental/cpo/cpo_trainer.py; CPOTrainer adds cpo_alpha (default 1.0) x the
+                  chosen NLL, this term alone does not: add 'sft' for it)
+  'sft'           the chosen reply's NLL per token, -log pi(y_w|x) / |y_w|   (0.29.0's 'sft')
 dpo.loss may name several, joined by commas ('sigmoid,sft'), summed with dpo.loss_weights (1 each
-by default), as TRL's loss_type list with loss_weights. dpo.rpo_alpha adds alpha times the 'sft' term
-(TRL's rpo_alpha; RPO, Pang et al. 2024). Every term is per pair and averaged over pairs: TRL's 'sft'
-averages over the chosen tokens of the whole batch instead (a long reply weighs more there).
-dpo.reference_free sets log ref = 0 for every term (TRL's reference_free); 'simpo' and 'sft' never
-use the reference. Implicit rewards are beta c and beta r (log ref = 0 when there is no reference).
+by default), as TRL's loss_type list with loss_weights (0.28.0 and 0.29.0). dpo.rpo_alpha adds alpha
+times the 'sft' term (0.28.0's rpo_alpha; RPO, Pang et al. 2024). Every term is per pair and averaged
+over pairs: TRL's 'sft' and rpo_alpha average over the chosen tokens of the whole batch instead (a
+long reply weighs more there). dpo.reference_free sets log ref = 0 for every term (0.28.0's
+reference_free); 'simpo' and 'sft' never use the reference.
+
+Logged implicit rewards are beta c and beta r (log ref = 0 when no term reads the reference), as
+0.29.0 logs them for every loss. They differ from TRL's in three places:
+  - 'ipo': 0.28.0 logs beta x the per-token log-ratios (its log-probs are already divided by the
+    reply tokens), here (and in 0.29.0) beta x the summed ones;
+  - 'simpo' alone: CPOTrainer logs beta log pi(y|x) / |y|, here beta log pi(y|x), summed;
+  - dpo.reference_free: 0.28.0 still runs the reference and logs beta (log pi - log ref), here no
+    reference runs and the rewards are beta log pi.
 """
 from __future__ import annotations
 

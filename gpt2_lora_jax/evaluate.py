@@ -33,7 +33,7 @@ import os
 import jax
 import numpy as np
 
-from gpt2_lora_jax import checkpoint, data, experiment, lora, report, reward, sample, sharding, train
+from gpt2_lora_jax import checkpoint, data, experiment, lora, report, reward, sample, sharding, timings, train
 from gpt2_lora_jax.demo import scorer as demo_scorer
 from gpt2_lora_jax.errors import UserError
 
@@ -110,6 +110,7 @@ def run(config, workdir: str) -> str:
   exp = experiment.build(config)
   ecfg = config.eval
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
+  timings.mark("restore")
   out = eval_dir(workdir, step)
   tuned_model = exp.model  # the module training used (module docstring, stage 1)
   base_params = base_tree(tuned_params, exp)
@@ -117,7 +118,13 @@ def run(config, workdir: str) -> str:
                                                (report.TUNED, tuned_model, tuned_params)], step)
   del tuned_params, base_params
   jax.clear_caches()
-  return score_and_report(config, workdir, step) if jax.process_index() == 0 else ""
+  if jax.process_index() != 0:
+    return ""
+  try:
+    return score_and_report(config, workdir, step)
+  finally:
+    timings.mark("score_report")
+    timings.write(workdir)
 
 
 def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int,
@@ -129,6 +136,7 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
   eval_data, eval_summary = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                                        config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {name: heldout_loss(model, params, eval_data, ecfg.batch_size) for name, model, params in named}
+  timings.mark("heldout")
   if is_main:
     with open(os.path.join(out, "heldout.json"), "w") as f:
       json.dump(heldout, f, indent=2)
@@ -153,6 +161,7 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
     for row, subset in zip(model_rows, prompt_subsets):
       row["subset"] = subset
     rows += model_rows
+  timings.mark("sampling")
   if config.data.source == "demo":  # demo tasks have one right reply each: grade every answer
     from gpt2_lora_jax.demo import data as demo_data
     for row in rows:

@@ -13,7 +13,7 @@ import socket
 import jax
 import ml_collections
 
-from gpt2_lora_jax import checkpoint, lora, optim, stacking, tokenizer as tokenizer_lib, weights
+from gpt2_lora_jax import checkpoint, lora, optim, stacking, timings, tokenizer as tokenizer_lib, weights
 from gpt2_lora_jax import model as gpt2_model
 from gpt2_lora_jax.errors import UserError, UserPathError
 
@@ -94,7 +94,7 @@ def load_base(config: ml_collections.ConfigDict, seed: int):
   gpt2_config = gpt2_model.GPT2Config.preset(config.model.preset, param_dtype=config.model.base_param_dtype,
                                              dtype=config.model.dtype, **run_fields,
                                              **config.model.overrides.to_dict())
-  params = gpt2_model.init_params(gpt2_config, jax.random.PRNGKey(seed))
+  params = weights.random_params(gpt2_config, seed)  # one compiled program, host arrays
   return gpt2_config, params, f"random:{config.model.preset}:seed{seed}"
 
 
@@ -125,8 +125,10 @@ def run_settings(config: ml_collections.ConfigDict, dpo_reference: dict | None =
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Loads the base, adds adapters, labels every leaf; validates lengths against the model."""
+  timings.mark_startup()
   validate(config, jax.device_count())
   gpt2_config, base, base_name = load_base(config, config.train.seed)
+  timings.mark("weights")
   if config.data.max_length > gpt2_config.n_positions:
     raise UserError(f"data.max_length={config.data.max_length} is longer than the model's "
                      f"{gpt2_config.n_positions} positions; lower --config.data.max_length")
@@ -152,10 +154,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       "layout": checkpoint.layout(trainable),
       "run": run_settings(config),
   }
-  return Experiment(
+  exp = Experiment(
       config=config, gpt2_config=gpt2_config, lora_config=lora_config,
       model=lora.make_model(gpt2_config, lora_config), base_model=gpt2_model.GPT2(gpt2_config),
       params=params, labels=labels, tokenizer=tokenizer_lib.load(config.model.tokenizer), meta=meta)
+  timings.mark("model")
+  return exp
 
 
 def optimizer(exp: Experiment):

@@ -24,6 +24,8 @@ def resolve(name_or_path: str, files: list[str], what: str, flag: str) -> str:
   offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
   try:
     from huggingface_hub import HfApi, snapshot_download
+    if not offline:
+      require_answer()
     # Offline, only the cache is read, so asking for both weight formats costs nothing.
     patterns = (list(files) + ["pytorch_model.bin"] * ("model.safetensors" in files) if offline
                 else weight_patterns(files, HfApi().list_repo_files(name_or_path)))
@@ -41,6 +43,23 @@ def resolve(name_or_path: str, files: list[str], what: str, flag: str) -> str:
     raise HubUnreachableError(
         f"could not fetch {what} {name_or_path!r} from the Hugging Face hub "
         f"({describe_exception(e)}). {cached}.") from e
+
+
+_ANSWERED = set()  # hub endpoints that answered a request in this process
+
+
+def require_answer():
+  """One request to the hub's endpoint without retries; raises whatever the request raised.
+
+  huggingface_hub retries a request that gets no answer 5 times, waiting 1 + 2 + 4 + 8 + 8 s: on a
+  machine without network, `--config=configs/gpt2_hh.py:gpt2` took 25 s and printed 22 lines of
+  retries before its error. Any HTTP answer, whatever its status, means the hub is reachable, and
+  the calls that follow keep their retries for a hub that answers badly for a moment."""
+  from huggingface_hub import constants, get_session
+  if constants.ENDPOINT in _ANSWERED:
+    return
+  get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+  _ANSWERED.add(constants.ENDPOINT)
 
 
 def weight_patterns(files: list[str], repo_files: list[str]) -> list[str]:

@@ -59,12 +59,43 @@ def _config_path(argv) -> str:
   return ""
 
 
+def _config_dir_listing(path: str) -> str:
+  """What the directory of a missing config file holds, or the project's configs/ when that directory
+  does not exist: 'configs/ holds demo.py, dpo_hh.py, ...', read from the directory itself."""
+  given = os.path.dirname(path) or "."
+  project = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  for folder in (given, project):
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")) \
+        if os.path.isdir(folder) else []
+    if names:
+      shown = folder if folder == given else os.path.relpath(folder)
+      shown = os.path.abspath(folder) if shown.startswith("..") else shown
+      return f"{shown.rstrip(os.sep)}{os.sep} holds {', '.join(names)}"
+  return f"no config files in {given}{os.sep} or {project}{os.sep}"
+
+
+def _unknown_key_message(argv, key: str) -> str:
+  """'no config key ...' with the keys of any section it may have meant (config.suggest)."""
+  given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
+  message = f"no config key {key!r}" + (f" (in {given[0]})" if given else "")
+  if given:
+    from gpt2_lora_jax import config as config_lib
+    loaded = flags.FLAGS["config"].value  # the config file's dict, parsed before its overrides
+    candidates = config_lib.suggest(loaded if loaded is not None else config_lib.default_config(),
+                                    given[0][len("--config."):])
+    if candidates:
+      options = [f"--config.{c}" for c in candidates]
+      return message + "; did you mean " + (f"{', '.join(options[:-1])} or {options[-1]}"
+                                            if len(options) > 1 else options[0]) \
+          + "? (--mode=show_config lists every key)"
+  return message + "; --mode=show_config lists every key"
+
+
 def parse_flags(argv):
   """absl's parsing, with a user's mistake printed as one line instead of a traceback."""
   path = _config_path(argv)
   if path and not os.path.isfile(path):
-    fail(f"config file {path!r} (--config) does not exist; the configs are in configs/ "
-         "(demo.py, gpt2_hh.py, seed_study.py, tiny.py)")
+    fail(f"config file {path!r} (--config) does not exist; {_config_dir_listing(path)}")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a bad flag value, or get_config(arg) rejected its argument
@@ -78,11 +109,7 @@ def parse_flags(argv):
     while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError(text))
       cause = cause.args[0]
     text = str(cause.args[0]) if cause.args else str(cause)
-    key, _, hint = text.partition("\n")
-    key = key.strip("'\" ")
-    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
-    fail(f"no config key {key!r}" + (f" (in {given[0]})" if given else "") + (f". {hint}" if hint else "")
-         + "; --mode=show_config lists every key")
+    fail(_unknown_key_message(argv, text.partition("\n")[0].strip("'\" ")))
 
 
 def main(argv):

@@ -309,16 +309,23 @@ def make_attention_mask(T: int, S: int, attention_mask=None, segment_ids=None, q
   return mask | (k_pos == q_pos)[None, None]
 
 
+def choose_attention(config: GPT2Config, T: int, kind: str = "segments") -> str:
+  """The attention path for T queries of mask `kind` (attention.MASK_KINDS; 'segments': packed
+  training rows), with the probes that choice needs run now (once per process; train.run calls it
+  before compiling a step so that their time is measured apart)."""
+  if config.attention_impl == "xla":  # 'xla' asks nothing of the platform
+    return "xla"
+  return attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
+                               config.head_dim, T, config.max_segments_per_row, probe=attention.probe)
+
+
 def layer_path(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,
                query_offset=0, kv_lengths=None) -> str:
   """The attention path (attention.PATHS) layer_mask chooses for these inputs. Reads only which
   inputs are given (and the platform), never their values: no array operation runs, so a caller
   outside jit (the benchmark's label of the path) compiles nothing."""
-  kind = attention.mask_kind(T, S, attention_mask, segment_ids, query_offset, kv_lengths)
-  if config.attention_impl == "xla":  # 'xla' asks nothing of the platform
-    return "xla"
-  return attention.select_path(config.attention_impl, kind, attention.platform(), config.dtype,
-                               config.head_dim, T, config.max_segments_per_row, probe=attention.probe)
+  return choose_attention(config, T, attention.mask_kind(T, S, attention_mask, segment_ids, query_offset,
+                                                          kv_lengths))
 
 
 def layer_mask(config: GPT2Config, T: int, S: int, attention_mask=None, segment_ids=None,

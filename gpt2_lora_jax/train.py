@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import time
 from typing import Callable
 
 import jax
@@ -23,7 +22,7 @@ import optax
 
 from gpt2_lora_jax import lora
 from gpt2_lora_jax import loss as loss_lib
-from gpt2_lora_jax import preemption
+from gpt2_lora_jax import preemption, timings
 
 
 # Positions per logits chunk in the loss (at most): the (B, T, V) logits are never all alive at once.
@@ -162,26 +161,6 @@ def make_eval_step(model):
   return eval_step
 
 
-@dataclasses.dataclass
-class StepTimer:
-  """Wall time between consecutive metric reads: the device time of a step at steady state.
-
-  A lap that spans compilation, a held-out evaluation or a checkpoint is not a step time: after
-  `interrupted()` the next lap is measured but reported as None.
-  """
-  last: float = dataclasses.field(default_factory=time.perf_counter)
-  clean: bool = False  # the first lap includes compilation
-
-  def lap(self):
-    now = time.perf_counter()
-    elapsed, self.last = now - self.last, now
-    clean, self.clean = self.clean, True
-    return elapsed if clean else None
-
-  def interrupted(self):
-    self.clean = False
-
-
 def host_metrics(metrics) -> dict:
   """Device metrics -> Python floats (this is the one host sync, done one step late)."""
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -295,9 +274,11 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   objective(exp, cache_dir) -> Objective: what is trained (default sft_objective; dpo.objective).
   """
   from gpt2_lora_jax import checkpoint, experiment, flops, metrics as metrics_lib, sharding
+  from gpt2_lora_jax import model as gpt2_model
 
   config = exp.config
   tcfg = config.train
+  timings.mark_startup()
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -307,6 +288,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   obj = (objective or sft_objective)(exp, cache_dir)
   train_data, summary = obj.build_data("train", log)
   eval_data = obj.build_data("eval", None)[0] if tcfg.eval_every > 0 else None
+  timings.mark("data")
   if is_main:
     metrics_lib.write_text(f"{workdir}/data_summary.json", json.dumps(summary, indent=2))
     print(exp_summary_line(exp), flush=True)
@@ -355,7 +337,8 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
                                            exp.gpt2_config.n_embd, seq_len)["total"] * tcfg.batch_size * seq_len
   peak = flops.peak_flops()
   writer = metrics_lib.MetricsWriter(workdir, tcfg.steps, start, enabled=is_main)
-  timer = StepTimer()
+  timer = timings.StepTimer()
+  spent = {"heldout_s": 0.0, "heldout_passes": 0, "checkpoint_s": 0.0, "plot_s": 0.0}  # in the loop
   last = {}
 
   def record(step, device_metrics) -> bool:
@@ -379,6 +362,9 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
         m["mfu"] = step_flops / seconds / (peak * jax.device_count())
     writer.write(step, "train", m, progress=(step % tcfg.log_every == 0 or step == tcfg.steps))
     last.update(m)
+    if step == start + 1:
+      timings.mark("first_step")
+      timings.write(workdir)
     return stop_seen
 
   def held_out(trainable) -> dict:
@@ -398,8 +384,15 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   stop = False  # the same value on every process
   pending = None
   step = start
+  timings.mark("state")  # placed, optimizer initialised, checkpoint restored, metric writers opened
   if eval_data is not None and start == 0:  # where the held-out curve starts: the untrained model
     writer.write(0, "eval", held_out(state["trainable"]))
+    timings.mark("initial_heldout")
+  # The step's attention probes, then its compile, each timed alone (the call below reuses it).
+  gpt2_model.choose_attention(exp.gpt2_config, seq_len)
+  timings.mark("probes")
+  step_fn.lower(state, step_frozen, batch_at(start, False)).compile()
+  timings.mark("compile")
   with preemption.PreemptionGuard() as guard:
     try:
       for step in range(start, tcfg.steps):
@@ -412,17 +405,20 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
         pending = (step + 1, device_metrics)  # metrics of the update that ends at step + 1
         done = step + 1
         if eval_data is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-          writer.write(done, "eval", held_out(state["trainable"]))
+          with timings.adding(spent, "heldout_s", count="heldout_passes"):
+            writer.write(done, "eval", held_out(state["trainable"]))
           timer.interrupted()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
           stop = record(*pending) or stop  # never save an unchecked update
           pending = None
-          checkpoint.save(mngr, done, state, exp.meta)
-          writer.flush()  # a bucket's copy of metrics.jsonl keeps up with the checkpoints
+          with timings.adding(spent, "checkpoint_s"):
+            checkpoint.save(mngr, done, state, exp.meta)
+            writer.flush()  # a bucket's copy of metrics.jsonl keeps up with the checkpoints
           timer.interrupted()
         if is_main and tcfg.plot_every and done % tcfg.plot_every == 0:
-          writer.flush()
-          obj.plot(workdir, tcfg.loss_avg_window)
+          with timings.adding(spent, "plot_s"):
+            writer.flush()
+            obj.plot(workdir, tcfg.loss_avg_window)
           timer.interrupted()
       else:
         step = tcfg.steps
@@ -440,6 +436,9 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
       writer.close()
       if is_main:
         obj.plot(workdir, tcfg.loss_avg_window)
+      timings.record("train", **timer.speed(tcfg.batch_size * seq_len), **spent)
+      timings.mark("training")
+      timings.write(workdir)
   return {"step": tcfg.steps, **last, "params": lora.combine(state["trainable"], frozen)}
 
 

@@ -5,6 +5,7 @@ transposed except an untied lm_head (an nn.Linear, stored (out, in)).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional
@@ -146,6 +147,29 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
   config = GPT2Config.from_hf_dict(hf_config, param_dtype=jnp.dtype(dtype).name, **config_overrides)
   params = hf_state_to_params(_read_state(model_dir), config, source=model_dir)
   return config, params
+
+
+# Standard deviations of GPT2's normal initialisers (model.py; Hugging Face's, but for the c_proj
+# rescaling): every matmul kernel and the token embedding 0.02, the position embedding 0.01.
+def random_params(config: GPT2Config, seed: int) -> dict:
+  """Random GPT-2 parameters of `config`'s shapes and dtype, distributed as model.init_params draws
+  them (model.init_rule: normal kernels and embeddings, zero biases, unit layer-norm scales), as the
+  per-layer tree of host (numpy) arrays, drawn by one compiled program (one per config and process).
+
+  Each block leaf is drawn for every layer at once, (L, ...) (model.draw_params on the stacked
+  tree), so the program holds a few dozen draws at any depth; init_params instead runs a forward
+  pass eagerly, op by op (78 small compiles at gpt2-medium), and draws per leaf and layer. The
+  values differ from init_params' for the same seed; their distributions are the same."""
+  from gpt2_lora_jax import stacking
+  return stacking.unstack_layers(jax.device_get(_draw_random(jax.random.PRNGKey(seed), config)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw_random(key, config: GPT2Config) -> dict:
+  """The stacked tree (blocks under 'h' as (L, ...) leaves) drawn by model.draw_params."""
+  from gpt2_lora_jax import model as gpt2_model, stacking
+  shapes = stacking.stack_layers(param_shapes(config))
+  return gpt2_model.draw_params(shapes, lambda path, _: gpt2_model.init_rule(path), key)
 
 
 def save_pretrained(params: dict, config: GPT2Config, out_dir: str) -> str:

@@ -27,11 +27,17 @@ def one_line_error(result) -> str:
 @pytest.mark.parametrize("args, expected", [
     # A mistyped key: the suggestion, unescaped, and the flag it came from.
     (["--config.train.stepz=3"],
-     "error: no config key 'stepz' (in --config.train.stepz). Did you mean \"steps\" instead of \"stepz\"?"),
+     "error: no config key 'stepz' (in --config.train.stepz); did you mean --config.train.steps,"),
+    # A key named as in other trainers, in another section: the key of this config that means it
+    # (issue 23: the learning rate is optim.lr, not train.*).
+    (["--config.train.lerning_rate=1e-3"],
+     "error: no config key 'lerning_rate' (in --config.train.lerning_rate); did you mean --config.optim.lr"),
     # A config file's argument it does not know.
     (["--config=configs/gpt2_hh.py:gpt3"],
      "configs/gpt2_hh.py:gpt3: choose one of ['gpt2', 'gpt2-large', 'gpt2-medium', 'gpt2-xl']"),
-    (["--config=configs/no_such.py"], "config file 'configs/no_such.py' (--config) does not exist"),
+    # What configs/ holds, read from the directory (issue 23: a fixed list had missed two files).
+    (["--config=configs/no_such.py"], "config file 'configs/no_such.py' (--config) does not exist; configs/ "
+     "holds " + ", ".join(sorted(p.name for p in (REPO / "configs").iterdir() if p.suffix == ".py"))),
     (["--config.train.steps=abc"], "--config.train.steps=abc"),
 ])
 def test_mistakes_on_the_command_line_are_one_line(tmp_path, args, expected):
@@ -126,6 +132,42 @@ def test_offline_hub_error_does_not_suggest_going_offline(monkeypatch):
   with pytest.raises(hub.HubUnreachableError) as e:
     hub.resolve("someone/not-in-the-cache", ["config.json"], what="GPT-2 model", flag="model.name")
   assert "set HF_HUB_OFFLINE=1" not in str(e.value) and "model.name" in str(e.value)
+
+
+def test_an_unreachable_hub_fails_at_the_first_attempt(tmp_path):
+  """A hub that never answers (here a local server that closes every connection unanswered, as a
+  dead network or proxy would) gets one connection, not huggingface_hub's 6 attempts over 23 s, and
+  the user sees the one-line error only (issue 23: 22 lines of retries first)."""
+  import socket
+  import threading
+  server = socket.create_server(("127.0.0.1", 0))
+  connections = []
+
+  def accept():
+    while True:
+      try:
+        conn, _ = server.accept()
+      except OSError:  # the server was closed: the test is over
+        return
+      connections.append(1)
+      conn.close()
+
+  threading.Thread(target=accept, daemon=True).start()
+  env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+  env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", NO_PROXY="127.0.0.1",
+             HF_HOME=str(tmp_path / "hf"))
+  code = ("from gpt2_lora_jax import hub\n"
+          "try:\n  hub.resolve('openai-community/gpt2', ['config.json'], what='GPT-2 model', flag='--config.model.name')\n"
+          "except hub.HubUnreachableError as e:\n  print(e)")
+  try:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+  finally:
+    server.close()
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(connections) == 1
+  assert result.stderr == "" and result.stdout.startswith("could not fetch GPT-2 model 'openai-community/gpt2' "
+                                                          "from the Hugging Face hub (RemoteProtocolError")
 
 
 def test_runs_keep_compiled_programs_in_the_persistent_cache(tmp_path):

@@ -104,3 +104,43 @@ def test_bf16_storage(tiny_hf_dir):
   config, params = weights.load_pretrained(tiny_hf_dir, dtype="bfloat16")
   assert params["wte"]["embedding"].dtype == jnp.bfloat16 and config.param_dtype == "bfloat16"
   json.dumps(config.to_hf_dict())
+
+
+def test_random_params_draw_init_params_distributions_in_one_compile():
+  """weights.random_params (the product's random init) against model.init_params (Flax's own
+  initialisers): the same tree, shapes and dtypes; zeros and ones exactly; every normal leaf's mean
+  and standard deviation within 6 standard errors of init_params' sample (other keys, same law);
+  layers drawn apart; one compiled program whatever the depth."""
+  import jax
+  from flax import traverse_util
+  config = gpt2_model.GPT2Config.preset("gpt2", n_layer=3, n_embd=64, n_head=4, n_positions=128,
+                                        vocab_size=4096, param_dtype="bfloat16")
+  got = traverse_util.flatten_dict(weights.random_params(config, seed=3))
+  want = traverse_util.flatten_dict(jax.device_get(jax.jit(gpt2_model.init_params, static_argnums=0)(
+      config, jax.random.PRNGKey(3))))
+  assert set(got) == set(want)
+  for path, w in want.items():
+    g = got[path]
+    assert isinstance(g, np.ndarray) and g.shape == w.shape and g.dtype == w.dtype, path
+    g, w = np.asarray(g, np.float64).ravel(), np.asarray(w, np.float64).ravel()
+    if path[-1] in ("bias", "scale"):
+      np.testing.assert_array_equal(g, w)
+      continue
+    se = w.std() / np.sqrt(w.size)  # of the mean; the std's is about std / sqrt(2 n)
+    assert abs(g.mean() - w.mean()) <= 6 * np.sqrt(2) * se, path
+    assert abs(g.std() - w.std()) <= 6 * w.std() / np.sqrt(w.size), path
+  kernel = lambda i: got[(f"h_{i}", "mlp", "c_fc", "kernel")]
+  assert not np.array_equal(kernel(0), kernel(1)) and not np.array_equal(kernel(1), kernel(2))
+  again = traverse_util.flatten_dict(weights.random_params(config, seed=3))
+  assert all(np.array_equal(again[p], got[p]) for p in got)
+  assert not np.array_equal(traverse_util.flatten_dict(weights.random_params(config, seed=4))[
+      ("wte", "embedding")], got[("wte", "embedding")])
+
+  compiles = []
+  listener = lambda event, seconds, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    weights.random_params(config.replace(n_layer=4), seed=0)  # a new shape: compiled now
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiles) == 1

@@ -15,6 +15,8 @@
                       the stages of benchmarks/gpu_check.sh, its record log and its summary
   profile.py          where a train step's time goes: a jax.profiler capture of the benchmarked
                       step reduced to tables (trace_reduce.py: the reducer, standard library only)
+  e2e.py              the real `python -m gpt2_lora_jax.main` end to end, timed by phase (time to
+                      first step, steps/s, evaluation), recorded for the GPU check
   step_plan.py        the compiler's plan (memory, FLOPs, compile time) of one train step on
                       abstract shapes (BUILD.md's memory table, benchmarks/compile_plan.py)
 

@@ -50,11 +50,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import flops, remat, sample
+from gpt2_lora_jax import flops, sample
 from gpt2_lora_jax.bench import records
 from gpt2_lora_jax.bench.settings import LIKE_PEFT, user_settings
-from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, base_params, gpt2_config,
-                                           model_name, setting_fields, train_setup)
+from gpt2_lora_jax.bench.run_setup import (_on_accelerator, attention_path, base_params, compiled_step,
+                                           gpt2_config, model_name, setting_fields, train_setup)
 from gpt2_lora_jax.bench.torch_runner import run_torch_part
 from gpt2_lora_jax.bench.report import to_markdown, write_results
 from gpt2_lora_jax import model as gpt2_model
@@ -189,19 +189,7 @@ def bench_train(cfg: BenchConfig, matmul: dict) -> dict:
   """Times train.jit_train_step on synthetic batches; see the module docstring for the fields."""
   run = train_setup(cfg)
   config, devices, state, frozen, batch = run.config, run.devices, run.state, run.frozen, run.batch
-  remat_fields = {}
-  if cfg.remat == "auto":  # what train.run does for model.remat='auto' (remat.py)
-    choice = remat.choose(run.lower, *remat.budget(devices), cfg.batch_size, cfg.micro_batches, len(devices))
-    compiled = choice.compiled
-    lower_s, compile_s = sum(choice.lower_s.values()), sum(choice.lower_s.values()) + sum(choice.compile_s.values())
-    remat_fields = {"remat_policy": choice.policy, "remat_choice": choice.record()}
-    print(choice.line(), flush=True)
-  else:
-    t0 = time.perf_counter()
-    lowered = run.lower(cfg.remat, cfg.micro_batches, cfg.batch_size)
-    lower_s = time.perf_counter() - t0
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+  compiled, lower_s, compile_s, remat_fields = compiled_step(run, cfg)
   times = []
   for i in range(cfg.warmup_steps + cfg.timed_steps):
     t0 = time.perf_counter()

@@ -109,9 +109,7 @@ def capture(cfg, steps: int, trace_dir: str, step_name: str = STEP_NAME) -> dict
   from gpt2_lora_jax.bench import run_setup
   run = run_setup.train_setup(cfg)
   state, frozen, batch = run.state, run.frozen, run.batch
-  t0 = time.perf_counter()
-  compiled = run.step_fn.lower(state, frozen, batch).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, _, compile_s, remat_fields = run_setup.compiled_step(run, cfg)
   warmup = max(cfg.warmup_steps, 1)  # a first run does one-time work (a 47 ms dot on the CPU smoke shape)
   for _ in range(warmup):
     state, metrics = compiled(state, frozen, batch)
@@ -126,7 +124,7 @@ def capture(cfg, steps: int, trace_dir: str, step_name: str = STEP_NAME) -> dict
       host_s.append(time.perf_counter() - t0)
   return {"trace_path": trace_reduce.find_trace(trace_dir), "compile_s": compile_s, "warmup_steps": warmup,
           "host_step_ms": [s * 1e3 for s in host_s], "final_loss": float(metrics["loss"]),
-          "setting": run_setup.setting_fields(cfg)}
+          "setting": {**run_setup.setting_fields(cfg), **remat_fields}}
 
 
 def keep_trace(path: str, out_dir: str, stem: str) -> dict:

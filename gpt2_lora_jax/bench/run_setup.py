@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import math
 import types
 
@@ -199,3 +200,22 @@ def attention_path(config, cfg: BenchConfig, segment_ids) -> str:
                                  segment_ids if cfg.segment_ids else None)
   except Exception as e:  # the step ran; only the label is missing
     return f"unknown ({records.error_text(e)})"
+
+
+def compiled_step(run, cfg: BenchConfig) -> tuple:
+  """(compiled step, lower s, lower + compile s, remat fields) of train_setup's run: for remat
+  'auto' what train.run does (remat.py: each policy compiled until one fits; its seconds summed),
+  else the step of cfg.remat lowered and compiled once."""
+  from gpt2_lora_jax import remat
+  if cfg.remat == "auto":
+    choice = remat.choose(run.lower, *remat.budget(run.devices), cfg.batch_size, cfg.micro_batches,
+                          len(run.devices))
+    print(choice.line(), flush=True)
+    lower_s = sum(choice.lower_s.values())
+    return (choice.compiled, lower_s, lower_s + sum(choice.compile_s.values()),
+            {"remat_policy": choice.policy, "remat_choice": choice.record()})
+  t0 = time.perf_counter()
+  lowered = run.lower(cfg.remat, cfg.micro_batches, cfg.batch_size)
+  lower_s = time.perf_counter() - t0
+  compiled = lowered.compile()
+  return compiled, lower_s, time.perf_counter() - t0, {}
