@@ -314,7 +314,9 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
   back is at most 8 files, no folders: the summary (every stage with its status), the logs archive
   with each stage's record log, and the numbers written before each kill are all there; the stages
   after a kill still ran. (Every stage of the smoke mode: benchmarks/README.md; this runs the ones
-  that differ in kind, to keep the test short.)"""
+  that differ in kind, to keep the test short: the preflight, the XLA A/B, a train stage, the
+  profile, the levers, PyTorch, `main` end to end, the DPO step.) The summary lists the stages in
+  the check's order (part 1, then part 2)."""
   import io
   import os
   import pathlib
@@ -323,7 +325,8 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
   import tarfile
   from gpt2_lora_jax.bench import preflight, xla_attention
   repo = pathlib.Path(__file__).resolve().parents[1]
-  stages = ["preflight", "xla_attention", "gpt2_b16_like_peft", "gpt2_b16_torch"]
+  stages = ["preflight", "xla_attention", "gpt2_b16_like_peft", "gpt2_b16_torch", "profile_gpt2_b16_user",
+            "levers_gpt2_b16", "e2e_gpt2-medium", "dpo_step_gpt2"]
   env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STAGES": ",".join(stages),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "GPU_CHECK_KILL_AFTER": "gpt2_b16_like_peft:2,gpt2_b16_torch:1"}
@@ -335,8 +338,9 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
   assert files == ["console.log", "logs.tar.gz", "summary.json", "summary.md"]  # <= 8 files, no folders
   summary = json.loads((out / "summary.json").read_text())
   assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
-      ("preflight", "ok"), ("xla_attention", "ok"), ("gpt2_b16_like_peft", "killed (SIGKILL)"),
-      ("gpt2_b16_torch", "killed (SIGKILL)")]
+      ("gpt2_b16_like_peft", "killed (SIGKILL)"), ("profile_gpt2_b16_user", "ok"), ("levers_gpt2_b16", "ok"),
+      ("gpt2_b16_torch", "killed (SIGKILL)"), ("e2e_gpt2-medium", "ok"), ("preflight", "ok"),
+      ("dpo_step_gpt2", "ok"), ("xla_attention", "ok")]
   markdown = (out / "summary.md").read_text()
   for s in summary["stages"]:
     assert f"| {s['stage']} | {s['status']} |" in markdown
@@ -364,6 +368,20 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
   (row,) = summary["train"]
   assert row["stage"] == "gpt2_b16_like_peft" and row["peft_eager"]["tokens_per_s"] == eager["tokens_per_s"]
   assert [m["stage"] for m in summary["matmul"]] == ["gpt2_b16_like_peft"]
+  # The new stages: each one's records reached the summary and its section of summary.md.
+  (prof,) = summary["profile"]
+  assert prof["stage"] == "profile_gpt2_b16_user" and "error" not in prof and "## Where the time goes" in markdown
+  levers = {v["variant"]: v for v in summary["levers"]}
+  assert set(levers) == {"user", "user_no_triton_gemm", "like_peft"}
+  assert levers["user_no_triton_gemm"]["xla_options"] == {"xla_gpu_enable_triton_gemm": False}
+  assert levers["user_no_triton_gemm"]["time_over_baseline"] == (
+      levers["user_no_triton_gemm"]["step_time_s"] / levers["user"]["step_time_s"])
+  (e2e,) = summary["e2e"]
+  assert e2e["status"] == "ok" and e2e["case"] == "smoke" and e2e["to_first_step_s"] > 0
+  assert [p["phase"] for p in e2e["phases"]][:1] == ["startup"] and "first_step" in [p["phase"] for p in e2e["phases"]]
+  assert any(r["kind"] == "dpo_step" for r in jsonl["dpo_step_gpt2"]) and summary["dpo_step"]
+  for section in ("## Levers", "## What a user waits for"):
+    assert section in markdown
 
 
 def test_gpu_check_modules_import_neither_ml_collections_nor_datasets():

@@ -69,6 +69,25 @@ def fold_cases(records: list, kind: str) -> list:
   return list(rows.values())
 
 
+def fold_e2e(records: list) -> list:
+  """One row per (stage, case) of e2e.py's records: each phase's seconds in order, then the 'done'
+  record's totals (or how it ended: 'error' / 'timeout')."""
+  rows = {}
+  for r in records:
+    if r.get("kind") != "e2e":
+      continue
+    row = rows.setdefault((r["stage"], r.get("case")), {"stage": r["stage"], "case": r.get("case"), "phases": [],
+                                                        "status": "stopped before 'done'"})
+    if r["phase"] == "done":
+      row.update({k: v for k, v in r.items() if k not in ("kind", "utc", "phase", "stage", "case")})
+      row["status"] = "ok" if r.get("returncode") == 0 else f"exit {r.get('returncode')}"
+    elif r["phase"] in ("error", "timeout"):
+      row["status"] = f"{r['phase']} after {r.get('in_phase')}: {r.get('error', '')}"
+    else:
+      row["phases"].append({"phase": r["phase"], "seconds": r.get("seconds"), "end_s": r.get("end_s")})
+  return list(rows.values())
+
+
 def fold_levers(records: list) -> list:
   """One row per (stage, variant) of levers.py's records: compiled + timed (or the error), with the
   step time over its group's baseline's."""
@@ -131,7 +150,7 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
        "attention_check": [r for r in records if r.get("kind") == "attention_check"],
        "score": [r for r in records if r.get("kind") == "torch" and r.get("impl") == "score"], "targets": [],
        "profile": [r for r in records if r.get("kind") == "profile"], "levers": fold_levers(records),
-       "dpo_step": [r for r in records if r.get("kind") == "dpo_step"]}
+       "dpo_step": [r for r in records if r.get("kind") == "dpo_step"], "e2e": fold_e2e(records)}
   targets = s["targets"]
   for p in s["paths"]:
     if p["case"] == "platform":
@@ -170,6 +189,10 @@ def summarize(work: str, run_id: str = "", planned=()) -> dict:
       mfu = row["mfu_matmul"]
       _target(targets, f"{label}: share of the measured matmul rate", mfu, f">= {TARGETS['xl_mfu_matmul']}",
               mfu is not None and mfu >= TARGETS["xl_mfu_matmul"])
+  for e in s["e2e"]:
+    _target(targets, f"main end to end ({e['case']}): seconds from start to the first step done",
+            e.get("to_first_step_s"), f"<= {e.get('target_to_first_step_s', 60):.0f}",
+            e.get("to_first_step_met"), missing_is_unmet=True)
   for r in records:
     if r.get("kind") != "decode":
       continue
@@ -246,6 +269,15 @@ def to_markdown(s: dict) -> str:
                    f"{_cell(comp.get('error', _f(comp.get('tokens_per_s'), ',.0f')))} | {_f(t['over_peft_compile_tokens_per_s'], '.2f')} | "
                    f"{_f(t['peak_bytes_in_use'], '.2f', gib)} | {_f(comp.get('peak_bytes_in_use'), '.2f', gib)} | "
                    f"{_f(t['compile_s'], '.1f')} | {_f(t['mfu_matmul'], '.1%')} | {t.get('xla_flags') or ''} |")
+    lines.append("")
+  for e in s.get("e2e", []):
+    lines += [f"## What a user waits for: `main` end to end ({e['stage']}, {e['case']}: {_cell(e['status'])})", "",
+              f"To the first step done: {_f(e.get('to_first_step_s'), '.1f')} s; steady state "
+              f"{_f(e.get('steps_per_s'), '.2f')} steps/s, {_f(e.get('tokens_per_s'), ',.0f')} tokens/s "
+              f"({e.get('timed_steps', '-')} timed steps); held-out passes {_f(e.get('heldout_s'), '.1f')} s; "
+              f"total {_f(e.get('total_s'), '.1f')} s (wall {_f(e.get('wall_s'), '.1f')} s).", "",
+              "| phase | seconds | ends at s |", "|---|---|---|"]
+    lines += [f"| {p['phase']} | {_f(p['seconds'], '.2f')} | {_f(p['end_s'], '.1f')} |" for p in e["phases"]]
     lines.append("")
   if s.get("levers"):
     lines += ["## Levers (levers.py: variants of one size in one process, each against its group's first)", "",
