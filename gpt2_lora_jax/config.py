@@ -38,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Its random bits (dropout.py): 'packed' (four 16-bit values per threefry hash; the rate rounded
   # to a multiple of 2^-16) or 'bernoulli' (flax's nn.Dropout: one threefry hash per element).
   c.lora.dropout_rng = "packed"
+  # x @ [W | A] as one matmul where an adapter reads x itself (no dropout, or evaluation and
+  # sampling): fused_lora.py. Off until a GPU measures it (bench/levers.py's like_peft_fused).
+  c.lora.fused_matmul = False
   c.lora.targets = ("c_attn", "c_proj", "c_fc")  # regexes on module paths, or PEFT short names
   c.lora.use_rslora = False
   c.lora.init = "kaiming_uniform"  # init of A ('kaiming_uniform' as PEFT, or 'gaussian'); B = 0

@@ -86,7 +86,8 @@ def load_base(config: ml_collections.ConfigDict, seed: int):
   run_fields = dict(attention_impl=config.model.attention_impl, remat=remat,
                     max_segments_per_row=config.data.max_segments_per_row,
                     scan_layers=bool(config.model.get("scan_layers", False)),
-                    lora_dropout_rng=config.lora.get("dropout_rng", "packed"))
+                    lora_dropout_rng=config.lora.get("dropout_rng", "packed"),
+                    lora_fused_matmul=bool(config.lora.get("fused_matmul", False)))
   if config.model.init == "pretrained":
     gpt2_config, params = weights.load_pretrained(config.model.name, dtype=config.model.base_param_dtype,
                                                   compute_dtype=config.model.dtype, **run_fields)

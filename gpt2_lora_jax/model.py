@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from gpt2_lora_jax import attention
 from gpt2_lora_jax import dropout as dropout_lib
+from gpt2_lora_jax import fused_lora
 from gpt2_lora_jax.errors import UserError
 
 # Width, depth and heads of the four released GPT-2 sizes.
@@ -74,6 +75,9 @@ class GPT2Config:
   # LoRA dropout's random bits (dropout.py): 'packed' (four 16-bit values per threefry hash) or
   # 'bernoulli' (flax's nn.Dropout: one hash per element).
   lora_dropout_rng: str = "packed"
+  # x @ [W | A] as one matmul where an adapter's input is x itself (no dropout, or deterministic):
+  # fused_lora.py. Off by default until a GPU measures it (bench/levers.py: like_peft_fused).
+  lora_fused_matmul: bool = False
   remat: str = "none"  # rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs)
   # Run the blocks as one nn.scan over stacked layer parameters (tree key 'h', leaves (L, ...)):
   # compile time stops growing with depth. Checkpoint formats stay per layer (stacking.py).
@@ -173,6 +177,7 @@ class Linear(nn.Module):
   lora_scale: Optional[float] = None
   lora_dropout: float = 0.0
   lora_dropout_rng: str = "packed"
+  lora_fused_matmul: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -180,18 +185,29 @@ class Linear(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
+    if (self.lora_fused_matmul and self.has_variable("params", "lora_a")
+        and (self.lora_dropout == 0.0 or deterministic)):  # the adapter reads x itself: one matmul
+      a, b = (self.get_variable("params", n).astype(self.dtype) for n in ("lora_a", "lora_b"))
+      return fused_lora.linear(x, kernel.astype(self.dtype), bias.astype(self.dtype), a, b,
+                               _lora_scale(self))
     y = jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
     return y + lora_delta(self, x, deterministic)
+
+
+def _lora_scale(module: nn.Module) -> float:
+  """The module's LoRA scale; an error when its parameters hold adapters but it was built without."""
+  if module.lora_scale is None:
+    raise ValueError(
+        f"parameters at {'/'.join(module.scope.path)} hold LoRA adapters but the model was built "
+        "without a LoRA scale: build it with gpt2_lora_jax.lora.make_model(config, lora_config)")
+  return module.lora_scale
 
 
 def lora_delta(module: nn.Module, x, deterministic: bool):
   """s * dropout(x) A B when `module`'s parameters hold lora_a/lora_b, else 0. Never forms A B."""
   if not module.has_variable("params", "lora_a"):
     return 0.0
-  if module.lora_scale is None:
-    raise ValueError(
-        f"parameters at {'/'.join(module.scope.path)} hold LoRA adapters but the model was built "
-        "without a LoRA scale: build it with gpt2_lora_jax.lora.make_model(config, lora_config)")
+  _lora_scale(module)
   a = module.get_variable("params", "lora_a").astype(module.dtype)  # (in, r)
   b = module.get_variable("params", "lora_b").astype(module.dtype)  # (r, out)
   if module.lora_dropout > 0.0 and module.lora_dropout_rng == "bernoulli":  # flax's, as it was
@@ -232,7 +248,7 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, mask: attention.Mask, kv_cache=None, cache_index=None, deterministic=True):
     cfg = self.config
     dense = lambda n, name: Linear(n, _dtype(cfg.dtype), _dtype(cfg.param_dtype), self.lora_scale,
-                                   self.lora_dropout, cfg.lora_dropout_rng, name=name)
+                                   self.lora_dropout, cfg.lora_dropout_rng, cfg.lora_fused_matmul, name=name)
     B, T, D = x_BTD.shape
     qkv = dense(3 * D, "c_attn")(x_BTD, deterministic)
     q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
@@ -265,7 +281,7 @@ class MLP(nn.Module):
   def __call__(self, x_BTD, deterministic=True):
     cfg = self.config
     dense = lambda n, name: Linear(n, _dtype(cfg.dtype), _dtype(cfg.param_dtype), self.lora_scale,
-                                   self.lora_dropout, cfg.lora_dropout_rng, name=name)
+                                   self.lora_dropout, cfg.lora_dropout_rng, cfg.lora_fused_matmul, name=name)
     h = dense(4 * cfg.n_embd, "c_fc")(x_BTD, deterministic)
     h = jax.nn.gelu(h, approximate=True)  # GPT-2's 'gelu_new'
     return dense(cfg.n_embd, "c_proj")(h, deterministic)

@@ -169,7 +169,8 @@ def test_user_setting_is_what_configs_gpt2_hh_runs():
     c = module.get_config(size)
     assert settings.user_settings(size) == {
         "lora_rank": c.lora.rank, "lora_alpha": c.lora.alpha, "lora_dropout": c.lora.dropout,
-        "lora_dropout_rng": c.lora.dropout_rng, "lora_targets": tuple(c.lora.targets), "scan_layers": c.model.scan_layers, "remat": c.model.remat,
+        "lora_dropout_rng": c.lora.dropout_rng, "lora_fused_matmul": c.lora.fused_matmul,
+        "lora_targets": tuple(c.lora.targets), "scan_layers": c.model.scan_layers, "remat": c.model.remat,
         "attention": c.model.attention_impl, "dtype": c.model.dtype, "param_dtype": c.model.base_param_dtype}
   cfg = harness.BenchConfig(preset="gpt2-xl", setting="user", lora_rank=4)
   assert cfg.lora_rank == 16 and cfg.remat == "auto" and cfg.scan_layers  # the setting wins

@@ -24,7 +24,7 @@ def test_variants_are_their_setting_plus_their_change():
   for name, (setting, over, _) in levers.VARIANTS.items():
     cfg, ref = levers.bench_config(name, "gpt2", 4, 1024), levers.bench_config(setting, "gpt2", 4, 1024)
     differs = {f for f in ("lora_rank", "lora_dropout", "lora_dropout_rng", "remat", "scan_layers", "attention",
-                           "lora_targets") if getattr(cfg, f) != getattr(ref, f)}
+                           "lora_targets", "lora_fused_matmul") if getattr(cfg, f) != getattr(ref, f)}
     assert differs <= set(over), (name, differs)
 
 

@@ -83,6 +83,8 @@ class BenchConfig:
   lora_alpha: float = _flag(16.0, "LoRA alpha (scale = alpha / rank)")
   lora_dropout: float = _flag(0.0, "LoRA dropout on the adapters' input")
   lora_dropout_rng: str = _flag("packed", "LoRA dropout's random bits: packed, bernoulli (dropout.py)")
+  lora_fused_matmul: bool = _flag(False, "x @ [W | A] as one matmul where the adapter has no dropout "
+                                  "(fused_lora.py; lora.fused_matmul)")
   lora_targets: tuple = _flag(("c_attn", "c_proj", "c_fc"), "LoRA target modules, comma-separated")
   remat: str = _flag("none", "rematerialisation: none, dots, full, or auto (the first of those whose "
                      "compiled step fits the devices' memory, as model.remat='auto': remat.py)")

@@ -57,6 +57,7 @@ VARIANTS = {
     "like_peft_scan": ("like_peft", {"scan_layers": True}, {}),
     "like_peft_pallas": ("like_peft", {"attention": "pallas"}, {}),
     "like_peft_scan_pallas": ("like_peft", {"scan_layers": True, "attention": "pallas"}, {}),
+    "like_peft_fused": ("like_peft", {"lora_fused_matmul": True}, {}),
     "seed": ("seed", {}, {}),
     "seed_pallas": ("seed", {"attention": "pallas"}, {}),
 }
@@ -80,7 +81,7 @@ def bench_config(name: str, preset: str, batch_size: int, seq_len: int, attentio
 
 def _describe(cfg: harness.BenchConfig) -> dict:
   keys = ("preset", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_dropout_rng",
-          "lora_targets", "remat", "scan_layers", "attention")
+          "lora_fused_matmul", "lora_targets", "remat", "scan_layers", "attention")
   return {k: getattr(cfg, k) for k in keys}
 
 

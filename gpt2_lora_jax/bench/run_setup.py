@@ -57,7 +57,7 @@ def gpt2_config(cfg: BenchConfig) -> gpt2_model.GPT2Config:
   remat = "none" if cfg.remat == "auto" else cfg.remat  # 'auto': chosen when the step compiles
   config = gpt2_model.GPT2Config(vocab_size=cfg.vocab_size, dtype=dtype, param_dtype=param_dtype,
                                  attention_impl=cfg.attention, remat=remat, scan_layers=cfg.scan_layers,
-                                 lora_dropout_rng=cfg.lora_dropout_rng,
+                                 lora_dropout_rng=cfg.lora_dropout_rng, lora_fused_matmul=cfg.lora_fused_matmul,
                                  max_segments_per_row=cfg.max_segments, **shape)
   if cfg.seq_len > config.n_positions:
     raise ValueError(f"seq_len={cfg.seq_len} is longer than GPT-2's {config.n_positions} positions")
@@ -97,7 +97,7 @@ def setting_fields(cfg: BenchConfig) -> dict:
   """What a train record says about how it ran (the fields a setting fixes, and the shape)."""
   return {"model": model_name(cfg), "setting": cfg.setting, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
           "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-          "lora_dropout_rng": cfg.lora_dropout_rng,
+          "lora_dropout_rng": cfg.lora_dropout_rng, "lora_fused_matmul": cfg.lora_fused_matmul,
           "remat": cfg.remat, "scan_layers": cfg.scan_layers, "attention": cfg.attention,
           "segment_ids": cfg.segment_ids, "segments": cfg.segments}
 

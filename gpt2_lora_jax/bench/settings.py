@@ -40,7 +40,8 @@ def user_settings(preset: str, path: str = USER_CONFIG) -> dict:
         pass
   return {"lora_rank": int(found["lora.rank"]), "lora_alpha": float(found["lora.alpha"]),
           "lora_dropout": float(found["lora.dropout"]),
-          "lora_dropout_rng": found.get("lora.dropout_rng", "packed"), "lora_targets": tuple(found["lora.targets"]),
+          "lora_dropout_rng": found.get("lora.dropout_rng", "packed"),
+          "lora_fused_matmul": bool(found.get("lora.fused_matmul", False)), "lora_targets": tuple(found["lora.targets"]),
           "scan_layers": bool(scan[preset] if scan is not None else found["model.scan_layers"]),
           "remat": found["model.remat"],
           "attention": found["model.attention_impl"], "dtype": found["model.dtype"],
