@@ -20,6 +20,7 @@ def test_dpo_settings_are_what_configs_dpo_hh_runs():
     c = module.get_config(size)
     assert settings.dpo_settings(size) == {
         "lora_rank": c.lora.rank, "lora_alpha": c.lora.alpha, "lora_dropout": c.lora.dropout,
+        "lora_dropout_rng": c.lora.dropout_rng, "lora_fused_matmul": c.lora.fused_matmul,
         "lora_targets": tuple(c.lora.targets), "scan_layers": c.model.scan_layers, "remat": c.model.remat,
         "attention": c.model.attention_impl, "dtype": c.model.dtype, "param_dtype": c.model.base_param_dtype,
         "batch_size": c.train.batch_size, "micro_batches": c.train.micro_batches, "dpo_loss": c.dpo.loss,
@@ -40,7 +41,10 @@ def test_smoke_run_records_both_steps_and_an_exact_start(tmp_path, monkeypatch):
     assert r["tokens_per_s"] == pytest.approx(4 * 128 / r["step_time_s"])
     assert r["matmul_flops_per_step"] > 0 and r["memory_analysis"]["temp_size_in_bytes"] > 0
     assert r["batch_size"] == 4 and r["micro_batches"] == 2 and r["num_devices"] == 2 and r["pairs"] > 0
-    assert r["lora_rank"] == 16 and r["remat"] == "dots" and r["scan_layers"] and r["dtype"] == "bfloat16"
+    # configs/dpo_hh.py:gpt2's settings (gpt2 unrolled; remat 'auto' chosen here as a run chooses it)
+    want = settings.dpo_settings("gpt2")
+    assert r["lora_rank"] == 16 and r["scan_layers"] == want["scan_layers"] and r["dtype"] == "bfloat16"
+    assert want["remat"] == "auto" and r["remat_setting"] == "auto" and r["remat"] == r["remat_choice"]["policy"]
   # The first DPO step starts at its reference on this device: margin exactly 0, loss float32's log 2.
   assert dpo_row["step0_margin"] == 0.0 and dpo_row["step0_logps_equal"] is True
   assert abs(dpo_row["step0_loss_minus_log2"]) <= 1e-6

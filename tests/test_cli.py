@@ -166,8 +166,10 @@ def test_an_unreachable_hub_fails_at_the_first_attempt(tmp_path):
     server.close()
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(connections) == 1
-  assert result.stderr == "" and result.stdout.startswith("could not fetch GPT-2 model 'openai-community/gpt2' "
-                                                          "from the Hugging Face hub (RemoteProtocolError")
+  # The server's close reaches the client as a closed connection or, when its request was already
+  # sent, as a reset: which one depends on timing (both seen here, the second under load).
+  assert result.stderr == "" and re.match(r"could not fetch GPT-2 model 'openai-community/gpt2' from the Hugging "
+                                          r"Face hub \((RemoteProtocolError|ReadError)", result.stdout), result.stdout
 
 
 def test_runs_keep_compiled_programs_in_the_persistent_cache(tmp_path):

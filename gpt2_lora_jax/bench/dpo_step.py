@@ -37,7 +37,7 @@ import types
 import jax
 import numpy as np
 
-from gpt2_lora_jax import dpo, lora, optim, sharding, stacking, train
+from gpt2_lora_jax import dpo, lora, optim, remat, sharding, stacking, train
 from gpt2_lora_jax.bench import attention_check, hlo_flops, records, run_setup
 from gpt2_lora_jax.bench.harness import BenchConfig, _memory_analysis, _xla_flops, device_info, peak_bytes_in_use
 from gpt2_lora_jax.bench.report import slug
@@ -140,6 +140,21 @@ def run(args) -> dict:
   tx, schedule = optim.make_optimizer(opt, total, labels), optim.make_schedule(opt, total)
   state, frozen, state_sh, frozen_sh = train.init_state(params, labels, args.seed, mesh, tx)
   del params
+  rows_batch = None
+  remat_fields = {}
+  if args.remat == "auto":  # as a run chooses (remat.py), on the SFT step of these rows: on CPU the
+    # DPO step's memory plan equals the SFT step's (tests/test_dpo_cost.py)
+    host = preference_batch(args.seed, args.batch_size, args.seq_len, args.max_segments, config.vocab_size)
+    rows_batch = sharding.global_batch({k: host[k] for k in ("inputs", "targets", "positions", "segment_ids",
+                                                             "loss_mask")}, mesh)
+
+    def lower(policy, micro_batches, _batch_size):
+      m = lora.make_model(config.replace(remat=policy), lora_cfg)
+      step = train.jit_train_step(m, labels, micro_batches, tx, schedule, mesh, state_sh, frozen_sh)
+      return step.lower(state, frozen, rows_batch)
+    choice = remat.choose(lower, *remat.budget(devices), args.batch_size, args.micro_batches, len(devices))
+    config = config.replace(remat=choice.policy)
+    remat_fields = {"remat_setting": "auto", "remat_choice": choice.record()}
   model = lora.make_model(config, lora_cfg)
   settings = DpoSettings(loss=args.dpo_loss, beta=args.dpo_beta, reference_free=False, loss_weights=(),
                          label_smoothing=0.0, rpo_alpha=0.0, simpo_gamma=0.0)
@@ -151,7 +166,7 @@ def run(args) -> dict:
             "lora_rank": args.lora_rank, "remat": config.remat, "scan_layers": config.scan_layers,
             "attention": args.attention, "attention_path": run_setup.attention_path(config, bench, host["segment_ids"]),
             "pairs": int(host["pair_mask"].sum()), "reply_tokens": int(host["loss_mask"].sum()),
-            "num_devices": len(devices)}
+            "num_devices": len(devices), **remat_fields}
 
   sft_step = train.jit_train_step(model, labels, args.micro_batches, tx, schedule, mesh, state_sh, frozen_sh)
   sft, state, _ = _measure("sft", sft_step, state, frozen, sharding.global_batch(rows, mesh), args, devices)
