@@ -394,6 +394,9 @@ def test_the_attention_check_lowers_for_cuda(simulated_gpu, packed):
     assert_holds(lowered, "xla" if path == "layout_xla" else path, training=True, T=Tc)
     assert_no_folded_inputs(lowered.as_text(), Bc, Tc)
   x = jax.ShapeDtypeStruct((Bc, Tc, H, K), jnp.bfloat16)
+  text = cuda(attention_check._run("pallas", cap), x, x, x, x, seg_arg).as_text()  # flash.py's kernels
+  assert re.findall(r"__gpu\$xla\.gpu\.triton", text) and not re.findall(r"__cudnn\$\w+", text)
+  assert_no_folded_inputs(text, Bc, Tc)
   overflow = attention_check._overflow_nans.trace(x, x, x, seg_arg, cap).lower(lowering_platforms=("cuda",))
   assert_holds(overflow, "cudnn_packed", training=False, T=Tc)
   assert_no_folded_inputs(overflow.as_text(), Bc, Tc)

@@ -6,7 +6,7 @@
 Rows: conversation lengths drawn from the length distribution of HH-RLHF (QUANTILES below),
 packed by the project's packer (packing.pack, capped at --max_segments) into T-token rows, so the
 segments, their lengths and the trailing padding run look like training batches. For each path
-(attention.py: xla, cudnn_packed, cudnn_mask; plus layout_xla, XLA with a mask rebuilt from the
+(attention.py: xla, cudnn_packed, cudnn_mask, pallas; plus layout_xla, XLA with a mask rebuilt from the
 packed layout, which checks the layout itself on any device) it computes the output and the
 gradients of <out, g> for a random cotangent g with respect to q, k, v in bf16, and reports the max
 abs difference of each from the same computation in fp32 through XLA with the segment mask, next
@@ -136,7 +136,8 @@ def check(batch_size: int = 16, seq_len: int = 1024, heads: int = 12, head_dim: 
   q, k, v, g = (x.astype(jnp.dtype(dtype)) for x in (q32, k32, v32, g32))
   chosen = attention.select_path("cudnn", "segments", plat, dtype, head_dim, seq_len, max_segments,
                                  log_fallbacks=False)
-  paths = ["xla", "layout_xla"] + (["cudnn_packed", "cudnn_mask"] if plat.backend == "gpu" and plat.cuda else [])
+  paths = ["xla", "layout_xla"] + (["cudnn_packed", "cudnn_mask", "pallas"] if plat.backend == "gpu" and plat.cuda
+                                   else [])
   runs_per_row = [1 + int(np.count_nonzero(np.diff(r))) for r in seg]
   result = {"platform": {**vars(plat), "device_kind": jax.devices()[0].device_kind},
             "shape": {"batch": batch_size, "seq_len": seq_len, "heads": heads, "head_dim": head_dim,
