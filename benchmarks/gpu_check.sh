@@ -83,7 +83,7 @@ else
   DECODE=(--decode_batch_sizes=1,64 --decode_new_tokens=128 --decode_repeats=2)
   TORCH=() LEVERS=() E2E=() DPO=()
   V_B16="user,user_bernoulli,user_nodrop,user_scan,user_pallas,user_no_command_buffer,user_no_triton_gemm"
-  V_B16+="+like_peft,like_peft_pallas"
+  V_B16+="+like_peft,like_peft_pallas,like_peft_fused"
   V_XL="user,user_pallas+like_peft,like_peft_pallas"
   V_MORE="user,user_remat_dots,user_remat_full,user_xla,user_latency_hiding,user_no_fusion_autotuner,user_autotune0"
 fi
