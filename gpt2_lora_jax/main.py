@@ -128,7 +128,7 @@ def main(argv):
     sys.exit(128 + e.signum)
   except (UserError, FileNotFoundError, hub.HubUnreachableError, train.NonFiniteLoss,
           reward.ScorerError) as e:
-    if created and not _holds_checkpoints(workdir):
+    if created and not _holds_work(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # a start that failed leaves no empty workdir
     fail(str(e))
 
@@ -150,10 +150,13 @@ def use_compilation_cache(path: str, given: bool):
   jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
 
 
-def _holds_checkpoints(workdir: str) -> bool:
-  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages')."""
-  for root, dirs, _ in os.walk(workdir):
+def _holds_work(workdir: str) -> bool:
+  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages'),
+  or reward scores of training rows (reward_filter.py; a failed scorer keeps those it wrote)."""
+  for root, dirs, files in os.walk(workdir):
     if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return True
+    if any(f.startswith("reward-scores-") for f in files):
       return True
   return False
 
