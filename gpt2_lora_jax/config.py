@@ -146,6 +146,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.demo_scorer_dir = ""  # where the demo scorer is built ('' = <workdir>/demo_scorer)
   c.eval.reward_batch_size = 16
   c.eval.reward_max_length = 512
+
+  # A sweep (--mode=sweep, sweep.py): this config is the recipe, and each run is the recipe with one
+  # set of overrides, trained and evaluated in <workdir>/runs/<name>/ on the same base, prompts,
+  # held-out rows and reward model; sweep_report.md compares them.
+  c.sweep = ml_collections.ConfigDict()
+  # Every combination of these values: (('lora.rank', (4, 16)), ('optim.lr', (1e-3, 3e-3)))
+  c.sweep.grid = ()
+  # Further runs, each a tuple of (key, value) pairs: ((('lora.rank', 8),), (('optim.lr', 1e-3),))
+  c.sweep.runs = ()
+  # What ranks the runs: 'reward_difference' (paired reward gain over the base), 'win_rate' (over
+  # the base), 'correct_difference' (graded data: share correct gained over the base), 'heldout_loss'
+  c.sweep.metric = "reward_difference"
+  # '' runs every run here, one after another; 'base' only pre-trains and evaluates the base; a run's
+  # index or name runs only it; 'slurm_array' the run numbered $SLURM_ARRAY_TASK_ID (launch/slurm_sweep.sh)
+  c.sweep.task = ""
   return c
 
 
