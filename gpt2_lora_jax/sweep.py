@@ -302,7 +302,8 @@ def run_one(config, workdir: str, one: Run):
     del result
     jax.clear_caches()
     evaluate.run(rc, run_dir, base_eval=os.path.join(workdir, BASE_EVAL_DIR))
-    record["done"] = {"step": checkpoint.latest_meta(run_dir)[0], "finished": time.time()}
+    step = rc.eval.step if rc.eval.step >= 0 else checkpoint.latest_meta(run_dir)[0]  # the evaluated one
+    record["done"] = {"step": step, "finished": time.time()}
   finally:
     attempt["seconds"] = time.time() - t0
     if is_main:

@@ -177,3 +177,20 @@ def test_a_killed_incremental_scorer_keeps_its_lines(hh_test_file, scorer_dir, t
   after = reward.read_scored(str(out))
   assert summary["n"] == 120 and summary["n_scored_now"] == 120 - len(before)
   assert after[:len(before)] == before and sorted(s["id"] for s in after) == list(range(120))
+
+
+def test_bad_filter_settings_and_dpo_fail_in_one_line(tmp_path):
+  from gpt2_lora_jax import study
+  from gpt2_lora_jax.errors import UserError
+  c = config.default_config()
+  for keep, least, message in ((0.0, -math.inf, "keep_fraction=0.0"), (1.5, -math.inf, "keep_fraction=1.5"),
+                               (1.0, math.nan, "min_reward is NaN")):
+    c.data.reward_filter.keep_fraction, c.data.reward_filter.min_reward = keep, least
+    with pytest.raises(UserError, match=message):
+      reward_filter.active(c.data)
+  c.data.reward_filter.keep_fraction, c.data.reward_filter.min_reward = 1.0, -math.inf
+  assert not reward_filter.active(c.data) and reward_filter.run_settings(c) == {}  # off: nothing recorded
+  c.data.reward_filter.min_reward = 0.5
+  assert reward_filter.run_settings(c)["data.reward_filter.min_reward"] == 0.5
+  with pytest.raises(UserError, match="DPO does not filter its pairs"):  # refused, never ignored
+    study.train_dpo(c, str(tmp_path))
