@@ -175,12 +175,19 @@ def _verdict(valid: list[dict], metric: str, what: str) -> tuple[str, list[dict]
   comparisons = compare(valid[0], valid[1:], metric)
   best, second, c = valid[0], valid[1], comparisons[0]
   holm = f", Holm-adjusted over {len(comparisons)} comparisons" if len(comparisons) > 1 else ""
+  p = _p(c["p_holm"])
   diff = (f"{metric} of {best['name']} minus {second['name']}: {fmt(c['difference'])}, "
-          f"{c['level']:.1%} interval [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}], p = {fmt(c['p_holm'])}{holm}")
+          f"{c['level']:.1%} interval [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}], "
+          f"p {p if p.startswith('<') else '= ' + p}{holm}")
   if c["separated"]:
     return f"**{best['name']}** is the best run by {metric} ({what}); it beats the runner-up: {diff}.", comparisons
   return (f"No winner: {best['name']} has the best {metric} ({what}), but the intervals do not separate "
           f"it from the runner-up {second['name']} ({diff}).", comparisons)
+
+
+def _p(p: float) -> str:
+  """A bootstrap p-value; 0 means no replicate fell on the other side of 0: p < 1 / N_BOOT."""
+  return f"< {1 / N_BOOT:g}" if p == 0 else fmt(p)
 
 
 def _ci(e: dict, key: str, digits: int = 3) -> str:
@@ -205,7 +212,7 @@ def _markdown(s: dict, runs: list[dict], base_loss) -> list[str]:
               "|---|---|---|---|---|---|---|"]
     for c in s["comparisons"]:
       lines.append(f"| {c['other']} | {fmt(c['difference'])} | [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}] | "
-                   f"{c['level']:.2%} | {fmt(c['p'])} | {fmt(c['p_holm'])} | {'yes' if c['separated'] else 'no'} |")
+                   f"{c['level']:.2%} | {_p(c['p'])} | {_p(c['p_holm'])} | {'yes' if c['separated'] else 'no'} |")
     lines.append("")
   lines += ["## Runs", "", f"Base: held-out loss {fmt(base_loss[0], 3)} [{fmt(base_loss[1], 3)}, "
             f"{fmt(base_loss[2], 3)}]. Differences are fine-tuned minus base, per prompt.", "",
