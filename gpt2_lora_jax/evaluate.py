@@ -144,10 +144,11 @@ def run(config, workdir: str, base_eval: str = "") -> str:
   return score_and_report(config, workdir, step, reuse=base_eval) if jax.process_index() == 0 else ""
 
 
-def evaluate_base(config, out: str, workdir: str):
+def evaluate_base(config, out: str, workdir: str) -> str:
   """The base model alone (no adapters, before any training) on evaluation's held-out rows and
   prompts, its answers scored: out/heldout.json, generations.jsonl, scores.jsonl (or why scoring was
-  skipped), eval_config.json. A sweep evaluates its base once this way (run's base_eval)."""
+  skipped), eval_config.json. A sweep evaluates its base once this way (run's base_eval). Returns the
+  base's fingerprint (checkpoint.base_fingerprint), as the runs' checkpoints record theirs."""
   exp = experiment.build(config)
   params = jax.device_put(strip_adapters(exp.params), jax.local_devices()[0])
   os.makedirs(out, exist_ok=True)
@@ -158,6 +159,7 @@ def evaluate_base(config, out: str, workdir: str):
     reason, failure, _ = scoring.score_answers(config, workdir, out)
     if failure is not None:
       raise reward.ScorerError(reason) from failure
+  return exp.meta["base_fingerprint"]
 
 
 def _merge_base(base_eval: str, heldout: dict, rows: list, ids, prompts) -> tuple[dict, list]:

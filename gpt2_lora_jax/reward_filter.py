@@ -188,10 +188,9 @@ def _score(pairs, local: str, scorer: Scorer, cache_dir: str, key: str, final: s
     reward.run_scorer_subprocess(rows_file, partial, local, batch_size=scorer.batch_size,
                                  max_length=scorer.max_length, incremental=True)
   except reward.ScorerError as e:
-    kept = len(reward.read_scored(partial))
-    raise reward.ScorerError(f"scoring the training rows for data.reward_filter failed; the {kept:,} "
-                             f"scores written so far are kept in {partial} and a rerun scores only the "
-                             f"rest. {e}") from e
+    raise reward.ScorerError(f"scoring the training rows for data.reward_filter failed; the "
+                             f"{_lines(partial):,} scores written so far are kept in {partial} and a rerun "
+                             f"scores only the rest. {e}") from e
   scores = {int(r["id"]): r for r in reward.read_scored(partial)}
   missing = [row for row, _, _ in pairs if row not in scores]
   if missing:  # the scorer exited 0 without scoring every row: a bug, never a silent gap
@@ -200,3 +199,12 @@ def _score(pairs, local: str, scorer: Scorer, cache_dir: str, key: str, final: s
   os.remove(partial)
   os.remove(rows_file)
   return len(pairs) - before
+
+
+def _lines(path: str) -> int:
+  """Complete lines in a file (0 when it cannot be read): safe to call while reporting a failure."""
+  try:
+    with open(path, "rb") as f:
+      return f.read().count(b"\n")
+  except OSError:
+    return 0

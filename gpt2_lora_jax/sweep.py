@@ -44,7 +44,8 @@ from gpt2_lora_jax.errors import UserError
 
 RUNS_DIR, BASE_EVAL_DIR, CACHE_DIR = "runs", "base_eval", "cache"
 RUN_FILE = "sweep_run.json"  # in each run's workdir
-BASE_FILE = "sweep_base.json"  # in base_eval/: what the base was evaluated with, written when done
+# In base_eval/, written when the base's evaluation is done: {'record': base_record, 'base_fingerprint'}
+BASE_FILE = "sweep_base.json"
 FIXED_PREFIXES = ("model.", "pretrain.", "eval.", "sweep.", "dpo.")
 # sweep.metric -> (what it measures, whether higher is better); sweep_report.py ranks runs by it
 METRICS = {
@@ -180,10 +181,11 @@ def check_runs(config, workdir: str, runs: list[Run]):
   checkpoint was trained with settings the config now changes (one line naming each change)."""
   from gpt2_lora_jax import checkpoint
   base = read_json(os.path.join(workdir, BASE_EVAL_DIR, BASE_FILE))
-  if base is not None and base != base_record(run_config(config, {}, workdir)):
+  now = base_record(run_config(config, {}, workdir))
+  if base is not None and base["record"] != now:
     flat = lambda r: {f"{s}.{k}": v for s, d in r.items() for k, v in d.items()}
     raise UserError(f"this sweep's base in {workdir}/{BASE_EVAL_DIR} was evaluated with other settings: "
-                    + "; ".join(_changes(flat(base), flat(base_record(run_config(config, {}, workdir)))))
+                    + "; ".join(_changes(flat(base["record"]), flat(now)))
                     + ". Every run is compared with that base: rerun with its settings or use a fresh --workdir")
   for run in runs:
     run_dir = os.path.join(workdir, RUNS_DIR, run.name)
@@ -197,6 +199,15 @@ def check_runs(config, workdir: str, runs: list[Run]):
       raise UserError(f"checkpoint {where} has adapters lora={latest[1].get('lora')}, the config now gives "
                       f"lora={now['lora']}: rerun with its settings or use a fresh --workdir")
     checkpoint.check_run(latest[1], now, where, rc.train.allow_changed_config)
+    check_base(base, latest[1].get("base_fingerprint"), where)
+
+
+def check_base(base: dict | None, fingerprint: str | None, where: str):
+  """A run trained on another base than the one the sweep evaluated would not be paired with it."""
+  if base is not None and fingerprint != base["base_fingerprint"]:
+    raise UserError(f"{where}: its base (fingerprint {fingerprint}) is not the one this sweep evaluated "
+                    f"(fingerprint {base['base_fingerprint']}; was the pre-trained base made again?): "
+                    "use a fresh --workdir")
 
 
 def select(runs: list[Run], task: str) -> list[Run]:
@@ -250,9 +261,9 @@ def prepare_base(config, workdir: str, create: bool):
     if not create:
       raise UserError(missing.format(out))
     print(f"sweep: evaluating the base once -> {out}", flush=True)
-    evaluate.evaluate_base(run_config(config, {}, workdir), out, workdir)
+    fingerprint = evaluate.evaluate_base(run_config(config, {}, workdir), out, workdir)
     if jax.process_index() == 0:
-      write_json(os.path.join(out, BASE_FILE), record)
+      write_json(os.path.join(out, BASE_FILE), {"record": record, "base_fingerprint": fingerprint})
     sharding.barrier("sweep base evaluated")
   return config
 
@@ -297,9 +308,12 @@ def run_one(config, workdir: str, one: Run):
     write_json(path, record)
   t0 = time.time()
   try:
-    result = train.run(experiment.build(rc), run_dir)
+    exp = experiment.build(rc)
+    check_base(read_json(os.path.join(workdir, BASE_EVAL_DIR, BASE_FILE)), exp.meta["base_fingerprint"],
+               f"sweep run {one.name!r}")
+    result = train.run(exp, run_dir)
     attempt["train_seconds"] = time.time() - t0
-    del result
+    del result, exp
     jax.clear_caches()
     evaluate.run(rc, run_dir, base_eval=os.path.join(workdir, BASE_EVAL_DIR))
     step = rc.eval.step if rc.eval.step >= 0 else checkpoint.latest_meta(run_dir)[0]  # the evaluated one

@@ -11,7 +11,7 @@ import time
 from conftest import REPO, TINY_CONFIG, train_losses
 
 SWEEP = ["--mode=sweep", "--config.train.steps=8", "--config.train.ckpt_every=4", "--config.train.eval_every=0",
-         "--config.sweep.runs=((('lora.rank', 2),), (('train.steps', 24),))", "--config.sweep.metric=heldout_loss"]
+         "--config.sweep.runs=((('lora.rank', 2),), (('train.steps', 16),))", "--config.sweep.metric=heldout_loss"]
 
 
 def command(workdir, *flags):
@@ -33,7 +33,7 @@ def snapshot(directory):
 
 def test_a_stopped_sweep_resumes_and_a_changed_finished_run_is_refused(tmp_path):
   workdir = tmp_path / "sweep"
-  first, second = workdir / "runs" / "rank=2", workdir / "runs" / "steps=24"
+  first, second = workdir / "runs" / "rank=2", workdir / "runs" / "steps=16"
   proc = subprocess.Popen(command(workdir), env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 600
@@ -45,7 +45,7 @@ def test_a_stopped_sweep_resumes_and_a_changed_finished_run_is_refused(tmp_path)
   assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
   assert json.loads((first / "sweep_run.json").read_text())["done"]["step"] == 8
   stopped_at = max(int(d) for d in os.listdir(second / "checkpoints") if d.isdigit())
-  assert 1 <= stopped_at < 24
+  assert 1 <= stopped_at < 16
   finished, base = snapshot(first), snapshot(workdir / "base_eval")
 
   rerun = subprocess.run(command(workdir), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -54,7 +54,7 @@ def test_a_stopped_sweep_resumes_and_a_changed_finished_run_is_refused(tmp_path)
   assert f"resumed from {second / 'checkpoints'}/{stopped_at}" in rerun.stdout
   assert "evaluating the base" not in rerun.stdout
   assert snapshot(first) == finished and snapshot(workdir / "base_eval") == base  # nothing redone
-  assert sorted(train_losses(second)) == list(range(1, 25))  # every step once
+  assert sorted(train_losses(second)) == list(range(1, 17))  # every step once
   # Both runs' reports hold the base's one evaluation: the same answers, the same held-out loss.
   base_answers = [json.loads(l) for l in (workdir / "base_eval" / "generations.jsonl").read_text().splitlines()]
   for run in (first, second):
@@ -62,7 +62,7 @@ def test_a_stopped_sweep_resumes_and_a_changed_finished_run_is_refused(tmp_path)
     answers = [json.loads(l) for l in (run / "eval" / f"step_{step}" / "generations.jsonl").read_text().splitlines()]
     assert [a for a in answers if a["model"] == "base"] == base_answers
   summary = json.loads((workdir / "sweep_summary.json").read_text())
-  assert sorted(r["name"] for r in summary["runs"]) == ["rank=2", "steps=24"] and not summary["not_finished"]
+  assert sorted(r["name"] for r in summary["runs"]) == ["rank=2", "steps=16"] and not summary["not_finished"]
   assert [c["other"] for c in summary["comparisons"]] == [summary["runs"][1]["name"]]
   assert (workdir / "sweep_report.md").exists() and (workdir / "sweep_loss.png").exists()
 
