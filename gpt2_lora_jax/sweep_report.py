@@ -27,7 +27,7 @@ import statistics
 import numpy as np
 
 from gpt2_lora_jax import metrics as metrics_lib, stats, sweep
-from gpt2_lora_jax.report import BASE, TUNED, read_jsonl
+from gpt2_lora_jax.report import BASE, SKIP_REASON_FILE, TUNED, read_jsonl
 from gpt2_lora_jax.report_preference import fmt
 
 ALPHA = 0.05
@@ -125,8 +125,12 @@ def compare(best: dict, others: list[dict], metric: str) -> list[dict]:
 
 
 def write(config, workdir: str) -> str:
-  """--mode=sweep_report (and the end of --mode=sweep): the files of the module docstring."""
+  """--mode=sweep_report (and the end of --mode=sweep): the files of the module docstring (process 0
+  of a multi-process run writes them; the others return '')."""
+  import jax
   sweep.check_metric(config)
+  if jax.process_index() != 0:
+    return ""
   metric = config.sweep.metric
   what, higher = sweep.METRICS[metric]
   runs = [_run_files(workdir, r) for r in sweep.plan(config)]
@@ -139,8 +143,12 @@ def write(config, workdir: str) -> str:
   ranked = sorted((e for e in entries if e["values"] is not None and e["metric"] is not None),
                   key=lambda e: -e["metric"] if higher else e["metric"])
   valid = len(ranked)
-  ranked += [e for e in entries if e not in ranked]  # runs without the metric (e.g. scoring skipped)
+  ranked += [e for e in entries if all(e is not r for r in ranked)]  # without the metric (no scores)
   verdict, comparisons = _verdict(ranked[:valid], metric, what)
+  skipped = os.path.join(workdir, sweep.BASE_EVAL_DIR, SKIP_REASON_FILE)
+  if not valid and metric != "heldout_loss" and os.path.exists(skipped):
+    with open(skipped) as f:
+      verdict += f" The base's answers were not scored: {f.read().strip()}"
   for e in entries:
     e.pop("values")
   base = sweep.read_json(os.path.join(workdir, sweep.BASE_EVAL_DIR, "heldout.json")) or {}
