@@ -70,6 +70,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # tokenisation cache ('' = <workdir>/cache)
   c.data.tfds_dir = ""  # for source='tfds': the data_dir rows were staged into (local or gs://)
   c.data.demo_rows = 4000  # for source='demo': rows of project-written conversations per split
+  # For source='demo': share of the training rows whose final 'chosen' reply is a wrong one (as real
+  # HH-RLHF chosen replies are sometimes poor), for data.reward_filter to find; test rows stay right.
+  c.data.demo_wrong_share = 0.0
+  # Training rows kept by the reward of their final Assistant reply (reward_filter.py): each is scored
+  # once by the reward model in its own process and the scores cached in the cache dir.
+  c.data.reward_filter = ml_collections.ConfigDict()
+  c.data.reward_filter.keep_fraction = 1.0  # keep this highest-scored share of the rows (1.0: all)
+  c.data.reward_filter.min_reward = float("-inf")  # and only rows scored at least this (-inf: any)
+  # '' = the evaluation's scorer: eval.reward_model, or the demo scorer with eval.demo_scorer
+  c.data.reward_filter.reward_model = ""
 
   # Optional pre-training of a random-init model before the LoRA run (the offline demo uses it):
   # full fine-tuning for `steps` steps, saved as a Hugging Face dir, then loaded as the frozen base.
@@ -145,8 +155,24 @@ def default_config() -> ml_collections.ConfigDict:
   # Offline demo only: with no reward_model, train a tiny classifier on the demo data's right vs wrong
   # replies (demo/scorer.py, seconds) and score with it, labelled "demo scorer" in the report.
   c.eval.demo_scorer = False
+  c.eval.demo_scorer_dir = ""  # where the demo scorer is built ('' = <workdir>/demo_scorer)
   c.eval.reward_batch_size = 16
   c.eval.reward_max_length = 512
+
+  # A sweep (--mode=sweep, sweep.py): this config is the recipe, and each run is the recipe with one
+  # set of overrides, trained and evaluated in <workdir>/runs/<name>/ on the same base, prompts,
+  # held-out rows and reward model; sweep_report.md compares them.
+  c.sweep = ml_collections.ConfigDict()
+  # Every combination of these values: (('lora.rank', (4, 16)), ('optim.lr', (1e-3, 3e-3)))
+  c.sweep.grid = ()
+  # Further runs, each a tuple of (key, value) pairs: ((('lora.rank', 8),), (('optim.lr', 1e-3),))
+  c.sweep.runs = ()
+  # What ranks the runs: 'reward_difference' (paired reward gain over the base), 'win_rate' (over
+  # the base), 'correct_difference' (graded data: share correct gained over the base), 'heldout_loss'
+  c.sweep.metric = "reward_difference"
+  # '' runs every run here, one after another; 'base' only pre-trains and evaluates the base; a run's
+  # index or name runs only it; 'slurm_array' the run numbered $SLURM_ARRAY_TASK_ID (launch/slurm_sweep.sh)
+  c.sweep.task = ""
   return c
 
 

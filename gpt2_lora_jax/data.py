@@ -46,7 +46,7 @@ SPLITS = ("train", "eval")
 # Malformed rows; their share of an input is held against data.max_bad_fraction.
 BAD_REASONS = ("invalid_json", "missing_field", "field_not_string", "not_utf8") + MALFORMED_REASONS
 # Well-formed rows that cannot be trained on.
-SKIP_REASONS = ("empty_final_reply", "final_exchange_too_long")
+SKIP_REASONS = ("empty_final_reply", "final_exchange_too_long", "reward_filter")
 FIRST_ROWS_SHOWN = 5
 CACHE_VERSION = 1  # bump when parsing or the cached columns change
 
@@ -111,7 +111,8 @@ def _inputs_with_subsets(data_cfg, split: str) -> list[tuple[str, Callable[[], l
   if data_cfg.source == "demo":  # conversations written for the offline demo (demo/data.py)
     from gpt2_lora_jax.demo import data as demo_data
     demo_split = "train" if split == "train" else "test"
-    read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows)]
+    wrong = data_cfg.get("demo_wrong_share", 0.0) if split == "train" else 0.0  # test rows stay right
+    read = lambda: [(row[field], None) for row in demo_data.rows(demo_split, data_cfg.demo_rows, wrong_share=wrong)]
     tasks = lambda n: [row["subset"] for row in demo_data.rows(demo_split, data_cfg.demo_rows)][:n]
     return [(f"demo conversations ({demo_split})", read, tasks)]
   raise UserError(f"data.source={data_cfg.source!r} is not supported here: choose one of {SOURCES}")
@@ -260,31 +261,39 @@ def _list_column(table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
           cache_dir: Optional[str] = None, *, summary_path: Optional[str] = None,
-          log: Optional[Callable[[str], None]] = print) -> tuple[PackedData, dict]:
+          log: Optional[Callable[[str], None]] = print, reward_scorer=None) -> tuple[PackedData, dict]:
   """Rows of `split` ('train' or 'eval') -> packed fixed-shape rows, and the summary of what happened.
 
   data_cfg: the config's `data` section. batch_size: the global batch size (for steps per epoch).
   cache_dir: where tokenised rows are cached (default data_cfg.cache_dir, else the datasets cache).
+  reward_scorer: what scores training rows when data.reward_filter is on (reward_filter.Scorer).
   The summary is logged as text (log=None to keep quiet) and, with summary_path, written as JSON.
   Deterministic: every process of a multi-host run builds the same PackedData.
   """
   import datasets
+  from gpt2_lora_jax import reward_filter
   split_rows = read_split(data_cfg, split)
   skipped = split_rows.skipped
-  rows, roles, turns = [], [], []
+  usable = []
   for row, _, conversation in split_rows.conversations:
     if not conversation[-1].text.strip():
       skipped["empty_final_reply"].append(row)
     else:
-      rows.append(row)
-      roles.append([ROLE_CODE[t.role] for t in conversation])
-      turns.append([t.text for t in conversation])
+      usable.append((row, conversation))
   names, rows_read = split_rows.names, split_rows.rows_read
-  if not rows:
+  if not usable:
     raise UserError(f"no usable rows in {names}: {dict((r, len(ix)) for r, ix in skipped.items())}")
-
   cache_dir = (cache_dir or data_cfg.cache_dir
                or os.path.join(datasets.config.HF_DATASETS_CACHE, "gpt2_lora_jax"))
+  filtered = None  # data.reward_filter's counts (training rows only; held-out rows are never filtered)
+  if split == "train" and reward_filter.active(data_cfg):
+    keep, skipped[reward_filter.REASON], filtered = reward_filter.apply(
+        data_cfg.reward_filter, usable, reward_scorer, cache_dir, log)
+    usable = [(row, conversation) for row, conversation in usable if row in keep]
+  rows = [row for row, _ in usable]
+  roles = [[ROLE_CODE[t.role] for t in conversation] for _, conversation in usable]
+  turns = [[t.text for t in conversation] for _, conversation in usable]
+
   tokenized, cache_file, from_cache = tokenize_conversations(
       rows, roles, turns, tokenizer, cache_dir, desc=f"tokenising {split} conversations")
   table = tokenized.data.table
@@ -347,6 +356,7 @@ def build(data_cfg, tokenizer, split: str = "train", batch_size: int = 16,
       "batch_size": batch_size,
       "steps_per_epoch": steps_per_epoch(packed, batch_size),
       "token_cache": {"file": cache_file, "from_cache": from_cache},
+      **({"reward_filter": filtered} if filtered else {}),
   }
   if log is not None:
     log(format_summary(summary))
@@ -383,6 +393,10 @@ def format_summary(s: dict) -> str:
            f"  ({s['rows_bad']:,} malformed)"]
   for reason, v in s["rows_skipped"].items():
     lines.append(f"    {reason:<24}{v['count']:>8,}  rows {rows_list(v['first_rows'])}")
+  if f := s.get("reward_filter"):
+    lines.append(f"  reward filter     {f['kept']:>10,}  kept of {f['scored']:,} scored (reward >= "
+                 f"{f['threshold']:.4f}; {f['dropped_below_top_fraction']:,} below the top "
+                 f"{f['keep_fraction']:g}, {f['dropped_below_min_reward']:,} below min_reward)")
   loss_share = s["loss_tokens"] / max(s["tokens"], 1)
   lines += [f"  tokens            {s['tokens']:>10,}  ({s['loss_tokens']:,} under the loss, "
             f"{loss_share:.1%}; {s['tokens_cut_by_truncation']:,} cut by truncation)",

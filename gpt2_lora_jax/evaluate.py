@@ -12,7 +12,7 @@ so evaluating another step never overwrites one) so any one can be rerun alone:
      Held-out rows are data.max_eval_rows rows sampled with data.eval_seed, stratified over the
      eval split's subsets (data.stratified_sample); the prompts are a sample of those rows,
      stratified the same way with eval.seed; eval_config.json counts both per subset;
-  4. `python -m gpt2_lora_jax.reward` scores them in its own process -> scores.jsonl
+  4. `python -m gpt2_lora_jax.reward` scores them in its own process -> scores.jsonl (scoring.py)
      (skipped, with the reason written down, when no reward model is configured or it fails);
   5. report.md + summary.json + PNGs from those files (report.py).
 Generations are written before scoring starts, so a scorer failure never loses them:
@@ -26,21 +26,20 @@ must be a local (or mounted) path: these stages write with plain file calls.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from gpt2_lora_jax import checkpoint, data, experiment, lora, report, reward, sample, sharding, timings, train
-from gpt2_lora_jax.demo import scorer as demo_scorer
+from gpt2_lora_jax import (checkpoint, data, experiment, lora, report, reward, sample, scoring, sharding, timings,
+                           train)
+from gpt2_lora_jax import loss as loss_lib
+from gpt2_lora_jax.scoring import DEMO_SCORER_DIR, DEMO_SCORER_LABEL  # noqa: F401 (re-exported)
 from gpt2_lora_jax.errors import UserError
 
 EVAL_DIR = "eval"
-DEMO_SCORER_DIR = "demo_scorer"  # eval.demo_scorer builds it here (demo/scorer.py)
-DEMO_SCORER_LABEL = ("demo scorer (a tiny classifier trained on the demo's right vs wrong replies; "
-                     "not a reward model of answer quality)")
 
 
 def eval_dir(workdir: str, step: int | None = None) -> str:
@@ -85,15 +84,37 @@ def restore_finetuned(exp, workdir: str, step: int = -1):
   return params, step
 
 
+def row_nll_sums(model, params, batch):
+  """((B,) NLL summed over each packed row's loss tokens, (B,) its loss tokens): the head of
+  train.token_loss_sums (fp32 chunked logits, loss.token_logps) summed per row, for intervals."""
+  h_BTD = model.apply({"params": params}, batch["inputs"], position_ids=batch["positions"],
+                      segment_ids=batch["segment_ids"], deterministic=True, return_hidden=True)
+  cfg = model.config
+  spec = loss_lib.HeadSpec(vocab_size=cfg.vocab_size, tied=cfg.tie_word_embeddings, dtype=cfg.dtype,
+                           lora_scale=float(model.lora_scale or 0.0), deterministic=True)
+  logp_BT = loss_lib.token_logps(h_BTD, loss_lib.head_from_params(params, cfg.tie_word_embeddings),
+                                 batch["targets"], spec)
+  mask_BT = batch["loss_mask"].astype(jnp.float32)
+  return -jnp.sum(logp_BT * mask_BT, axis=-1), jnp.sum(mask_BT, axis=-1)
+
+
 def heldout_loss(model, params, eval_data, batch_size: int) -> dict:
-  """Mean next-token NLL over the loss tokens of the held-out packed rows, and its perplexity."""
-  step = jax.jit(lambda p, b: train.token_loss_sums(model, p, b, None, deterministic=True))
+  """Mean next-token NLL over the loss tokens of the held-out packed rows, and its perplexity; per
+  packed row (each a group of whole conversations) its NLL sum and loss tokens (row_nll, row_tokens:
+  what a bootstrap over rows resamples; stats.ratio_bootstrap_ci)."""
+  step = jax.jit(lambda p, b: (train.token_loss_sums(model, p, b, None, deterministic=True),
+                               row_nll_sums(model, p, b)))
   nll = n = 0.0
+  row_nll, row_tokens = [], []
   for batch in data.eval_batches(eval_data, batch_size):
-    s, c = step(params, batch)
+    (s, c), (s_B, c_B) = step(params, batch)
     nll, n = nll + float(s), n + float(c)
+    real = np.asarray(c_B) > 0  # the last batch is filled with empty rows
+    row_nll += np.asarray(s_B, np.float64)[real].tolist()
+    row_tokens += np.asarray(c_B)[real].astype(int).tolist()
   loss = nll / max(n, 1.0)
-  return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": n}
+  return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": n, "row_nll": row_nll,
+          "row_tokens": row_tokens}
 
 
 def choose_prompts(rows: list[tuple[int, str, str]], num_prompts: int, seed: int) -> list[tuple[int, str, str, str]]:
@@ -103,8 +124,12 @@ def choose_prompts(rows: list[tuple[int, str, str]], num_prompts: int, seed: int
   return [(rows[k][0], *data.prompt_and_response(rows[k][1]), rows[k][2]) for k in picked]
 
 
-def run(config, workdir: str) -> str:
-  """Stages 1-5 of the module docstring; returns the path of report.md."""
+def run(config, workdir: str, base_eval: str = "") -> str:
+  """Stages 1-5 of the module docstring; returns the path of report.md.
+
+  base_eval: a directory where evaluate_base left the base's answers, held-out loss and scores (a
+  sweep's): only the fine-tuned model is evaluated here and the base's files are merged in, so every
+  run of a sweep is compared with the same base answers."""
   if "://" in workdir:
     eval_dir(workdir)  # first: a bucket workdir fails here, before anything is loaded
   exp = experiment.build(config)
@@ -112,34 +137,64 @@ def run(config, workdir: str) -> str:
   tuned_params, step = restore_finetuned(exp, workdir, ecfg.step)
   timings.mark("restore")
   out = eval_dir(workdir, step)
-  tuned_model = exp.model  # the module training used (module docstring, stage 1)
-  base_params = base_tree(tuned_params, exp)
-  answer_and_write(config, exp, out, workdir, [(report.BASE, exp.base_model, base_params),
-                                               (report.TUNED, tuned_model, tuned_params)], step)
-  del tuned_params, base_params
+  named = [(report.TUNED, exp.model, tuned_params)]  # the module training used (stage 1)
+  if not base_eval:
+    named.insert(0, (report.BASE, exp.base_model, base_tree(tuned_params, exp)))
+  answer_and_write(config, exp, out, workdir, named, step, base_eval=base_eval)
+  del tuned_params, named
   jax.clear_caches()
   if jax.process_index() != 0:
     return ""
   try:
-    return score_and_report(config, workdir, step)
+    return score_and_report(config, workdir, step, reuse=base_eval)
   finally:
     timings.mark("score_report")
     timings.write(workdir)
 
 
+def evaluate_base(config, out: str, workdir: str) -> str:
+  """The base model alone (no adapters, before any training) on evaluation's held-out rows and
+  prompts, its answers scored: out/heldout.json, generations.jsonl, scores.jsonl (or why scoring was
+  skipped), eval_config.json. A sweep evaluates its base once this way (run's base_eval). Returns the
+  base's fingerprint (checkpoint.base_fingerprint), as the runs' checkpoints record theirs."""
+  exp = experiment.build(config)
+  params = jax.device_put(strip_adapters(exp.params), jax.local_devices()[0])
+  os.makedirs(out, exist_ok=True)
+  answer_and_write(config, exp, out, workdir, [(report.BASE, exp.base_model, params)], step=0)
+  del params
+  jax.clear_caches()
+  if jax.process_index() == 0:
+    reason, failure, _ = scoring.score_answers(config, workdir, out)
+    if failure is not None:
+      raise reward.ScorerError(reason) from failure
+  return exp.meta["base_fingerprint"]
+
+
+def _merge_base(base_eval: str, heldout: dict, rows: list, ids, prompts) -> tuple[dict, list]:
+  """The base's held-out loss and answers from base_eval put first, after checking that they were made
+  for the same prompts and held-out rows."""
+  with open(os.path.join(base_eval, "heldout.json")) as f:
+    base_heldout = json.load(f)[report.BASE]
+  base_rows = report.read_jsonl(os.path.join(base_eval, "generations.jsonl"))
+  mine = next(iter(heldout.values()))
+  if ([(r["id"], r["prompt"]) for r in base_rows] != list(zip(ids, prompts))
+      or base_heldout.get("row_tokens") != mine["row_tokens"]):
+    raise UserError(f"the base's answers in {base_eval} were made for other prompts or held-out rows "
+                    "than this run's: evaluate the base again with this config (delete that directory)")
+  return {report.BASE: base_heldout, **heldout}, base_rows + rows
+
+
 def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int,
-                     runs: dict | None = None):
+                     runs: dict | None = None, base_eval: str = ""):
   """Stages 2-3 for the models `named` [(name, module, params)]: heldout.json, generations.jsonl
-  (every model answers the same seeded prompts under the same sampling seed), eval_config.json."""
+  (every model answers the same seeded prompts under the same sampling seed), eval_config.json.
+  base_eval: the base's files to put first (run)."""
   ecfg = config.eval
   is_main = jax.process_index() == 0
   eval_data, eval_summary = data.build(config.data, exp.tokenizer, "eval", ecfg.batch_size,
                                        config.data.cache_dir or os.path.join(workdir, "cache"), log=None)
   heldout = {name: heldout_loss(model, params, eval_data, ecfg.batch_size) for name, model, params in named}
   timings.mark("heldout")
-  if is_main:
-    with open(os.path.join(out, "heldout.json"), "w") as f:
-      json.dump(heldout, f, indent=2)
 
   heldout_rows, _ = data.read_heldout(config.data)
   chosen = choose_prompts(heldout_rows, ecfg.num_prompts, ecfg.seed)
@@ -166,15 +221,21 @@ def answer_and_write(config, exp, out: str, workdir: str, named: list, step: int
     from gpt2_lora_jax.demo import data as demo_data
     for row in rows:
       row["correct"] = demo_data.is_correct(row["answer"], row["reference"])
+  models = [name for name, _, _ in named]
+  if base_eval:
+    heldout, rows = _merge_base(base_eval, heldout, rows, ids, prompts)
+    models.insert(0, report.BASE)
   generations = os.path.join(out, "generations.jsonl")
   if is_main:
+    with open(os.path.join(out, "heldout.json"), "w") as f:
+      json.dump(heldout, f, indent=2)
     # Scores of earlier generations do not score these answers: they go before the new ones land.
     for stale in (os.path.join(out, "scores.jsonl"), os.path.join(out, report.SKIP_REASON_FILE)):
       if os.path.exists(stale):
         os.remove(stale)
     reward.write_jsonl_atomic(generations, rows)
     write_eval_config(os.path.join(out, report.EVAL_CONFIG_FILE), config, step, exp.base_name,
-                      models=[name for name, _, _ in named], runs=runs, subsets=subsets)
+                      models=models, runs=runs, subsets=subsets)
   return list(ids), list(prompts), results_of
 
 
@@ -245,62 +306,25 @@ def base_tree(tuned_params: dict, exp) -> dict:
       p: v if labels[p] == "frozen" else jax.device_put(before[p], v.sharding) for p, v in flat.items()})
 
 
-def score_and_report(config, workdir: str, step: int | None = None, metrics_path: str | None = None) -> str:
+def score_and_report(config, workdir: str, step: int | None = None, metrics_path: str | None = None,
+                     reuse: str = "") -> str:
   """Stages 4-5: scores eval/step_<step>/generations.jsonl (step None: eval.step, -1 the newest
-  evaluated step) in a child process (or records why not), then the report.
+  evaluated step) in a child process (or records why not), then the report. reuse: see
+  scoring.score_answers.
 
   scores.jsonl and the skip-reason file are replaced only when a new one is complete: the scorer
   writes to a temporary name that is renamed on success, so a failed rescoring (--mode=score)
   keeps the scores already there, and the report is built from them.
   """
-  ecfg = config.eval
-  out = eval_dir(workdir, ecfg.step if step is None else step)
-  generations = os.path.join(out, "generations.jsonl")
-  if not os.path.exists(generations):
-    raise FileNotFoundError(f"{generations} does not exist: run --mode=eval first")
-  scores = os.path.join(out, "scores.jsonl")
-  skip_file = os.path.join(out, report.SKIP_REASON_FILE)
-  new_scores = scores + ".partial"  # renamed to scores.jsonl only once the scorer has succeeded
-  reason, failure = None, None
-  reward_model, scorer_label = ecfg.reward_model, ""
-  if ecfg.demo_scorer and not reward_model:
-    reward_model, scorer_label = os.path.join(workdir, DEMO_SCORER_DIR), DEMO_SCORER_LABEL
-  if reward_model and importlib.util.find_spec("torch") is None:
-    reason = ("PyTorch is not installed, and the reward scorer needs it: pip install 'torch==2.13.0' "
-              "(or this package's eval extra: pip install -e '.[eval]'), then rerun with --mode=score")
-  elif not reward_model:
-    reason = ("no reward model configured (eval.reward_model is empty); score later with "
-              "--mode=score --config.eval.reward_model=<hub id or local dir>")
-  else:
-    try:
-      if scorer_label:
-        info = demo_scorer.ensure(reward_model)
-        scorer_label += (f"; it ranks {info['test_pairwise_accuracy']:.1%} of {info['test_pairs']} "
-                         "held-out right/wrong reply pairs correctly")
-      reward.run_scorer_subprocess(generations, new_scores, reward_model,
-                                   batch_size=ecfg.reward_batch_size, max_length=ecfg.reward_max_length)
-      os.replace(new_scores, scores)
-      if os.path.exists(skip_file):
-        os.remove(skip_file)
-    except (reward.ScorerError, demo_scorer.BuildError) as e:
-      failure = e
-      kept = " (the scores already in scores.jsonl are kept)" if os.path.exists(scores) else ""
-      reason = (f"the reward scorer failed; generations are kept{kept}, rerun scoring with "
-                f"--mode=score. {e}")
-    finally:
-      if os.path.exists(new_scores):
-        os.remove(new_scores)
-  if reason is not None:
-    reward.write_text_atomic(skip_file, reason + "\n")
+  out = eval_dir(workdir, config.eval.step if step is None else step)
+  reason, failure, reward_model = scoring.score_answers(config, workdir, out, reuse)
   metrics_path = metrics_path or os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(metrics_path) and os.path.exists(os.path.join(out, report.EVAL_CONFIG_FILE)):
     with open(os.path.join(out, report.EVAL_CONFIG_FILE)) as f:  # a comparison: its last run's log
       runs = json.load(f).get("runs") or {}
     if runs:
       metrics_path = os.path.join(list(runs.values())[-1]["workdir"], "metrics.jsonl")
-  path = report.write_report(out, metrics_path=metrics_path,
-                             skip_reason=reason,
-                             reward_model=f"{reward_model}: {scorer_label}" if scorer_label else reward_model,
+  path = report.write_report(out, metrics_path=metrics_path, skip_reason=reason, reward_model=reward_model,
                              loss_window=config.train.loss_avg_window)
   print(f"evaluation report: {path}", flush=True)
   if failure is not None:  # the report (without rewards) is written; still a failed run

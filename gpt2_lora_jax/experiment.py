@@ -13,7 +13,8 @@ import socket
 import jax
 import ml_collections
 
-from gpt2_lora_jax import checkpoint, lora, optim, stacking, timings, tokenizer as tokenizer_lib, weights
+from gpt2_lora_jax import (checkpoint, lora, optim, reward_filter, stacking, timings, tokenizer as tokenizer_lib,
+                           weights)
 from gpt2_lora_jax import model as gpt2_model
 from gpt2_lora_jax.errors import UserError, UserPathError
 
@@ -120,6 +121,9 @@ def run_settings(config: ml_collections.ConfigDict, dpo_reference: dict | None =
   if dpo_reference is not None:
     keys += [f"dpo.{k}" for k in config.dpo if k != "init_from"]  # init_from: resolved, below
   settings = {k: config[k.split(".")[0]][k.split(".")[1]] for k in keys}
+  if d.source == "demo" and d.get("demo_wrong_share", 0.0):  # recorded when set: older runs resume
+    settings["data.demo_wrong_share"] = d.demo_wrong_share
+  settings.update(reward_filter.run_settings(config))
   settings.update(dpo_reference or {})
   return json.loads(json.dumps(settings))  # tuples as lists: as the checkpoint's JSON gives it back
 
@@ -150,8 +154,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       "base_name": base_name,
       "base_fingerprint": fingerprint,
       "gpt2_config": gpt2_config.to_hf_dict(),
-      "lora": dataclasses.asdict(lora_config) | {"targets": list(lora_config.targets),
-                                                 "extra_trainable": list(lora_config.extra_trainable)},
+      "lora": lora_record(lora_config),
       "layout": checkpoint.layout(trainable),
       "run": run_settings(config),
   }
@@ -161,6 +164,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       params=params, labels=labels, tokenizer=tokenizer_lib.load(config.model.tokenizer), meta=meta)
   timings.mark("model")
   return exp
+
+
+def lora_record(lora_config: lora.LoraConfig) -> dict:
+  """The adapter settings as a checkpoint's meta records them (JSON: tuples as lists)."""
+  return dataclasses.asdict(lora_config) | {"targets": list(lora_config.targets),
+                                            "extra_trainable": list(lora_config.extra_trainable)}
 
 
 def optimizer(exp: Experiment):

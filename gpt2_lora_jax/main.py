@@ -7,7 +7,9 @@ Modes: train, eval (restore the latest checkpoint, sample, score, report), train
 score (score existing eval/step_<N>/generations.jsonl again and rewrite the report), show_config
 (print every config key with its value and what it means, then exit; --workdir is not needed),
 dpo (DPO from --config.dpo.init_from), preference_study (SFT -> DPO -> base vs SFT vs DPO report in
-<workdir>/sft, <workdir>/dpo, <workdir>/eval; see study.py).
+<workdir>/sft, <workdir>/dpo, <workdir>/eval; see study.py), sweep (every run of the config's sweep.grid /
+sweep.runs in <workdir>/runs/<name>, then <workdir>/sweep_report.md; see sweep.py), sweep_report (that
+report from the runs that finished), sweep_plan (list the sweep's runs, then exit).
 Multi-host: jax.distributed is initialised on Cloud TPU pods and SLURM automatically, or with
 --coordinator_address/--num_processes/--process_id.
 Compiled programs are kept in JAX's persistent compilation cache, by default
@@ -30,7 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots, reports.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval",
                           ["train", "eval", "train_and_eval", "score", "show_config", "dpo",
-                           "preference_study"],
+                           "preference_study", "sweep", "sweep_report", "sweep_plan"],
                           "What to run (show_config: print every config key, its value and comment).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
@@ -119,18 +121,25 @@ def main(argv):
     from gpt2_lora_jax import config as config_lib
     print(config_lib.describe(_CONFIG.value))
     return
+  if _MODE.value == "sweep_plan":
+    from gpt2_lora_jax import errors, sweep
+    try:
+      print(sweep.describe(_CONFIG.value, _WORKDIR.value or ""))
+    except errors.UserError as e:
+      fail(str(e))
+    return
   if not _WORKDIR.value:
     fail("--workdir is required (the directory for checkpoints, metrics, plots and reports)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  if _MODE.value in ("eval", "train_and_eval", "preference_study"):
+  if _MODE.value in ("eval", "train_and_eval", "preference_study", "sweep"):
     # The reward scorer (PyTorch, another process) needs GPU memory: JAX must not preallocate
     # 75% of the GPU; without preallocation it holds only what it used. Set before jax starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   use_compilation_cache(_COMPILATION_CACHE.value, given=flags.FLAGS["compilation_cache_dir"].present)
   from gpt2_lora_jax import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt2_lora_jax import evaluate, experiment, hub, preemption, reward, study, train
+  from gpt2_lora_jax import evaluate, experiment, hub, preemption, reward, study, sweep, sweep_report, train
   from gpt2_lora_jax.demo import pretrain
   from gpt2_lora_jax.errors import UserError
 
@@ -138,7 +147,7 @@ def main(argv):
   created = "://" not in workdir and not os.path.exists(workdir)
   try:
     experiment.check_workdir(workdir)
-    if mode != "score":  # scoring reads files only; no model is loaded
+    if mode not in ("score", "sweep", "sweep_report"):  # scoring reads files; a sweep pre-trains itself
       config = pretrain.maybe_pretrain(config, workdir, train_if_missing=mode != "eval")
     if mode in ("train", "train_and_eval"):
       train.run(experiment.build(config), workdir)
@@ -150,12 +159,15 @@ def main(argv):
       study.run(config, workdir)
     if mode == "score":
       evaluate.score_and_report(config, workdir)
+    ran_every_run = mode == "sweep" and sweep.run(config, workdir)  # the base once, then the runs
+    if mode == "sweep_report" or ran_every_run:  # the comparison of the runs that finished
+      sweep_report.write(config, workdir)
   except preemption.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
   except (UserError, FileNotFoundError, hub.HubUnreachableError, train.NonFiniteLoss,
           reward.ScorerError) as e:
-    if created and not _holds_checkpoints(workdir):
+    if created and not _holds_work(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # a start that failed leaves no empty workdir
     fail(str(e))
 
@@ -177,10 +189,13 @@ def use_compilation_cache(path: str, given: bool):
   jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
 
 
-def _holds_checkpoints(workdir: str) -> bool:
-  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages')."""
-  for root, dirs, _ in os.walk(workdir):
+def _holds_work(workdir: str) -> bool:
+  """Whether any checkpoints/<step> exists under workdir (a run's, or a preference study's stages'),
+  or reward scores of training rows (reward_filter.py; a failed scorer keeps those it wrote)."""
+  for root, dirs, files in os.walk(workdir):
     if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return True
+    if any(f.startswith("reward-scores-") for f in files):
       return True
   return False
 

@@ -14,7 +14,11 @@ the reward model saw, <= max_length), 'truncated' (anything was cut), 'question_
 'question_turns_cut' (whole Human turns dropped from the question's start), 'question_cut_mid_turn'
 (the final Human turn alone did not fit and lost tokens from its start), 'answer_tokens_cut',
 'empty_answer'}. Empty answers are scored (and flagged), never dropped. The file is written to a
-temporary name and renamed, so a crash never leaves a partial scores file.
+temporary name and renamed, so a crash never leaves a partial scores file. With --incremental
+(reward_filter.py's many training rows) it is the other way round: each batch's lines are appended
+to the output as soon as they are scored (in scoring order, so read them by id), and input rows
+whose (id, model) the output already holds are not scored again, so a failure loses no score
+already written and rerunning the same command scores only the rest.
 
 The question the reward model sees is the prompt dialogue without its final '\n\nAssistant:'
 cue (question_from_prompt). The OpenAssistant model card scores (question, answer) text pairs;
@@ -188,23 +192,58 @@ def write_jsonl_atomic(path: str, rows) -> None:
   write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
+def read_scored(path: str) -> list[dict]:
+  """The complete lines of an --incremental output; a last line cut short by a crash is removed from
+  the file (its row is scored again)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    data = f.read()
+  complete = data[:data.rfind(b"\n") + 1]
+  if len(complete) != len(data):
+    with open(path, "r+b") as f:
+      f.truncate(len(complete))
+  return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+
+
 def score_file(generations: str, out: str, reward_model: str, *, batch_size=16, max_length=512,
-               device="auto", dtype="auto") -> dict:
-  """Scores every line of `generations` into `out`; returns a summary (counts, device, seconds)."""
+               device="auto", dtype="auto", incremental: bool = False) -> dict:
+  """Scores every line of `generations` into `out`; returns a summary (counts, device, seconds).
+  incremental: append each batch's lines to `out` and skip rows it already holds (module docstring)."""
   t0 = time.time()
   rows = read_generations(generations)
+  done = read_scored(out) if incremental else []
+  have = {(r["id"], r["model"]) for r in done}
+  todo = [i for i in range(len(rows)) if (rows[i]["id"], rows[i]["model"]) not in have]
   model, tokenizer, device, dtype = load_reward_model(reward_model, device, dtype)
   # Longest first: batches of similar length waste less padding (results go back in file order).
-  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["prompt"]) - len(rows[i]["answer"]))
-  scored = score_pairs(model, tokenizer, [question_from_prompt(rows[i]["prompt"]) for i in order],
-                       [rows[i]["answer"].strip() for i in order], max_length=max_length,
-                       batch_size=batch_size, device=device, progress=_progress_printer())
-  results = [None] * len(rows)
-  for i, s in zip(order, scored):
-    results[i] = {"id": rows[i]["id"], "model": rows[i]["model"], **s,
-                  "empty_answer": not rows[i]["answer"].strip()}
-  write_jsonl_atomic(out, results)
-  return {"n": len(results), "n_empty_answers": sum(r["empty_answer"] for r in results),
+  order = sorted(todo, key=lambda i: -len(rows[i]["prompt"]) - len(rows[i]["answer"]))
+  line = lambda i, s: {"id": rows[i]["id"], "model": rows[i]["model"], **s,
+                       "empty_answer": not rows[i]["answer"].strip()}
+  show = _progress_printer()
+  if incremental:
+    results = list(done)
+    with open(out, "a") as f:
+      for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        scored = score_pairs(model, tokenizer, [question_from_prompt(rows[i]["prompt"]) for i in chunk],
+                             [rows[i]["answer"].strip() for i in chunk], max_length=max_length,
+                             batch_size=batch_size, device=device)
+        lines = [line(i, s) for i, s in zip(chunk, scored)]
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+        f.flush()
+        results += lines
+        show(len(done) + start + len(chunk), len(done) + len(order))
+  else:
+    scored = score_pairs(model, tokenizer, [question_from_prompt(rows[i]["prompt"]) for i in order],
+                         [rows[i]["answer"].strip() for i in order], max_length=max_length,
+                         batch_size=batch_size, device=device, progress=show)
+    results = [None] * len(rows)
+    for i, s in zip(order, scored):
+      results[i] = line(i, s)
+    write_jsonl_atomic(out, results)
+  return {"n": len(results), "n_scored_now": len(order),
+          "n_empty_answers": sum(r["empty_answer"] for r in results),
           "n_truncated": sum(r["truncated"] for r in results),
           "n_question_cut": sum(r["question_tokens_cut"] > 0 for r in results),
           "n_question_cut_mid_turn": sum(r["question_cut_mid_turn"] for r in results),
@@ -232,7 +271,7 @@ def _progress_printer(every_s: float = 10.0):
 def run_scorer_subprocess(generations_path: str, out_path: str, reward_model: str = DEFAULT_REWARD_MODEL,
                           *, batch_size: int = 16, max_length: int = 512, device: str = "auto",
                           dtype: str = "auto", python: str = sys.executable, timeout=None,
-                          env: dict | None = None) -> dict:
+                          env: dict | None = None, incremental: bool = False) -> dict:
   """Runs `python -m gpt2_lora_jax.reward` in a child process; returns its summary dict.
 
   Why a child process: PyTorch needs the GPU memory JAX holds. JAX preallocates 75% of a GPU at
@@ -244,7 +283,7 @@ def run_scorer_subprocess(generations_path: str, out_path: str, reward_model: st
   """
   cmd = [python, "-m", "gpt2_lora_jax.reward", "--generations", generations_path, "--out", out_path,
          "--reward_model", reward_model, "--batch_size", str(batch_size), "--max_length",
-         str(max_length), "--device", device, "--dtype", dtype]
+         str(max_length), "--device", device, "--dtype", dtype] + ["--incremental"] * incremental
   child_env = dict(os.environ if env is None else env)
   # The package must import in the child even when it is not installed (run from a checkout).
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,12 +323,15 @@ def main(argv=None) -> int:
   parser.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1'")
   parser.add_argument("--dtype", default="auto", help="'auto' (float16 on GPU, float32 on CPU), "
                       "'float32', 'float16', 'bfloat16'")
+  parser.add_argument("--incremental", action="store_true", help="append each batch's scores to --out "
+                      "as they come and skip rows it already holds (a failure keeps what was scored)")
   args = parser.parse_args(argv)
   from gpt2_lora_jax import hub
   from gpt2_lora_jax.errors import describe_exception
   try:
     summary = score_file(args.generations, args.out, args.reward_model, batch_size=args.batch_size,
-                         max_length=args.max_length, device=args.device, dtype=args.dtype)
+                         max_length=args.max_length, device=args.device, dtype=args.dtype,
+                         incremental=args.incremental)
   except (hub.HubUnreachableError, FileNotFoundError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -299,8 +341,9 @@ def main(argv=None) -> int:
             f"lower --batch_size (now {args.batch_size}) or --max_length, or use --device cpu",
             file=sys.stderr)
       return 3
-    print(f"error: scoring failed ({type(e).__name__}: {e}); {args.out} was not written",
-          file=sys.stderr)
+    kept = (f"the scores already in {args.out} are kept; rerun to score the rest" if args.incremental
+            else f"{args.out} was not written")
+    print(f"error: scoring failed ({type(e).__name__}: {e}); {kept}", file=sys.stderr)
     return 1
   print(f"scored {summary['n']} answers ({summary['n_empty_answers']} empty; "
         f"{summary['n_truncated']} cut to {args.max_length} tokens: {summary['n_question_cut']} "

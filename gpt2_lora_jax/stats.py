@@ -94,6 +94,66 @@ def pair_stats(r_a, r_b, n_boot: int, seed: int) -> dict:
           "n_losses": int(np.sum(r_a < r_b))}
 
 
+# --- comparing runs of a sweep on the same prompts and held-out rows (sweep_report.py) ------------
+
+def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+  """(n_boot, n) row indices drawn with replacement: the resamples bootstrap_ci draws for n rows."""
+  return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def ratio_ci(num, den, n_boot: int = 10000, level: float = 0.95, seed: int = 0):
+  """(sum(num) / sum(den), low, high): a ratio of sums (a held-out loss: NLL over loss tokens, per
+  packed row) with a percentile bootstrap interval over the rows."""
+  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+  if len(num) == 0:
+    return math.nan, math.nan, math.nan
+  idx = resample_indices(len(num), n_boot, seed)
+  stats = num[idx].sum(1) / den[idx].sum(1)
+  low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+  return float(num.sum() / den.sum()), float(low), float(high)
+
+
+def paired_bootstrap(a, b, n_boot: int, seed: int, ratio: bool = False) -> tuple[float, np.ndarray]:
+  """(estimate, its n_boot bootstrap replicates) of a minus b over the same rows, resampled together.
+
+  ratio False: a, b are per-prompt values; the statistic is the mean of a - b. ratio True: a, b are
+  (numerators, denominators) per row of two models (held-out NLL and loss tokens per packed row);
+  the statistic is sum(a num) / sum(a den) - sum(b num) / sum(b den)."""
+  if ratio:
+    (an, ad), (bn, bd) = ([np.asarray(v, np.float64) for v in x] for x in (a, b))
+    idx = resample_indices(len(an), n_boot, seed)
+    boot = an[idx].sum(1) / ad[idx].sum(1) - bn[idx].sum(1) / bd[idx].sum(1)
+    return float(an.sum() / ad.sum() - bn.sum() / bd.sum()), boot
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return float(d.mean()), d[resample_indices(len(d), n_boot, seed)].mean(1)
+
+
+def bootstrap_p(boot) -> float:
+  """Two-sided bootstrap p-value of 'no difference': twice the smaller share of replicates on either
+  side of 0 (at most 1). A percentile interval of the same replicates at level 1 - a leaves out 0
+  when p < a."""
+  boot = np.asarray(boot, np.float64)
+  return float(min(1.0, 2.0 * min(np.mean(boot <= 0), np.mean(boot >= 0))))
+
+
+def holm(pvalues) -> tuple[list[float], list[float]]:
+  """Holm's step-down procedure (Holm 1979) over m tests: (adjusted p-values, each test's level).
+
+  Sorted ascending, the i-th smallest p (i = 1..m) is tested at alpha / (m - i + 1); its adjusted
+  p-value is max over j <= i of min(1, (m - j + 1) p_(j)), and it is rejected at family-wise level
+  alpha when that is below alpha. Returned per test in the given order: the adjusted p-value and
+  the divisor m - i + 1 of its step (an interval for it at level 1 - alpha / divisor)."""
+  p = np.asarray(pvalues, np.float64)
+  m = len(p)
+  order = np.argsort(p, kind="stable")
+  adjusted, divisors = np.empty(m), np.empty(m)
+  running = 0.0
+  for i, k in enumerate(order):
+    running = max(running, min(1.0, (m - i) * p[k]))
+    adjusted[k], divisors[k] = running, m - i
+  return adjusted.tolist(), divisors.tolist()
+
+
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from gpt2_lora_jax import dpo, evaluate, experiment, train
+from gpt2_lora_jax import dpo, evaluate, experiment, reward_filter, train
+from gpt2_lora_jax.errors import UserError
 
 SFT_DIR, DPO_DIR = "sft", "dpo"
 
@@ -29,8 +30,19 @@ def dpo_config(config, init_from: str):
   return c
 
 
+def check_no_reward_filter(config):
+  """DPO trains on every pair: data.reward_filter (SFT rows by the reward of their final reply) is refused
+  rather than ignored."""
+  if reward_filter.active(config.data):
+    raise UserError("data.reward_filter filters SFT training rows, and DPO does not filter its pairs: train "
+                    "the SFT stage with it (--mode=train), then DPO from that run without it "
+                    "(--mode=dpo --config.dpo.init_from=<that workdir> --config.data.reward_filter.keep_fraction=1.0 "
+                    "--config.data.reward_filter.min_reward=-inf)")
+
+
 def train_dpo(config, workdir: str) -> dict:
   """--mode=dpo: DPO in `workdir`, the policy's adapters from dpo.init_from ('' = fresh)."""
+  check_no_reward_filter(config)
   config = dpo_config(config, config.dpo.init_from)
   exp = experiment.build(config)
   dpo.start(exp, workdir)  # the policy's starting adapters (its reference) and what resuming checks
@@ -40,6 +52,7 @@ def train_dpo(config, workdir: str) -> dict:
 def run(config, workdir: str) -> str:
   """--mode=preference_study: SFT -> DPO -> three-way evaluation; returns the report's path."""
   dpo.check_config(config.dpo)  # before an SFT stage trains
+  check_no_reward_filter(config)
   sft_dir, dpo_dir = os.path.join(workdir, SFT_DIR), os.path.join(workdir, DPO_DIR)
   train.run(experiment.build(config), sft_dir)
   train_dpo(dpo_config(config, sft_dir), dpo_dir)

@@ -250,14 +250,16 @@ class Objective:
   loss_fn_for: Callable | None = None
 
 
-def sft_objective(exp, cache_dir) -> Objective:
-  """Supervised fine-tuning on the texts of data.field: the token NLL under the loss mask."""
-  from gpt2_lora_jax import data, metrics as metrics_lib
+def sft_objective(exp, cache_dir, workdir: str = "") -> Objective:
+  """Supervised fine-tuning on the texts of data.field: the token NLL under the loss mask; the training
+  rows filtered by their reward with data.reward_filter (scored by reward_filter.scorer_for)."""
+  from gpt2_lora_jax import data, metrics as metrics_lib, reward_filter
   tcfg = exp.config.train
   eval_step = make_eval_step(exp.model)
+  scorer = reward_filter.scorer_for(exp.config, workdir)
   return Objective(
       build_data=lambda split, log: data.build(exp.config.data, exp.tokenizer, split, tcfg.batch_size,
-                                               cache_dir, log=log),
+                                               cache_dir, log=log, reward_scorer=scorer),
       batch_for_step=data.batch_for_step, eval_batches=data.eval_batches, loss_fn=sft_loss(exp.model),
       loss_fn_for=sft_loss,
       eval_fn=lambda trainable, frozen, batch: (*eval_step(trainable, frozen, batch), {}),
@@ -285,7 +287,7 @@ def run(exp, workdir: str, objective: Callable | None = None) -> dict:
   # A bucket workdir keeps the tokenisation cache local (data.py writes it with plain file calls).
   cache_dir = config.data.cache_dir or (None if metrics_lib.is_remote(workdir) else f"{workdir}/cache")
   log = print if is_main else None
-  obj = (objective or sft_objective)(exp, cache_dir)
+  obj = objective(exp, cache_dir) if objective else sft_objective(exp, cache_dir, workdir)
   train_data, summary = obj.build_data("train", log)
   eval_data = obj.build_data("eval", None)[0] if tcfg.eval_every > 0 else None
   timings.mark("data")

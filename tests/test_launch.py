@@ -17,7 +17,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-LAUNCHERS = ("gpu_host.sh", "slurm.sh", "slurm.sbatch", "tpu_pod.sh", "eval_gpu.sh")
+LAUNCHERS = ("gpu_host.sh", "slurm.sh", "slurm.sbatch", "slurm_sweep.sh", "tpu_pod.sh", "eval_gpu.sh")
 MAIN = ["-m", "gpt2_lora_jax.main"]
 
 
@@ -229,6 +229,50 @@ def test_slurm_sbatch_finished_run_is_not_requeued(fake_slurm):
   job.communicate(timeout=30)
   assert job.returncode == 0
   assert not (log / "scontrol.argv").exists()
+
+
+# --- a sweep on SLURM: the base, one array task per run, the report --------------------------------
+
+SWEEP_ARGS = ("--config=configs/demo_sweep.py", "--workdir=/shared/sweeps/demo", "--config.train.steps=20")
+
+
+def sweep_env(**more):
+  return {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "PARTITION": "h100", **more}
+
+
+def test_slurm_sweep_dry_run_prints_the_base_the_array_and_the_report():
+  proc = launch("slurm_sweep.sh", "--dry_run", *SWEEP_ARGS, env=sweep_env(MAX_PARALLEL="2"))
+  base, runs, report = printed_commands(proc)
+  assert "#   runs: 4" in proc.stdout.splitlines()  # configs/demo_sweep.py: 3 reward filters + 1 lr
+  batch = str(LAUNCH / "slurm.sbatch")
+  for job in (base, runs, report):
+    assert job[:2] == ["sbatch", "--parsable"] and "--partition=h100" in job
+    assert job[job.index(batch) + 1:job.index(batch) + 4] == list(SWEEP_ARGS)
+  assert base[-2:] == ["--mode=sweep", "--config.sweep.task=base"]
+  assert "--array=0-3%2" in runs and "--dependency=afterok:$BASE_JOB" in runs
+  assert runs[-2:] == ["--mode=sweep", "--config.sweep.task=slurm_array"]
+  assert "--dependency=afterany:$ARRAY_JOB" in report and report[-1] == "--mode=sweep_report"
+  assert "--ntasks-per-node=1" in report and "--ntasks-per-node=8" in runs  # one process per GPU
+
+
+def test_slurm_sweep_chains_the_job_ids_sbatch_returns(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  fake_program(bin_dir, "sbatch", f"""\
+      n=$(( $(cat {tmp_path}/count 2>/dev/null || echo 0) + 1 ))
+      echo "$n" > {tmp_path}/count
+      printf '%s\\n' "$@" > {tmp_path}/sbatch.$n
+      echo "$(( 4000 + n ));cluster"
+      """)
+  proc = launch("slurm_sweep.sh", *SWEEP_ARGS, env=sweep_env(PATH=f"{bin_dir}:{os.environ['PATH']}"))
+  calls = [(tmp_path / f"sbatch.{n}").read_text().splitlines() for n in (1, 2, 3)]
+  assert "--dependency=afterok:4001" in calls[1] and "--dependency=afterany:4002" in calls[2]
+  assert "submitted: base 4001;cluster, runs 4002;cluster (array 0-3), report 4003;cluster" in proc.stdout
+
+
+def test_slurm_sweep_sets_the_mode_itself():
+  proc = launch("slurm_sweep.sh", "--dry_run", *SWEEP_ARGS, "--mode=train", env=sweep_env(), check=False)
+  assert proc.returncode == 2 and "sets --mode" in proc.stderr
 
 
 # --- Cloud TPU VM pods -----------------------------------------------------------------------------

@@ -69,10 +69,25 @@ def _split_of(question: str) -> str:
   return "test" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 10 == 0 else "train"
 
 
-def rows(split: str, n: int, seed: int = 0) -> list[dict]:
-  """n rows of `split` ('train' or 'test'), deterministic in (split, n, seed)."""
+def rows(split: str, n: int, seed: int = 0, wrong_share: float = 0.0) -> list[dict]:
+  """n rows of `split` ('train' or 'test'), deterministic in (split, n, seed, wrong_share).
+
+  wrong_share: the share of rows (a seeded draw per row, independent of the rows themselves) whose
+  "chosen" final reply is the wrong one, "rejected"'s, as real HH-RLHF chosen replies are sometimes
+  poor; such rows carry "final_reply_wrong": True. The rows are otherwise those of wrong_share 0.
+  """
   if split not in ("train", "test"):
     raise ValueError(f"demo split {split!r}: 'train' or 'test'")
+  if not 0.0 <= wrong_share <= 1.0:
+    raise ValueError(f"demo wrong_share={wrong_share}: a share in [0, 1]")
+  if wrong_share > 0:
+    flip = random.Random(f"{seed}:{split}:wrong")
+    out = rows(split, n, seed)
+    for row in out:
+      row["final_reply_wrong"] = flip.random() < wrong_share
+      if row["final_reply_wrong"]:
+        row["chosen"] = row["rejected"]
+    return out
   rng = random.Random(f"{seed}:{split}")
   out = []
   while len(out) < n:

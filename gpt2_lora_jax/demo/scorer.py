@@ -25,6 +25,12 @@ import time
 
 ASSISTANT = "\n\nAssistant:"
 INFO_FILE = "demo_scorer.json"
+DIR = "demo_scorer"  # built in <workdir>/DIR unless eval.demo_scorer_dir says otherwise
+
+
+def location(config, workdir: str) -> str:
+  """Where eval.demo_scorer builds and reads the demo scorer: eval.demo_scorer_dir, else <workdir>/demo_scorer."""
+  return config.eval.get("demo_scorer_dir", "") or os.path.join(workdir, DIR)
 
 
 def _pairs(rows: list[dict]):
