@@ -1,8 +1,6 @@
 """bench.dpo_step: its settings are configs/dpo_hh.py's, and its smoke run on 2 CPU devices records both
 steps and a first DPO step exactly at its reference. No duration is asserted."""
 import importlib.util
-import json
-import math
 
 import pytest
 
@@ -25,37 +23,6 @@ def test_dpo_settings_are_what_configs_dpo_hh_runs():
         "attention": c.model.attention_impl, "dtype": c.model.dtype, "param_dtype": c.model.base_param_dtype,
         "batch_size": c.train.batch_size, "micro_batches": c.train.micro_batches, "dpo_loss": c.dpo.loss,
         "dpo_beta": c.dpo.beta, "dpo_reference_free": c.dpo.reference_free}
-
-
-def test_smoke_run_records_both_steps_and_an_exact_start(tmp_path, monkeypatch):
-  log = tmp_path / "records.jsonl"
-  monkeypatch.setenv(records.RECORDS_ENV, str(log))
-  monkeypatch.setenv(records.STAGE_ENV, "dpo_step")
-  out = tmp_path / "out"
-  assert dpo_step.main(["--smoke", "--num_devices=2", "--micro_batches=2", f"--out_dir={out}"]) == 0
-  rows, bad = records.read(str(log))
-  assert bad == 0 and [r["program"] for r in rows] == ["sft", "dpo", "dpo_over_sft"]
-  sft, dpo_row, ratio = rows
-  for r in (sft, dpo_row):
-    assert r["kind"] == "dpo_step" and r["stage"] == "dpo_step" and r["step_time_s"] > 0
-    assert r["tokens_per_s"] == pytest.approx(4 * 128 / r["step_time_s"])
-    assert r["matmul_flops_per_step"] > 0 and r["memory_analysis"]["temp_size_in_bytes"] > 0
-    assert r["batch_size"] == 4 and r["micro_batches"] == 2 and r["num_devices"] == 2 and r["pairs"] > 0
-    # configs/dpo_hh.py:gpt2's settings (gpt2 unrolled; remat 'auto' chosen here as a run chooses it)
-    want = settings.dpo_settings("gpt2")
-    assert r["lora_rank"] == 16 and r["scan_layers"] == want["scan_layers"] and r["dtype"] == "bfloat16"
-    assert want["remat"] == "auto" and r["remat_setting"] == "auto" and r["remat"] == r["remat_choice"]["policy"]
-  # The first DPO step starts at its reference on this device: margin exactly 0, loss float32's log 2.
-  assert dpo_row["step0_margin"] == 0.0 and dpo_row["step0_logps_equal"] is True
-  assert abs(dpo_row["step0_loss_minus_log2"]) <= 1e-6
-  assert ratio["step0_margin"] == 0.0
-  assert ratio["step_time_ratio"] == pytest.approx(dpo_row["step_time_s"] / sft["step_time_s"])
-  assert ratio["matmul_flops_ratio"] == pytest.approx(dpo_row["matmul_flops_per_step"] / sft["matmul_flops_per_step"])
-  (saved,) = out.glob("dpo_step_cpu_*.json")
-  result = json.loads(saved.read_text())
-  assert result["dpo_over_sft"]["step0_margin"] == 0.0 and math.isclose(
-      result["dpo"]["step_time_s"], dpo_row["step_time_s"])
-  assert "margin 0.0" in next(out.glob("dpo_step_cpu_*.md")).read_text()
 
 
 @pytest.mark.parametrize("flags, words", [(["--preset=gpt3"], "--preset='gpt3'"),

@@ -1,9 +1,7 @@
-"""bench/e2e.py: the real `python -m gpt2_lora_jax.main` on real HH-RLHF rows, timed by phase (smoke
-mode on the CPU): every phase recorded the moment it ends, in order, each the difference of its end
-and the previous one's, summing to the run's total; the speed agrees with the run's metrics.jsonl."""
-import json
+"""bench/e2e.py: a failed run is recorded with its error. Its successful smoke run (every phase in
+order, consistent with the run's own timings.json and metrics.jsonl) is checked on the GPU check's
+smoke run (tests/test_gpu_check.py), which runs it as a stage; PHASES is the phases it records."""
 import os
-import statistics
 import subprocess
 import sys
 
@@ -25,46 +23,6 @@ def run_e2e(tmp_path, *flags):
   found, bad = records.read(str(tmp_path / "records.jsonl"))
   assert bad == 0
   return result, [r for r in found if r["kind"] == "e2e"]
-
-
-def test_smoke_run_records_every_phase_consistently(tmp_path, hh_test_file):
-  result, found = run_e2e(tmp_path, f"--data={hh_test_file}")
-  assert result.returncode == 0, result.stdout[-3000:]
-  assert [r["phase"] for r in found] == PHASES + ["done"]
-  assert {r["case"] for r in found} == {"smoke"} and {r["stage"] for r in found} == {"e2e_smoke"}
-  phases, done = found[:-1], found[-1]
-  workdir = tmp_path / "out" / "run"
-  timings = json.loads((workdir / "timings.json").read_text())
-  # The records (read from the run's log lines as they came) are the run's own timeline.
-  assert [{k: r[k] for k in ("phase", "seconds", "end_s")} for r in phases] == \
-      [dict(p, phase=r["phase"]) for p, r in zip(timings["phases"], phases)]
-  previous = 0.0
-  for r in phases:  # in order; each phase is its end less the previous end (both rounded to 1 ms)
-    assert r["end_s"] >= previous and abs(r["seconds"] - (r["end_s"] - previous)) <= 1e-3
-    previous = r["end_s"]
-  assert abs(sum(r["seconds"] for r in phases) - done["total_s"]) <= 1e-3 * len(phases)
-  assert done["total_s"] == phases[-1]["end_s"] <= done["wall_s"]
-  assert done["to_first_step_s"] == next(r["end_s"] for r in phases if r["phase"] == "first_step")
-  assert done["to_first_step_met"] == (done["to_first_step_s"] <= done["target_to_first_step_s"])
-  assert done["returncode"] == 0
-
-  # Steady-state speed: the median of the clean step times metrics.jsonl holds, 2 rows x 128 tokens.
-  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  laps = [m["step_time_s"] for m in metrics if m["split"] == "train" and "step_time_s" in m]
-  assert done["timed_steps"] == len(laps) >= 1
-  assert abs(done["step_time_s_median"] - statistics.median(laps)) <= 1e-9
-  assert abs(done["steps_per_s"] * statistics.median(laps) - 1) <= 1e-9
-  assert abs(done["tokens_per_s"] - 2 * 128 / statistics.median(laps)) <= 1e-6 * done["tokens_per_s"]
-  # Held-out passes inside the loop: every evaluation record after the untrained model's.
-  assert done["heldout_passes"] == len([m for m in metrics if m["split"] == "eval" and m["step"] > 0]) >= 1
-
-  # What was run: 4 steps, held-out loss of both models, 2 prompts each, nothing scored.
-  assert metrics[-1]["step"] == 4
-  out = workdir / "eval" / "step_4"
-  assert set(json.loads((out / "heldout.json").read_text())) == {"base", "finetuned"}
-  generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-  assert sorted(g["model"] for g in generations) == ["base", "base", "finetuned", "finetuned"]
-  assert not (out / "scores.jsonl").exists() and "no reward model" in result.stdout + (out / "report.md").read_text()
 
 
 def test_a_failed_run_is_recorded_with_its_error(tmp_path, hh_test_file):
