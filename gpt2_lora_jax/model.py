@@ -29,7 +29,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from gpt2_lora_jax import attention
 from gpt2_lora_jax import dropout as dropout_lib
@@ -459,43 +458,3 @@ def init_params(config: GPT2Config, rng) -> dict:
 def param_shapes(config: GPT2Config) -> dict:
   """The per-layer parameter tree as ShapeDtypeStructs, computed without allocating anything."""
   return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-
-
-def init_rule(path: tuple) -> tuple:
-  """How GPT2.init draws the parameter at `path` (a key path of a per-layer or stacked tree):
-  ('normal', std), ('zeros', None) or ('ones', None). tests/test_model.py checks it against
-  init_params leaf by leaf."""
-  if path[0] == "wpe":
-    return ("normal", WPE_INIT_STD)
-  if path[-1] in ("kernel", "embedding"):
-    return ("normal", INIT_STD)
-  if path[-1] == "scale":  # layer norms
-    return ("ones", None)
-  if path[-1] == "bias":  # linears and layer norms
-    return ("zeros", None)
-  raise ValueError(f"no init rule for parameter {'/'.join(path)}")
-
-
-def draw_params(shapes: dict, rule, rng) -> dict:
-  """A tree of arrays shaped like `shapes` (ShapeDtypeStructs): the leaf at path p drawn as
-  rule(p, shape) says, ('normal', std), ('uniform', bound) for U(-bound, bound), ('zeros', None) or
-  ('ones', None); random draws in float32, then cast to the leaf's dtype. One draw per leaf, so
-  under jit a stacked tree (blocks as (L, ...) leaves, stacking.py) is a program of a few dozen
-  draws whatever the depth, where init_params (flax's init, a draw per parameter of each of the L
-  blocks) grows with it: the gpt2-xl benchmark's jitted init_params + adapters did not finish
-  compiling in 60 s on an H200 (benchmarks/README.md). The values differ from init_params'; their
-  distributions are the same (tests/test_bench.py)."""
-  flat = sorted(traverse_util.flatten_dict(shapes).items())
-  out = {}
-  for key, (path, leaf) in zip(jax.random.split(rng, len(flat)), flat):
-    kind, scale = rule(path, leaf)
-    if kind == "normal":
-      value = jax.random.normal(key, leaf.shape, jnp.float32) * scale
-    elif kind == "uniform":
-      value = jax.random.uniform(key, leaf.shape, jnp.float32, -scale, scale)
-    elif kind in ("zeros", "ones"):
-      value = (jnp.zeros if kind == "zeros" else jnp.ones)(leaf.shape, jnp.float32)
-    else:
-      raise ValueError(f"init rule {kind!r} for {'/'.join(path)}: 'normal', 'uniform', 'zeros' or 'ones'")
-    out[path] = value.astype(leaf.dtype)
-  return traverse_util.unflatten_dict(out)

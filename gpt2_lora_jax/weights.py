@@ -16,6 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from gpt2_lora_jax import hub
+from gpt2_lora_jax import model as gpt2_model
 from gpt2_lora_jax.model import GPT2Config, param_shapes
 from gpt2_lora_jax.errors import MissingPackageError, UserError
 
@@ -153,10 +154,10 @@ def load_pretrained(name_or_path: str, dtype="float32", compute_dtype=None, **co
 # rescaling): every matmul kernel and the token embedding 0.02, the position embedding 0.01.
 def random_params(config: GPT2Config, seed: int) -> dict:
   """Random GPT-2 parameters of `config`'s shapes and dtype, distributed as model.init_params draws
-  them (model.init_rule: normal kernels and embeddings, zero biases, unit layer-norm scales), as the
+  them (init_rule: normal kernels and embeddings, zero biases, unit layer-norm scales), as the
   per-layer tree of host (numpy) arrays, drawn by one compiled program (one per config and process).
 
-  Each block leaf is drawn for every layer at once, (L, ...) (model.draw_params on the stacked
+  Each block leaf is drawn for every layer at once, (L, ...) (draw_params on the stacked
   tree), so the program holds a few dozen draws at any depth; init_params instead runs a forward
   pass eagerly, op by op (78 small compiles at gpt2-medium), and draws per leaf and layer. The
   values differ from init_params' for the same seed; their distributions are the same."""
@@ -166,10 +167,50 @@ def random_params(config: GPT2Config, seed: int) -> dict:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _draw_random(key, config: GPT2Config) -> dict:
-  """The stacked tree (blocks under 'h' as (L, ...) leaves) drawn by model.draw_params."""
-  from gpt2_lora_jax import model as gpt2_model, stacking
+  """The stacked tree (blocks under 'h' as (L, ...) leaves) drawn by draw_params."""
+  from gpt2_lora_jax import stacking
   shapes = stacking.stack_layers(param_shapes(config))
-  return gpt2_model.draw_params(shapes, lambda path, _: gpt2_model.init_rule(path), key)
+  return draw_params(shapes, lambda path, _: init_rule(path), key)
+
+
+def init_rule(path: tuple) -> tuple:
+  """How GPT2.init draws the parameter at `path` (a key path of a per-layer or stacked tree):
+  ('normal', std), ('zeros', None) or ('ones', None). tests/test_model.py checks it against
+  model.init_params leaf by leaf."""
+  if path[0] == "wpe":
+    return ("normal", gpt2_model.WPE_INIT_STD)
+  if path[-1] in ("kernel", "embedding"):
+    return ("normal", gpt2_model.INIT_STD)
+  if path[-1] == "scale":  # layer norms
+    return ("ones", None)
+  if path[-1] == "bias":  # linears and layer norms
+    return ("zeros", None)
+  raise ValueError(f"no init rule for parameter {'/'.join(path)}")
+
+
+def draw_params(shapes: dict, rule, rng) -> dict:
+  """A tree of arrays shaped like `shapes` (ShapeDtypeStructs): the leaf at path p drawn as
+  rule(p, shape) says, ('normal', std), ('uniform', bound) for U(-bound, bound), ('zeros', None) or
+  ('ones', None); random draws in float32, then cast to the leaf's dtype. One draw per leaf, so
+  under jit a stacked tree (blocks as (L, ...) leaves, stacking.py) is a program of a few dozen
+  draws whatever the depth, where init_params (flax's init, a draw per parameter of each of the L
+  blocks) grows with it: the gpt2-xl benchmark's jitted init_params + adapters did not finish
+  compiling in 60 s on an H200 (benchmarks/README.md). The values differ from init_params'; their
+  distributions are the same (tests/test_bench.py)."""
+  flat = sorted(traverse_util.flatten_dict(shapes).items())
+  out = {}
+  for key, (path, leaf) in zip(jax.random.split(rng, len(flat)), flat):
+    kind, scale = rule(path, leaf)
+    if kind == "normal":
+      value = jax.random.normal(key, leaf.shape, jnp.float32) * scale
+    elif kind == "uniform":
+      value = jax.random.uniform(key, leaf.shape, jnp.float32, -scale, scale)
+    elif kind in ("zeros", "ones"):
+      value = (jnp.zeros if kind == "zeros" else jnp.ones)(leaf.shape, jnp.float32)
+    else:
+      raise ValueError(f"init rule {kind!r} for {'/'.join(path)}: 'normal', 'uniform', 'zeros' or 'ones'")
+    out[path] = value.astype(leaf.dtype)
+  return traverse_util.unflatten_dict(out)
 
 
 def save_pretrained(params: dict, config: GPT2Config, out_dir: str) -> str:

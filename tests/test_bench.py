@@ -241,7 +241,7 @@ def test_benchmark_init_draws_every_leaf_as_the_model_and_lora_do():
 # The programs XLA compiles while the benchmark sets up a run (run_setup.train_setup, then the path
 # label of run_setup.attention_path), whatever the depth or the blocks' layout:
 SETUP_PROGRAMS = sorted([
-    "jit(_init_with_adapters)",  # base + adapters, one program (model.draw_params)
+    "jit(_init_with_adapters)",  # base + adapters, one program (weights.draw_params)
     "jit(<lambda>)", "jit(<lambda>)",  # sharding.put: the trainable leaves, then the frozen ones
     "jit(convert_element_type)",  # optax.tree_map_params runs Adam's init eagerly: its int32 count
     "jit(init_fn)",  # the optimizer state (train.init_state)

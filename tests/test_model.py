@@ -125,7 +125,7 @@ def test_remat_gives_the_same_gradients():
 
 
 def test_init_rule_is_how_init_params_draws_each_leaf():
-  """model.init_rule (what the benchmark's fast init draws from, model.draw_params) against flax's
+  """weights.init_rule (what the benchmark's fast init draws from, weights.draw_params) against flax's
   own init of every leaf, the untied head's kernel included: zeros and ones exactly, normal leaves
   with their sample standard deviation within 5 standard errors (sd of a sample sd of n normal
   values: std / sqrt(2 n)) and a mean within 5 std / sqrt(n)."""
@@ -137,7 +137,7 @@ def test_init_rule_is_how_init_params_draws_each_leaf():
   assert ("lm_head", "kernel") in flat and ("wpe", "embedding") in flat
   for path, value in flat.items():
     x = np.asarray(value, np.float64)
-    kind, std = gpt2_model.init_rule(path)
+    kind, std = weights.init_rule(path)
     if kind in ("zeros", "ones"):
       assert np.all(x == (0.0 if kind == "zeros" else 1.0)), path
       continue

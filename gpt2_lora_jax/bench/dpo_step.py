@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ import numpy as np
 from gpt2_lora_jax import dpo, lora, optim, remat, sharding, stacking, train
 from gpt2_lora_jax.bench import attention_check, hlo_flops, records, run_setup
 from gpt2_lora_jax.bench.harness import BenchConfig, _memory_analysis, _xla_flops, device_info, peak_bytes_in_use
-from gpt2_lora_jax.bench.report import slug
+from gpt2_lora_jax.bench.report import slug, write_pair
 from gpt2_lora_jax.bench.settings import dpo_settings
 from gpt2_lora_jax.errors import describe_exception
 
@@ -259,16 +257,8 @@ def parse_args(argv=None):
 
 
 def write(result: dict, out_dir: str) -> dict:
-  os.makedirs(out_dir, exist_ok=True)
-  stamp = datetime.datetime.fromisoformat(result["timestamp"]).strftime("%Y%m%dT%H%M%SZ")
-  stem = os.path.join(out_dir, f"dpo_step_{slug(result['device']['device_kind'])}_{slug(result['settings']['model'])}_{stamp}")
-  paths = {"json": stem + ".json", "markdown": stem + ".md"}
-  with open(paths["json"], "w") as f:
-    json.dump({**result, "files": paths}, f, indent=2, default=str)
-  with open(paths["markdown"], "w") as f:
-    f.write(to_markdown(result))
-  return paths
-
+  name = f"dpo_step_{slug(result['device']['device_kind'])}_{slug(result['settings']['model'])}"
+  return write_pair(result, out_dir, name, to_markdown(result))
 
 def main(argv=None) -> int:
   args = parse_args(argv)

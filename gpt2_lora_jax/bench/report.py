@@ -13,16 +13,21 @@ def slug(text: str) -> str:
 
 def write_results(result: dict, out_dir: str) -> dict:
   """Writes the JSON and the Markdown table; returns their paths."""
+  return write_pair(result, out_dir, f"bench_{slug(result['device']['device_kind'])}_{slug(result['model'])}",
+                    to_markdown(result))
+
+
+def write_pair(result: dict, out_dir: str, name: str, markdown: str) -> dict:
+  """out_dir/<name>_<result's UTC timestamp>.json (the result and the files' paths) and .md."""
   os.makedirs(out_dir, exist_ok=True)
   stamp = datetime.datetime.fromisoformat(result["timestamp"]).strftime("%Y%m%dT%H%M%SZ")
-  stem = os.path.join(out_dir, f"bench_{slug(result['device']['device_kind'])}_{slug(result['model'])}_{stamp}")
+  stem = os.path.join(out_dir, f"{name}_{stamp}")
   paths = {"json": stem + ".json", "markdown": stem + ".md"}
   with open(paths["json"], "w") as f:
-    json.dump({**result, "files": paths}, f, indent=2)
+    json.dump({**result, "files": paths}, f, indent=2, default=str)
   with open(paths["markdown"], "w") as f:
-    f.write(to_markdown(result))
+    f.write(markdown)
   return paths
-
 
 def _fmt(x, spec=".3g", scale=1.0, unit=""):
   return "-" if x is None else f"{x * scale:{spec}}{unit}"

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gpt2_lora_jax import lora, optim, sharding, stacking, train
+from gpt2_lora_jax import lora, optim, sharding, stacking, train, weights
 from gpt2_lora_jax.bench import attention_check, records
 from gpt2_lora_jax import model as gpt2_model
 
@@ -113,7 +113,7 @@ def adapted_shapes(config, lora_cfg) -> dict:
 
 
 def init_rule(lora_cfg: lora.LoraConfig):
-  """model.init_rule for the base; lora.add's distributions for the adapters: A (in, r) from
+  """weights.init_rule for the base; lora.add's distributions for the adapters: A (in, r) from
   U(+-1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))) or N(0, 1/r^2) ('gaussian'), B zeros."""
   def rule(path, leaf):
     if path[-1] == "lora_b":
@@ -122,16 +122,16 @@ def init_rule(lora_cfg: lora.LoraConfig):
       d_in = leaf.shape[-2]  # (in, r), or (L, in, r) stacked
       return (("uniform", 1.0 / math.sqrt(d_in)) if lora_cfg.init == "kaiming_uniform"
               else ("normal", 1.0 / lora_cfg.rank))
-    return gpt2_model.init_rule(path)
+    return weights.init_rule(path)
   return rule
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 3))
 def _init_with_adapters(config, lora_cfg, seed, stacked: bool):
   """Random base + adapters in one program: every leaf drawn for all blocks at once, stacked
-  (model.draw_params), then cut per layer unless `stacked`."""
+  (weights.draw_params), then cut per layer unless `stacked`."""
   shapes = stacking.stack_layers(adapted_shapes(config, lora_cfg))
-  params = gpt2_model.draw_params(shapes, init_rule(lora_cfg), jax.random.PRNGKey(seed))
+  params = weights.draw_params(shapes, init_rule(lora_cfg), jax.random.PRNGKey(seed))
   return params if stacked else stacking.unstack_layers(params)
 
 
