@@ -113,3 +113,18 @@ def test_the_step_holds_two_fewer_matmuls_per_adapted_linear():
     return jax.jit(jax.grad(f)).lower(trainable).as_text().count("stablehlo.dot_general")
   linears = 4 * cfg.n_layer  # c_attn, attn c_proj, c_fc, mlp c_proj per block
   assert count(plain) - count(fused) == 2 * linears - 1
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_fused_step_lowers_for_cuda(simulated_gpu, monkeypatch, devices):
+  """PEFT's setting (no dropout) with lora.fused_matmul, as a GPU runs it (test_gpu_lowering's
+  program and checks): cuDNN's packed-layout calls, no forced dot algorithm, no fp32 [B, T, V]."""
+  import test_gpu_lowering as lowering
+  if len(jax.devices()) < devices:
+    pytest.skip(f"needs {devices} CPU devices")
+  simulated_gpu()
+  monkeypatch.setattr(lowering, "LORA", lora.LoraConfig(rank=8, alpha=16.0, dropout=0.0,
+                                                        targets=("c_attn", "c_proj", "c_fc")))
+  config = lowering.gpt2_config("auto", scan=False, remat="none", lora_fused_matmul=True)
+  step, args, _ = lowering.train_program(config, 1, devices)
+  lowering.assert_holds(lowering.cuda(step, *args), "cudnn_packed", training=True, T=lowering.T, devices=devices)
