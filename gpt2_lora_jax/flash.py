@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from gpt2_lora_jax.sharding import BATCH_AXES  # the mesh axes that split a batch's rows
+
 BLOCK = 128  # query and key rows per kernel block (the kernel's default block sizes)
-BATCH_AXES = ("data", "fsdp")  # sharding.BATCH_AXES: the mesh axes that split a batch's rows
 
 
 def supported(seq_len: int, head_dim: int) -> str:
